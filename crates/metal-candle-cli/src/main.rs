@@ -1,0 +1,39 @@
+//! `metal-candle`: fine-tune transformer language models with LoRA and run them.
+//!
+//! Each subcommand lives in its own module; this file only parses and dispatches.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "metal-candle", version, about = "LoRA fine-tuning and inference on Candle, with fused kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show which kernels each backend runs on this build.
+    Info,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Info => info(),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn info() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_core::{DType, Device};
+    use metal_candle::ops::kernel_path;
+    println!("cuda feature: {}", cfg!(feature = "cuda"));
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        println!("cpu {dtype:?}: {:?}", kernel_path(&Device::Cpu, dtype));
+    }
+    Ok(())
+}

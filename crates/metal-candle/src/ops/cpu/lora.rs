@@ -1,0 +1,143 @@
+//! The LoRA term `scale·(x·A)·B`, forward and backward, one row at a time.
+//!
+//! Layouts (all contiguous, row-major): `x` (M, K), `at` = Aᵀ (r, K), `b` (r, N). Aᵀ is used
+//! rather than A so that every inner loop runs along a contiguous row: `t = x·A` is r dot
+//! products of length K, and `t·B` is r axpys of length N. The rank r is small (4–64), so
+//! A and B stay in cache while x streams through once.
+
+use rayon::prelude::*;
+
+use super::simd::{self, Acc};
+use super::{row_blocks, rows_per_task, Elem};
+
+/// Low-rank factors in accumulation precision.
+pub(crate) struct Factors<A> {
+    /// Aᵀ, (r, K)
+    pub at: Vec<A>,
+    /// B, (r, N)
+    pub b: Vec<A>,
+    pub rank: usize,
+    pub k: usize,
+    pub n: usize,
+    pub scale: A,
+}
+
+impl<A: Acc> Factors<A> {
+    fn at_row(&self, j: usize) -> &[A] {
+        &self.at[j * self.k..(j + 1) * self.k]
+    }
+    fn b_row(&self, j: usize) -> &[A] {
+        &self.b[j * self.n..(j + 1) * self.n]
+    }
+}
+
+/// Converts factor storage to accumulation precision.
+pub(crate) fn factors<T: Elem>(at: &[T], b: &[T], rank: usize, k: usize, n: usize, scale: f64) -> Factors<T::A> {
+    let mut at_a = vec![T::A::ZERO; at.len()];
+    T::load(at, &mut at_a);
+    let mut b_a = vec![T::A::ZERO; b.len()];
+    T::load(b, &mut b_a);
+    Factors { at: at_a, b: b_a, rank, k, n, scale: T::A::from_f64(scale) }
+}
+
+/// For every row: `out_row = init_row + bias + scale·(x_row·A)·B`, where `init` is the base
+/// output already in `out` (pass `accumulate = false` to start from zero).
+pub(crate) fn forward_into<T: Elem>(
+    x: &[T],
+    f: &Factors<T::A>,
+    bias: Option<&[T]>,
+    out: &mut [T],
+    accumulate: bool,
+) {
+    let (k, n) = (f.k, f.n);
+    let bias: Option<Vec<T::A>> = bias.map(|b| {
+        let mut v = vec![T::A::ZERO; b.len()];
+        T::load(b, &mut v);
+        v
+    });
+    if n == 0 {
+        return;
+    }
+    out.par_chunks_mut(n)
+        .enumerate()
+        .with_min_len(rows_per_task(k.max(n)))
+        .for_each_init(
+            || (vec![T::A::ZERO; k], vec![T::A::ZERO; n]),
+            |(xb, yb), (r, o)| {
+                T::load(&x[r * k..(r + 1) * k], xb);
+                if accumulate {
+                    T::load(o, yb);
+                } else {
+                    yb.fill(T::A::ZERO);
+                }
+                if let Some(bias) = &bias {
+                    for (y, &bv) in yb.iter_mut().zip(bias) {
+                        *y += bv;
+                    }
+                }
+                for j in 0..f.rank {
+                    let t = simd::dot(xb, f.at_row(j)) * f.scale;
+                    simd::axpy(t, f.b_row(j), yb);
+                }
+                T::store(yb, o);
+            },
+        );
+}
+
+/// Gradients of `scale·(x·A)·B` given `dy`: returns `(dx, dAᵀ, dB)` with dx (M, K),
+/// dAᵀ (r, K), dB (r, N). `dx_init`, when given, is added into dx (the base layer's dx).
+pub(crate) fn backward<T: Elem>(
+    x: &[T],
+    dy: &[T],
+    f: &Factors<T::A>,
+    dx_init: Option<&[T]>,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (k, n, rank) = (f.k, f.n, f.rank);
+    let rows = if k > 0 { x.len() / k } else if n > 0 { dy.len() / n } else { 0 };
+    let mut dx = vec![T::from_acc(T::A::ZERO); rows * k];
+    let blocks = row_blocks(rows, k.max(n).max(1));
+    let mut dx_blocks: Vec<&mut [T]> = Vec::with_capacity(blocks.len());
+    let mut rest = dx.as_mut_slice();
+    for blk in &blocks {
+        let (head, tail) = rest.split_at_mut(blk.len() * k);
+        dx_blocks.push(head);
+        rest = tail;
+    }
+    let partials: Vec<(Vec<T::A>, Vec<T::A>)> = blocks
+        .into_par_iter()
+        .zip(dx_blocks)
+        .map(|(range, dx_block)| {
+            let mut dat = vec![T::A::ZERO; rank * k];
+            let mut db = vec![T::A::ZERO; rank * n];
+            let (mut xb, mut gb, mut dxb) = (vec![T::A::ZERO; k], vec![T::A::ZERO; n], vec![T::A::ZERO; k]);
+            for (i, r) in range.enumerate() {
+                T::load(&x[r * k..(r + 1) * k], &mut xb);
+                T::load(&dy[r * n..(r + 1) * n], &mut gb);
+                match dx_init {
+                    Some(init) => T::load(&init[r * k..(r + 1) * k], &mut dxb),
+                    None => dxb.fill(T::A::ZERO),
+                }
+                for j in 0..rank {
+                    let t = simd::dot(&xb, f.at_row(j)) * f.scale;
+                    let g = simd::dot(&gb, f.b_row(j)) * f.scale;
+                    simd::axpy(g, f.at_row(j), &mut dxb);
+                    simd::axpy(g, &xb, &mut dat[j * k..(j + 1) * k]);
+                    simd::axpy(t, &gb, &mut db[j * n..(j + 1) * n]);
+                }
+                T::store(&dxb, &mut dx_block[i * k..(i + 1) * k]);
+            }
+            (dat, db)
+        })
+        .collect();
+    let mut dat = vec![T::A::ZERO; rank * k];
+    let mut db = vec![T::A::ZERO; rank * n];
+    for (pa, pb) in &partials {
+        simd::axpy(T::A::ONE, pa, &mut dat);
+        simd::axpy(T::A::ONE, pb, &mut db);
+    }
+    let mut dat_t = vec![T::from_acc(T::A::ZERO); rank * k];
+    T::store(&dat, &mut dat_t);
+    let mut db_t = vec![T::from_acc(T::A::ZERO); rank * n];
+    T::store(&db, &mut db_t);
+    (dx, dat_t, db_t)
+}

@@ -1,0 +1,237 @@
+//! Accumulator arithmetic shaped for auto-vectorisation.
+//!
+//! Floating-point addition is not associative, so the compiler will not vectorise a plain
+//! `iter().sum()`. These helpers keep `LANES` independent partial results, which it does
+//! vectorise, and combine them at the end.
+
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
+
+const LANES: usize = 16;
+
+/// A float type the kernels accumulate in (`f32` or `f64`).
+pub(crate) trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + MulAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn from_usize(v: usize) -> Self;
+    fn sqrt(self) -> Self;
+    fn exp(self) -> Self;
+    fn max(self, other: Self) -> Self;
+}
+
+impl Acc for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f64(v: f64) -> f32 {
+        v as f32
+    }
+    #[inline(always)]
+    fn from_usize(v: usize) -> f32 {
+        v as f32
+    }
+    #[inline(always)]
+    fn sqrt(self) -> f32 {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> f32 {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn max(self, other: f32) -> f32 {
+        // A plain comparison (not f32::max) so that it lowers to a vector max.
+        if self > other {
+            self
+        } else {
+            other
+        }
+    }
+}
+
+impl Acc for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    #[inline(always)]
+    fn from_usize(v: usize) -> f64 {
+        v as f64
+    }
+    #[inline(always)]
+    fn sqrt(self) -> f64 {
+        f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn max(self, other: f64) -> f64 {
+        if self > other {
+            self
+        } else {
+            other
+        }
+    }
+}
+
+/// `e^x` for f32 without a libm call, so loops over it vectorise. Range reduction
+/// `x = n·ln2 + r` with |r| ≤ ln2/2, a degree-7 Taylor polynomial for `e^r` (relative error
+/// below 2e-7, about one f32 ulp), and `2^n` built from the exponent bits. Inputs below
+/// -87.3 (including -inf, as in masked attention) give exactly 0; above 88.72 give +inf; NaN
+/// gives NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.72);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    // 2^n as two factors so that n = 128 (x just under ln(f32::MAX)) stays finite.
+    let n1 = ni >> 1;
+    let n2 = ni - n1;
+    let s1 = f32::from_bits(((n1 + 127) << 23) as u32);
+    let s2 = f32::from_bits(((n2 + 127) << 23) as u32);
+    let y = p * s1 * s2;
+    if x < -87.3 {
+        0.0
+    } else if x > 88.72 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+/// Σ a[i]
+#[inline(always)]
+pub(crate) fn sum<A: Acc>(a: &[A]) -> A {
+    let mut lanes = [A::ZERO; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            lanes[l] += c[l];
+        }
+    }
+    let mut s = A::ZERO;
+    for &v in tail {
+        s += v;
+    }
+    lanes.iter().fold(s, |acc, &v| acc + v)
+}
+
+/// Σ a[i]·b[i]
+#[inline(always)]
+pub(crate) fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [A::ZERO; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let mut s = A::ZERO;
+    for (&x, &y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    lanes.iter().fold(s, |acc, &v| acc + v)
+}
+
+/// max a[i] (−∞ for an empty slice)
+#[inline(always)]
+pub(crate) fn max<A: Acc>(a: &[A]) -> A {
+    let mut lanes = [A::NEG_INFINITY; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    let mut m = A::NEG_INFINITY;
+    for &v in tail {
+        m = m.max(v);
+    }
+    lanes.iter().fold(m, |acc, &v| acc.max(v))
+}
+
+/// y[i] += alpha·x[i]
+#[inline(always)]
+pub(crate) fn axpy<A: Acc>(alpha: A, x: &[A], y: &mut [A]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulps_of_libm_over_its_range() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, libm) = (exp_f32(x), x.exp());
+            worst = worst.max(((ours - libm) / libm).abs());
+            x += 0.001_3;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn exp_f32_edges() {
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential_ones() {
+        for n in [0usize, 1, 3, 15, 16, 17, 100, 1001] {
+            let a: Vec<f64> = (0..n).map(|i| ((i * 7919) % 113) as f64 - 50.0).collect();
+            let b: Vec<f64> = (0..n).map(|i| ((i * 31) % 17) as f64 * 0.5).collect();
+            assert_eq!(sum(&a), a.iter().sum::<f64>());
+            assert_eq!(dot(&a, &b), a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>());
+            let m = a.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(max(&a), m);
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The same maths as the fused ops, composed from plain candle ops.
+//!
+//! These are the oracle in tests, the baseline in benchmarks and the path on devices without
+//! a fused kernel. Half-precision inputs are computed in f32 and rounded once at the end, as the
+//! fused kernels do. Autograd flows through candle's own ops.
+
+use candle_core::{DType, Result, Tensor, D};
+
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
+/// `softmax(x)` over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let xf = upcast(x)?;
+    let m = xf.max_keepdim(D::Minus1)?.detach();
+    let e = xf.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)?.to_dtype(x.dtype())
+}
+
+/// `x / sqrt(mean(x²) + eps) ⊙ weight` over the last dimension.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = upcast(x)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    y.broadcast_mul(&upcast(weight)?)?.to_dtype(x.dtype())
+}
+
+/// `(x − mean) / sqrt(var + eps) ⊙ weight + bias` over the last dimension (biased variance).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = upcast(x)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y.broadcast_mul(&upcast(weight)?)?
+        .broadcast_add(&upcast(bias)?)?
+        .to_dtype(x.dtype())
+}
+
+/// `scale · (x·A)·B` with `a` (in, r) and `b` (r, out).
+pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let xf = upcast(x)?;
+    let (lead, k) = split_last(x)?;
+    let t = xf.reshape(((), k))?.matmul(&upcast(a)?)?;
+    let y = (t.matmul(&upcast(b)?)? * scale)?;
+    let mut dims = lead;
+    dims.push(b.dim(1)?);
+    y.reshape(dims)?.to_dtype(x.dtype())
+}
+
+/// `x·Wᵀ + bias + scale·(x·A)·B` with `w` (out, in), `a` (in, r), `b` (r, out).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (lead, k) = split_last(x)?;
+    let x2 = upcast(x)?.reshape(((), k))?;
+    let mut y = x2.matmul(&upcast(w)?.t()?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&upcast(bias)?)?;
+    }
+    let delta = (x2.matmul(&upcast(a)?)?.matmul(&upcast(b)?)? * scale)?;
+    let mut dims = lead;
+    dims.push(w.dim(0)?);
+    (y + delta)?.reshape(dims)?.to_dtype(x.dtype())
+}
+
+fn split_last(x: &Tensor) -> Result<(Vec<usize>, usize)> {
+    let dims = x.dims();
+    match dims.split_last() {
+        Some((&k, lead)) => Ok((lead.to_vec(), k)),
+        None => candle_core::bail!("expected a tensor with at least one dimension, got a scalar"),
+    }
+}
