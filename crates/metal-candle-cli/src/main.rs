@@ -4,6 +4,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod cmd;
+
 #[derive(Parser)]
 #[command(name = "metal-candle", version, about = "LoRA fine-tuning and inference on Candle, with fused kernels")]
 struct Cli {
@@ -15,12 +17,18 @@ struct Cli {
 enum Command {
     /// Show which kernels each backend runs on this build.
     Info,
+    /// Embed sentences (lines or JSONL in, JSONL vectors out).
+    Embed(cmd::embed::EmbedArgs),
+    /// Measure end-to-end speed.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
+        Command::Embed(a) => cmd::embed::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

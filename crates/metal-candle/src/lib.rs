@@ -25,7 +25,9 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod embed;
 mod error;
+pub mod generate;
 pub mod lora;
 pub mod ops;
 

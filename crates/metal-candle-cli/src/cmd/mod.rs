@@ -1,0 +1,9 @@
+//! One module per subcommand (each with its `...Args` and `run`), plus shared helpers.
+
+pub mod bench;
+pub mod bench_embed;
+pub mod bench_generate;
+pub mod device;
+pub mod embed;
+pub mod models;
+pub mod random_weights;
