@@ -4,6 +4,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod cmd;
+
 #[derive(Parser)]
 #[command(name = "metal-candle", version, about = "LoRA fine-tuning and inference on Candle, with fused kernels")]
 struct Cli {
@@ -15,12 +17,15 @@ struct Cli {
 enum Command {
     /// Show which kernels each backend runs on this build.
     Info,
+    /// Convert a GGUF model to a Hugging Face folder (safetensors, config, tokenizer).
+    Convert(cmd::convert::ConvertArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
+        Command::Convert(args) => cmd::convert::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

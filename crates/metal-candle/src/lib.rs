@@ -24,9 +24,12 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod backend;
+pub mod fs;
 mod error;
 pub mod lora;
+pub mod model;
 pub mod ops;
 
 pub use error::{Error, Result};
