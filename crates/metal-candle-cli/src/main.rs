@@ -21,6 +21,8 @@ enum Command {
     Embed(cmd::embed::EmbedArgs),
     /// Measure end-to-end speed.
     Bench(cmd::bench::BenchArgs),
+    /// Convert a GGUF model to a Hugging Face folder (safetensors, config, tokenizer).
+    Convert(cmd::convert::ConvertArgs),
 }
 
 fn main() {
@@ -29,6 +31,7 @@ fn main() {
         Command::Info => info(),
         Command::Embed(a) => cmd::embed::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Convert(args) => cmd::convert::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -24,11 +24,14 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod backend;
 pub mod embed;
+pub mod fs;
 mod error;
 pub mod generate;
 pub mod lora;
+pub mod model;
 pub mod ops;
 
 pub use error::{Error, Result};
