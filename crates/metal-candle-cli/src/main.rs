@@ -17,6 +17,10 @@ struct Cli {
 enum Command {
     /// Show which kernels each backend runs on this build.
     Info,
+    /// Generate text from a prompt (streamed to stdout).
+    Generate(cmd::generate::GenerateArgs),
+    /// Chat with an instruct model (interactive or piped).
+    Chat(cmd::chat::ChatArgs),
     /// Embed sentences (lines or JSONL in, JSONL vectors out).
     Embed(cmd::embed::EmbedArgs),
     /// Measure end-to-end speed.
@@ -29,6 +33,8 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
         Command::Embed(a) => cmd::embed::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Convert(args) => cmd::convert::run(args),

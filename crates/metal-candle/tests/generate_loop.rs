@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{byte_tokenizer, EOS, IM_END};
 use metal_candle::generate::{
-    generate_batch, generate_text, generate_tokens, CausalLm, FinishReason, GenerationConfig, SamplingConfig,
+    generate_batch, generate_text, generate_tokens, DecoderLm, FinishReason, GenerationConfig, SamplingConfig,
     StopStrings, TextStreamer,
 };
 use metal_candle::{Error, Result};
@@ -36,7 +36,7 @@ fn one_hot_rows(tokens: &[u32]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (tokens.len(), VOCAB), &Device::Cpu)?)
 }
 
-impl CausalLm for Scripted {
+impl DecoderLm for Scripted {
     fn forward(&mut self, input_ids: &Tensor, offset: usize) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if b != 1 || offset != self.cached {
@@ -191,7 +191,7 @@ struct Counter {
     device: Device,
 }
 
-impl CausalLm for Counter {
+impl DecoderLm for Counter {
     fn forward(&mut self, input_ids: &Tensor, offset: usize) -> Result<Tensor> {
         assert_eq!(offset, self.cached);
         let (_, t) = input_ids.dims2()?;
@@ -231,7 +231,7 @@ fn sampled_generation_with_a_seed_repeats() {
         cached: usize,
         device: Device,
     }
-    impl CausalLm for Noisy {
+    impl DecoderLm for Noisy {
         fn forward(&mut self, input_ids: &Tensor, _offset: usize) -> Result<Tensor> {
             self.cached += input_ids.dim(1)?;
             let v: Vec<f32> = (0..VOCAB).map(|i| ((i * 7919 + self.cached * 104_729) % 1000) as f32 / 300.0).collect();

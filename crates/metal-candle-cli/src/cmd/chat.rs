@@ -56,7 +56,7 @@ pub fn run(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
             _ => {}
         }
         history.push(Message::new("user", user.to_string()));
-        let ids = lm.encode(&lm.render_chat(&history)?)?;
+        let ids = lm.encode_chat(&lm.render_chat(&history)?)?;
         let mut stdout = std::io::stdout().lock();
         let out = generate_text(&mut lm.model, &lm.tokenizer, &ids, &cfg, |piece| {
             stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).map_err(|e| metal_candle::Error::Msg(e.to_string()))

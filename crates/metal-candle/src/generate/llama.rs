@@ -1,10 +1,10 @@
-//! The llama-family model of [`crate::model`] as a [`CausalLm`]: the model with its KV cache,
+//! The llama-family model of [`crate::model`] as a [`DecoderLm`]: the model with its KV cache,
 //! and run-time control of its LoRA adapters (unmerged, merged, swapped, removed) without
 //! reloading the base weights.
 
 use candle_core::{Device, Tensor};
 
-use super::CausalLm;
+use super::DecoderLm;
 use crate::lora::LoRALayer;
 use crate::model::{KvCache, Llama, SequenceLayout};
 use crate::Result;
@@ -71,7 +71,7 @@ impl CachedLlama {
     }
 }
 
-impl CausalLm for CachedLlama {
+impl DecoderLm for CachedLlama {
     fn forward(&mut self, input_ids: &Tensor, offset: usize) -> Result<Tensor> {
         if offset != self.cache.len() {
             return Err(crate::Error::Msg(format!(

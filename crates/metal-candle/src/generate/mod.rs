@@ -1,17 +1,19 @@
 //! Text generation: a KV-cached decoding loop, a composable seeded sampling chain, streaming of
 //! valid UTF-8 text, stop strings and chat templates.
 //!
-//! The loop works with any model that implements [`CausalLm`]; see [`generate_text`] for the
+//! The loop works with any model that implements [`DecoderLm`]; see [`generate_text`] for the
 //! usual entry point and [`SamplingConfig`] for the knobs.
 
 mod chat;
 mod generator;
+mod llama;
 mod sampling;
 mod stream;
 
 pub use chat::{ChatTemplate, Message};
+pub use llama::CachedLlama;
 pub use generator::{
-    generate_batch, generate_text, generate_tokens, CausalLm, FinishReason, GeneratedText, GeneratedTokens,
+    generate_batch, generate_text, generate_tokens, DecoderLm, FinishReason, GeneratedText, GeneratedTokens,
     GenerationConfig, GenerationStats,
 };
 pub use sampling::{Sampler, SamplingConfig, Step};
