@@ -21,7 +21,7 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// The tolerance for relative error of a single op in `dtype`.
 pub fn tol(dtype: DType) -> f64 {
     match dtype {
-        DType::F64 => 1e-10,
+        DType::F64 => 1e-9,
         DType::F32 => 2e-5,
         DType::F16 => 4e-3,
         DType::BF16 => 2e-2,
@@ -50,7 +50,10 @@ pub fn as_view(t: &Tensor, view: View) -> Result<Tensor> {
         View::Contiguous => Ok(t.clone()),
         View::Transposed if t.rank() >= 2 => {
             let r = t.rank();
-            let v = t.transpose(r - 2, r - 1)?.contiguous()?.transpose(r - 2, r - 1)?;
+            let v = t
+                .transpose(r - 2, r - 1)?
+                .contiguous()?
+                .transpose(r - 2, r - 1)?;
             assert!(!v.is_contiguous() || t.dims()[r - 1] == 1 || t.dims()[r - 2] == 1);
             Ok(v)
         }
@@ -67,8 +70,12 @@ pub fn as_view(t: &Tensor, view: View) -> Result<Tensor> {
 
 /// Runs `op` with every input as a variable, backpropagates `sum(y ⊙ upstream)`, and returns
 /// the output and the gradient of each input.
-pub fn forward_backward(op: OpFn, inputs: &[Tensor], upstream: &Tensor) -> anyhow_like::Result<(Tensor, Vec<Tensor>)> {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t)).collect::<Result<_>>()?;
+pub fn forward_backward(
+    op: OpFn,
+    inputs: &[Tensor],
+    upstream: &Tensor,
+) -> anyhow_like::Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = op(&ts)?;
     let loss = (y.to_dtype(DType::F64)? * upstream.to_dtype(DType::F64)?)?.sum_all()?;

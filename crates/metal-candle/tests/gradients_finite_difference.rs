@@ -17,7 +17,11 @@ fn check(name: &str, op: OpFn, inputs: &[Tensor]) {
         assert!(!fd.is_empty());
         for (idx, num) in fd {
             let err = (g[idx] - num).abs() / num.abs().max(1.0);
-            assert!(err < 1e-6, "{name}: d/d(input {which})[{idx}]: fused {} vs finite difference {num}", g[idx]);
+            assert!(
+                err < 1e-6,
+                "{name}: d/d(input {which})[{idx}]: fused {} vs finite difference {num}",
+                g[idx]
+            );
         }
     }
 }
@@ -25,14 +29,22 @@ fn check(name: &str, op: OpFn, inputs: &[Tensor]) {
 #[test]
 fn softmax_gradient() {
     let x = randn(&[3, 17], 0.0, 2.0, DType::F64).unwrap();
-    check("softmax", &|t: &[Tensor]| ops::softmax_last_dim(&t[0]), &[x]);
+    check(
+        "softmax",
+        &|t: &[Tensor]| ops::softmax_last_dim(&t[0]),
+        &[x],
+    );
 }
 
 #[test]
 fn rms_norm_gradients() {
     let x = randn(&[2, 3, 17], 0.3, 1.0, DType::F64).unwrap();
     let w = randn(&[17], 1.0, 0.5, DType::F64).unwrap();
-    check("rms_norm", &|t: &[Tensor]| ops::rms_norm(&t[0], &t[1], 1e-5), &[x, w]);
+    check(
+        "rms_norm",
+        &|t: &[Tensor]| ops::rms_norm(&t[0], &t[1], 1e-5),
+        &[x, w],
+    );
 }
 
 #[test]
@@ -40,7 +52,11 @@ fn layer_norm_gradients() {
     let x = randn(&[3, 17], 1.0, 2.0, DType::F64).unwrap();
     let w = randn(&[17], 1.0, 0.5, DType::F64).unwrap();
     let b = randn(&[17], 0.0, 0.5, DType::F64).unwrap();
-    check("layer_norm", &|t: &[Tensor]| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5), &[x, w, b]);
+    check(
+        "layer_norm",
+        &|t: &[Tensor]| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+        &[x, w, b],
+    );
 }
 
 #[test]
@@ -48,7 +64,11 @@ fn lora_delta_gradients() {
     let x = randn(&[2, 3, 9], 0.0, 1.0, DType::F64).unwrap();
     let a = randn(&[9, 3], 0.0, 0.5, DType::F64).unwrap();
     let b = randn(&[3, 7], 0.0, 0.5, DType::F64).unwrap();
-    check("lora_delta", &|t: &[Tensor]| ops::lora_delta(&t[0], &t[1], &t[2], 1.5), &[x, a, b]);
+    check(
+        "lora_delta",
+        &|t: &[Tensor]| ops::lora_delta(&t[0], &t[1], &t[2], 1.5),
+        &[x, a, b],
+    );
 }
 
 #[test]

@@ -5,7 +5,14 @@ use metal_candle::backend::custom_ops::FusedLoRAOp;
 use metal_candle::training::{LoRAConfig, LoRALayer, LoraLinear};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -82,10 +89,16 @@ fn initialisation_follows_peft() -> metal_candle::Result<()> {
     let bound = 1.0 / 16.0; // 1/√256: kaiming_uniform with a = √5
     assert!(a.iter().all(|v| v.abs() <= bound));
     let spread = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
-    assert!(spread > 0.9 * bound, "A should fill its range, max |a| = {spread}");
+    assert!(
+        spread > 0.9 * bound,
+        "A should fill its range, max |a| = {spread}"
+    );
     let mean = a.iter().sum::<f32>() / a.len() as f32;
     assert!(mean.abs() < 0.01);
-    assert_eq!(lora.b().as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    assert_eq!(
+        lora.b().as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?,
+        0.0
+    );
     assert_eq!(lora.a().dims(), &[256, 8]);
     assert_eq!(lora.b().dims(), &[8, 64]);
     Ok(())
@@ -107,10 +120,17 @@ fn dropout_applies_in_training_mode_only() -> metal_candle::Result<()> {
     let x = Tensor::randn(0f32, 1., (8, 32), &dev)?;
     let eval1 = lora.forward(&x)?;
     let eval2 = lora.forward(&x)?;
-    assert_eq!(max_abs_diff(&eval1, &eval2), 0.0, "inference must be deterministic");
+    assert_eq!(
+        max_abs_diff(&eval1, &eval2),
+        0.0,
+        "inference must be deterministic"
+    );
     lora.set_training(true);
     let train = lora.forward(&x)?;
-    assert!(max_abs_diff(&train, &eval1) > 1e-3, "training mode must drop inputs");
+    assert!(
+        max_abs_diff(&train, &eval1) > 1e-3,
+        "training mode must drop inputs"
+    );
     lora.set_training(false);
     assert_eq!(max_abs_diff(&lora.forward(&x)?, &eval1), 0.0);
     Ok(())
@@ -119,7 +139,11 @@ fn dropout_applies_in_training_mode_only() -> metal_candle::Result<()> {
 #[test]
 fn merged_and_unmerged_agree_in_every_dtype() -> metal_candle::Result<()> {
     let dev = Device::Cpu;
-    for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.1), (DType::F16, 2e-2)] {
+    for (dtype, tol) in [
+        (DType::F32, 1e-4f32),
+        (DType::BF16, 0.1),
+        (DType::F16, 2e-2),
+    ] {
         let w = Tensor::randn(0f32, 0.1, (24, 40), &dev)?.to_dtype(dtype)?;
         let bias = Tensor::randn(0f32, 0.1, 24, &dev)?.to_dtype(dtype)?;
         let cfg = LoRAConfig::new(40, 24, 4, 8.0);
@@ -136,7 +160,8 @@ fn merged_and_unmerged_agree_in_every_dtype() -> metal_candle::Result<()> {
 }
 
 #[test]
-fn swapping_the_adapter_changes_the_output_and_removing_it_restores_the_base() -> metal_candle::Result<()> {
+fn swapping_the_adapter_changes_the_output_and_removing_it_restores_the_base(
+) -> metal_candle::Result<()> {
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 0.1, (8, 8), &dev)?;
     let mut layer = LoraLinear::new(w.clone(), None)?;
