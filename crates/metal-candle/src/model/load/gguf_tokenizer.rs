@@ -120,7 +120,7 @@ pub(crate) fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
             }
         }
     }
-    tokenizer.add_special_tokens(&specials);
+    tokenizer.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
     Ok(tokenizer)
 }
 
