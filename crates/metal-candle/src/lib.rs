@@ -26,8 +26,8 @@
 
 pub mod assets;
 pub mod backend;
-pub mod fs;
 mod error;
+pub mod fs;
 pub mod lora;
 pub mod model;
 pub mod ops;
