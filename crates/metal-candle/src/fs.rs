@@ -25,7 +25,9 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let tmp = temp_path(path)?;
     let result = write(&tmp).and_then(|()| {
         // Flush the data to disk before the rename makes it visible.
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     });
     if result.is_err() {
@@ -44,7 +46,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes `value` as pretty JSON to `path` atomically.
 pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Msg(format!("{}: cannot serialise JSON: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Msg(format!("{}: cannot serialise JSON: {e}", path.display())))?;
     write_atomic(path, text.as_bytes())
 }
 

@@ -27,8 +27,8 @@
 pub mod assets;
 pub mod backend;
 pub mod embed;
-pub mod fs;
 mod error;
+pub mod fs;
 pub mod generate;
 pub mod lora;
 pub mod model;
