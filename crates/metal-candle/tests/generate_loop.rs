@@ -1,13 +1,13 @@
 //! The generation loop, streaming and stop handling on scripted models: a model that plays a
 //! fixed byte sequence and checks that every call comes at the right cache offset.
 
-mod common;
+mod gen_common;
 
 use candle_core::{Device, Tensor};
-use common::{byte_tokenizer, EOS, IM_END};
+use gen_common::{byte_tokenizer, EOS, IM_END};
 use metal_candle::generate::{
-    generate_batch, generate_text, generate_tokens, DecoderLm, FinishReason, GenerationConfig, SamplingConfig,
-    StopStrings, TextStreamer,
+    generate_batch, generate_text, generate_tokens, DecoderLm, FinishReason, GenerationConfig,
+    SamplingConfig, StopStrings, TextStreamer,
 };
 use metal_candle::{Error, Result};
 
@@ -24,7 +24,13 @@ struct Scripted {
 
 impl Scripted {
     fn new(text: &str) -> Self {
-        Self { script: text.bytes().map(u32::from).collect(), cached: 0, prompt_len: None, calls: vec![], device: Device::Cpu }
+        Self {
+            script: text.bytes().map(u32::from).collect(),
+            cached: 0,
+            prompt_len: None,
+            calls: vec![],
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -40,7 +46,10 @@ impl DecoderLm for Scripted {
     fn forward(&mut self, input_ids: &Tensor, offset: usize) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if b != 1 || offset != self.cached {
-            return Err(Error::Msg(format!("call at offset {offset} but the cache holds {}", self.cached)));
+            return Err(Error::Msg(format!(
+                "call at offset {offset} but the cache holds {}",
+                self.cached
+            )));
         }
         self.calls.push((offset, t));
         self.cached += t;
@@ -61,7 +70,11 @@ impl DecoderLm for Scripted {
 }
 
 fn cfg(max: usize) -> GenerationConfig {
-    GenerationConfig { max_new_tokens: max, eos_token_ids: vec![EOS], ..Default::default() }
+    GenerationConfig {
+        max_new_tokens: max,
+        eos_token_ids: vec![EOS],
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -78,7 +91,10 @@ fn streams_valid_utf8_and_stops_at_eos() {
     assert_eq!(out.text, text);
     assert_eq!(pieces.concat(), text);
     assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
-    assert!(pieces.contains(&"🦀".to_string()), "the crab's four bytes arrive as one piece: {pieces:?}");
+    assert!(
+        pieces.contains(&"🦀".to_string()),
+        "the crab's four bytes arrive as one piece: {pieces:?}"
+    );
     assert_eq!(out.finish, FinishReason::Eos);
     assert_eq!(out.tokens, text.bytes().map(u32::from).collect::<Vec<_>>());
     // Prefill once with the prompt, then one token per call at growing offsets.
@@ -116,14 +132,20 @@ fn stop_strings_cut_the_text_and_hold_back_partial_matches() {
     let tok = byte_tokenizer();
     let mut model = Scripted::new("Answer: 42\nUser: and more");
     let mut pieces = String::new();
-    let config = GenerationConfig { stop_strings: vec!["\nUser:".into()], ..cfg(40) };
+    let config = GenerationConfig {
+        stop_strings: vec!["\nUser:".into()],
+        ..cfg(40)
+    };
     let out = generate_text(&mut model, &tok, &[1], &config, |p| {
         pieces.push_str(p);
         Ok(())
     })
     .unwrap();
     assert_eq!(out.text, "Answer: 42");
-    assert_eq!(pieces, "Answer: 42", "nothing of the stop string is ever emitted");
+    assert_eq!(
+        pieces, "Answer: 42",
+        "nothing of the stop string is ever emitted"
+    );
     assert_eq!(out.finish, FinishReason::StopString);
     // Generation stopped right after the token that completed the stop string.
     assert_eq!(out.tokens.len(), "Answer: 42\nUser:".len());
@@ -133,7 +155,10 @@ fn stop_strings_cut_the_text_and_hold_back_partial_matches() {
 fn a_partial_stop_string_at_the_end_is_released() {
     let tok = byte_tokenizer();
     let mut model = Scripted::new("done\nUs");
-    let config = GenerationConfig { stop_strings: vec!["\nUser:".into()], ..cfg(40) };
+    let config = GenerationConfig {
+        stop_strings: vec!["\nUser:".into()],
+        ..cfg(40)
+    };
     let out = generate_text(&mut model, &tok, &[1], &config, |_| Ok(())).unwrap();
     assert_eq!(out.text, "done\nUs");
     assert_eq!(out.finish, FinishReason::Eos);
@@ -142,9 +167,13 @@ fn a_partial_stop_string_at_the_end_is_released() {
 #[test]
 fn prompt_too_long_for_the_context_is_an_error() {
     let mut model = Scripted::new("x");
-    let err = generate_tokens(&mut model, &[1; 60], &cfg(10), |_| Ok(true)).unwrap_err().to_string();
+    let err = generate_tokens(&mut model, &[1; 60], &cfg(10), |_| Ok(true))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("60 + 10"), "{err}");
-    let err = generate_tokens(&mut model, &[], &cfg(10), |_| Ok(true)).unwrap_err().to_string();
+    let err = generate_tokens(&mut model, &[], &cfg(10), |_| Ok(true))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("prompt"), "{err}");
 }
 
@@ -198,7 +227,11 @@ impl DecoderLm for Counter {
         self.cached += t;
         let rows = input_ids.to_vec2::<u32>()?;
         self.last = rows.iter().map(|r| r[t - 1]).collect();
-        let next: Vec<u32> = self.last.iter().map(|&l| if l + 1 >= self.stop_at { EOS } else { l + 1 }).collect();
+        let next: Vec<u32> = self
+            .last
+            .iter()
+            .map(|&l| if l + 1 >= self.stop_at { EOS } else { l + 1 })
+            .collect();
         one_hot_rows(&next)
     }
     fn clear_cache(&mut self) {
@@ -211,7 +244,12 @@ impl DecoderLm for Counter {
 
 #[test]
 fn batch_rows_stop_independently() {
-    let mut model = Counter { cached: 0, last: vec![], stop_at: 20, device: Device::Cpu };
+    let mut model = Counter {
+        cached: 0,
+        last: vec![],
+        stop_at: 20,
+        device: Device::Cpu,
+    };
     let prompts = vec![vec![1, 10], vec![1, 15], vec![1, 2]];
     let (rows, stats) = generate_batch(&mut model, &prompts, &cfg(6)).unwrap();
     assert_eq!(rows[0].tokens, vec![11, 12, 13, 14, 15, 16]);
@@ -219,8 +257,13 @@ fn batch_rows_stop_independently() {
     assert_eq!(rows[1].tokens, vec![16, 17, 18, 19]);
     assert_eq!(rows[1].finish, FinishReason::Eos);
     assert_eq!(rows[2].tokens, vec![3, 4, 5, 6, 7, 8]);
-    assert_eq!((stats.batch, stats.prompt_tokens, stats.new_tokens), (3, 2, 6));
-    let err = generate_batch(&mut model, &[vec![1], vec![1, 2]], &cfg(2)).unwrap_err().to_string();
+    assert_eq!(
+        (stats.batch, stats.prompt_tokens, stats.new_tokens),
+        (3, 2, 6)
+    );
+    let err = generate_batch(&mut model, &[vec![1], vec![1, 2]], &cfg(2))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("equal length"), "{err}");
 }
 
@@ -234,7 +277,9 @@ fn sampled_generation_with_a_seed_repeats() {
     impl DecoderLm for Noisy {
         fn forward(&mut self, input_ids: &Tensor, _offset: usize) -> Result<Tensor> {
             self.cached += input_ids.dim(1)?;
-            let v: Vec<f32> = (0..VOCAB).map(|i| ((i * 7919 + self.cached * 104_729) % 1000) as f32 / 300.0).collect();
+            let v: Vec<f32> = (0..VOCAB)
+                .map(|i| ((i * 7919 + self.cached * 104_729) % 1000) as f32 / 300.0)
+                .collect();
             Ok(Tensor::from_vec(v, (1, VOCAB), &self.device)?)
         }
         fn clear_cache(&mut self) {
@@ -244,13 +289,30 @@ fn sampled_generation_with_a_seed_repeats() {
             &self.device
         }
     }
-    let sampling = SamplingConfig { temperature: 1.0, top_k: Some(50), seed: 77, ..Default::default() };
-    let config = GenerationConfig { sampling, max_new_tokens: 30, ..Default::default() };
+    let sampling = SamplingConfig {
+        temperature: 1.0,
+        top_k: Some(50),
+        seed: 77,
+        ..Default::default()
+    };
+    let config = GenerationConfig {
+        sampling,
+        max_new_tokens: 30,
+        ..Default::default()
+    };
     let run = || {
-        let mut m = Noisy { cached: 0, device: Device::Cpu };
-        generate_tokens(&mut m, &[1, 2], &config, |_| Ok(true)).unwrap().tokens
+        let mut m = Noisy {
+            cached: 0,
+            device: Device::Cpu,
+        };
+        generate_tokens(&mut m, &[1, 2], &config, |_| Ok(true))
+            .unwrap()
+            .tokens
     };
     let a = run();
     assert_eq!(a, run());
-    assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 5, "sampling is not greedy: {a:?}");
+    assert!(
+        a.iter().collect::<std::collections::HashSet<_>>().len() > 5,
+        "sampling is not greedy: {a:?}"
+    );
 }

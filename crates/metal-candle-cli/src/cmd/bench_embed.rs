@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_nn::VarBuilder;
-use metal_candle::embed::{load_tokenizer, options_from_dir, BertConfig, BertModel, SentenceEmbedder};
+use metal_candle::embed::{
+    load_tokenizer, options_from_dir, BertConfig, BertModel, SentenceEmbedder,
+};
 
 use super::bench::median;
 use super::device::DeviceArgs;
@@ -50,7 +52,8 @@ pub fn run(args: BenchEmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
         SentenceEmbedder::from_dir(&dir, &device, dtype)?
     };
     embedder.set_batch_size(args.batch_size)?;
-    let text = std::fs::read_to_string(&args.sentences).map_err(|e| format!("{}: {e}", args.sentences.display()))?;
+    let text = std::fs::read_to_string(&args.sentences)
+        .map_err(|e| format!("{}: {e}", args.sentences.display()))?;
     let sentences: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if sentences.is_empty() {
         return Err(format!("{}: no sentences", args.sentences.display()).into());
@@ -66,7 +69,9 @@ pub fn run(args: BenchEmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
         Ok(dt)
     };
     run()?;
-    let times = (0..args.repeats.max(1)).map(|_| run()).collect::<Result<Vec<_>, _>>()?;
+    let times = (0..args.repeats.max(1))
+        .map(|_| run())
+        .collect::<Result<Vec<_>, _>>()?;
     let seconds = median(times);
     let per_s = sentences.len() as f64 / seconds;
     if args.json {
@@ -77,7 +82,11 @@ pub fn run(args: BenchEmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
         });
         println!("{out}");
     } else {
-        println!("{} sentences in {seconds:.3} s: {per_s:.0} sentences/s ({dtype:?}, batch {})", sentences.len(), args.batch_size);
+        println!(
+            "{} sentences in {seconds:.3} s: {per_s:.0} sentences/s ({dtype:?}, batch {})",
+            sentences.len(),
+            args.batch_size
+        );
     }
     Ok(())
 }

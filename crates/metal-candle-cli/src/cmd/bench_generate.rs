@@ -64,7 +64,10 @@ pub fn config_json(name: &str) -> Result<&'static str, Box<dyn std::error::Error
 
 pub fn run(args: BenchGenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.prompt == 0 || args.new < 2 {
-        return Err("--prompt must be at least 1 and --new at least 2 (decode speed needs a second token)".into());
+        return Err(
+            "--prompt must be at least 1 and --new at least 2 (decode speed needs a second token)"
+                .into(),
+        );
     }
     let device = args.device.device()?;
     let dtype = args.device.dtype(&device)?;
@@ -74,22 +77,41 @@ pub fn run(args: BenchGenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     for &batch in &args.batch {
         let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|_| (0..args.prompt).map(|_| rng.random_range(0..config.vocab_size as u32)).collect())
+            .map(|_| {
+                (0..args.prompt)
+                    .map(|_| rng.random_range(0..config.vocab_size as u32))
+                    .collect()
+            })
             .collect();
         // Greedy, no EOS: every run makes exactly `new` tokens per row.
-        let cfg = GenerationConfig { max_new_tokens: args.new, ..Default::default() };
-        generate_batch(&mut model, &prompts, &GenerationConfig { max_new_tokens: 2, ..cfg.clone() })?;
+        let cfg = GenerationConfig {
+            max_new_tokens: args.new,
+            ..Default::default()
+        };
+        generate_batch(
+            &mut model,
+            &prompts,
+            &GenerationConfig {
+                max_new_tokens: 2,
+                ..cfg.clone()
+            },
+        )?;
         let mut runs: Vec<GenerationStats> = Vec::new();
         for _ in 0..args.repeats.max(1) {
             let (_, stats) = generate_batch(&mut model, &prompts, &cfg)?;
             if stats.new_tokens != args.new {
-                return Err(format!("generated {} tokens, expected {}", stats.new_tokens, args.new).into());
+                return Err(format!(
+                    "generated {} tokens, expected {}",
+                    stats.new_tokens, args.new
+                )
+                .into());
             }
             runs.push(stats);
         }
         let prefill = median(runs.iter().map(|s| s.prefill_tokens_per_s()).collect());
         let decode = median(runs.iter().map(|s| s.decode_tokens_per_s()).collect());
-        let total: Duration = runs.iter().map(|s| s.prefill + s.decode).sum::<Duration>() / runs.len() as u32;
+        let total: Duration =
+            runs.iter().map(|s| s.prefill + s.decode).sum::<Duration>() / runs.len() as u32;
         if args.json {
             let out = serde_json::json!({
                 "impl": "metal-candle", "config": args.config, "device": args.device.device,

@@ -27,11 +27,17 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut lm = models::load_lm(&args.model, &args.device)?;
     if lm.template.is_none() {
-        return Err("this model has no chat template; use `metal-candle generate` for plain text".into());
+        return Err(
+            "this model has no chat template; use `metal-candle generate` for plain text".into(),
+        );
     }
     let interactive = std::io::stdin().is_terminal();
     let cfg = args.sampling.config(lm.eos_token_ids.clone());
-    let start: Vec<Message> = args.system.iter().map(|s| Message::new("system", s.clone())).collect();
+    let start: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.clone()))
+        .collect();
     let mut history = start.clone();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -59,7 +65,10 @@ pub fn run(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         let ids = lm.encode_chat(&lm.render_chat(&history)?)?;
         let mut stdout = std::io::stdout().lock();
         let out = generate_text(&mut lm.model, &lm.tokenizer, &ids, &cfg, |piece| {
-            stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).map_err(|e| metal_candle::Error::Msg(e.to_string()))
+            stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .map_err(|e| metal_candle::Error::Msg(e.to_string()))
         })?;
         writeln!(stdout)?;
         if !interactive {

@@ -36,7 +36,11 @@ impl DeviceArgs {
 /// that says how to build with it.
 pub fn parse_device(name: &str) -> Result<Device, Box<dyn std::error::Error>> {
     let (kind, ordinal) = match name.split_once(':') {
-        Some((k, n)) => (k, n.parse::<usize>().map_err(|_| format!("--device {name}: {n:?} is not a device number"))?),
+        Some((k, n)) => (
+            k,
+            n.parse::<usize>()
+                .map_err(|_| format!("--device {name}: {n:?} is not a device number"))?,
+        ),
         None => (name, 0),
     };
     match kind {

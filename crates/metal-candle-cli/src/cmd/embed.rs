@@ -41,20 +41,31 @@ fn parse_line(line: &str, number: usize) -> Result<Option<Record>, Box<dyn std::
         return Ok(None);
     }
     if trimmed.starts_with('{') {
-        let value: serde_json::Value =
-            serde_json::from_str(trimmed).map_err(|e| format!("input line {number}: looks like JSON but does not parse: {e}"))?;
+        let value: serde_json::Value = serde_json::from_str(trimmed)
+            .map_err(|e| format!("input line {number}: looks like JSON but does not parse: {e}"))?;
         let serde_json::Value::Object(object) = value else {
-            return Err(format!("input line {number}: expected a JSON object with a \"text\" field").into());
+            return Err(format!(
+                "input line {number}: expected a JSON object with a \"text\" field"
+            )
+            .into());
         };
         let text = match object.get("text") {
             Some(serde_json::Value::String(s)) => s.clone(),
-            _ => return Err(format!("input line {number}: a JSON line needs a string field \"text\"").into()),
+            _ => {
+                return Err(format!(
+                    "input line {number}: a JSON line needs a string field \"text\""
+                )
+                .into())
+            }
         };
         return Ok(Some(Record { text, object }));
     }
     let mut object = serde_json::Map::new();
     object.insert("text".into(), line.into());
-    Ok(Some(Record { text: line.to_string(), object }))
+    Ok(Some(Record {
+        text: line.to_string(),
+        object,
+    }))
 }
 
 pub fn run(args: EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -71,7 +82,9 @@ pub fn run(args: EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut chunk: Vec<Record> = Vec::new();
-    let mut flush = |chunk: &mut Vec<Record>, out: &mut BufWriter<_>| -> Result<(), Box<dyn std::error::Error>> {
+    let mut flush = |chunk: &mut Vec<Record>,
+                     out: &mut BufWriter<_>|
+     -> Result<(), Box<dyn std::error::Error>> {
         let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
         let vectors = embedder.embed(&texts)?;
         for (record, v) in chunk.drain(..).zip(vectors) {

@@ -36,7 +36,9 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(p) => p,
         None => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| format!("reading the prompt from stdin: {e}"))?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("reading the prompt from stdin: {e}"))?;
             s
         }
     };
@@ -57,7 +59,10 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = args.sampling.config(lm.eos_token_ids.clone());
     let mut stdout = std::io::stdout().lock();
     let out = generate_text(&mut lm.model, &lm.tokenizer, &ids, &cfg, |piece| {
-        stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).map_err(|e| metal_candle::Error::Msg(e.to_string()))
+        stdout
+            .write_all(piece.as_bytes())
+            .and_then(|_| stdout.flush())
+            .map_err(|e| metal_candle::Error::Msg(e.to_string()))
     })?;
     writeln!(stdout)?;
     if args.stats {

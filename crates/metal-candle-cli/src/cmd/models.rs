@@ -19,7 +19,10 @@ type BoxError = Box<dyn std::error::Error>;
 pub fn embedding_model_dir(model: Option<&str>) -> Result<PathBuf, BoxError> {
     match model {
         Some(m) if Path::new(m).is_dir() => Ok(PathBuf::from(m)),
-        Some(m) => Err(format!("--model {m}: no such folder (it needs config.json, tokenizer.json, model.safetensors)").into()),
+        Some(m) => Err(format!(
+            "--model {m}: no such folder (it needs config.json, tokenizer.json, model.safetensors)"
+        )
+        .into()),
         None => {
             let dir = Assets::in_dir(&Assets::default_dir()).minilm_dir;
             if dir.is_dir() {
@@ -74,7 +77,10 @@ impl LoadedLm {
 
     /// `messages` rendered with the model's chat template, ending where the reply starts.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String, BoxError> {
-        let template = self.template.as_ref().ok_or("this model has no chat template; drop --chat")?;
+        let template = self
+            .template
+            .as_ref()
+            .ok_or("this model has no chat template; drop --chat")?;
         Ok(template.render(messages, true)?)
     }
 }
@@ -119,20 +125,33 @@ pub fn load_lm(args: &ModelArgs, device_args: &DeviceArgs) -> Result<LoadedLm, B
             model.merge_adapters()?;
         }
     }
-    Ok(LoadedLm { model, tokenizer: text_tokenizer.inner().clone(), text_tokenizer, template, eos_token_ids })
+    Ok(LoadedLm {
+        model,
+        tokenizer: text_tokenizer.inner().clone(),
+        text_tokenizer,
+        template,
+        eos_token_ids,
+    })
 }
 
 /// Reads a PEFT LoRA adapter folder into (module path, layer) pairs. PEFT stores lora_A as
 /// (r, in) and lora_B as (out, r): the transposes of this crate's A (in, r) and B (r, out).
-pub fn read_peft_adapter(dir: &Path, device: &Device) -> Result<Vec<(String, LoRALayer)>, BoxError> {
+pub fn read_peft_adapter(
+    dir: &Path,
+    device: &Device,
+) -> Result<Vec<(String, LoRALayer)>, BoxError> {
     let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", config_path.display()))?;
-    let alpha = config["lora_alpha"].as_f64().ok_or_else(|| format!("{}: no lora_alpha", config_path.display()))?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not JSON: {e}", config_path.display()))?;
+    let alpha = config["lora_alpha"]
+        .as_f64()
+        .ok_or_else(|| format!("{}: no lora_alpha", config_path.display()))?;
     let rslora = config["use_rslora"].as_bool().unwrap_or(false);
     let weights_path = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights_path, device).map_err(|e| format!("{}: {e}", weights_path.display()))?;
+    let tensors = candle_core::safetensors::load(&weights_path, device)
+        .map_err(|e| format!("{}: {e}", weights_path.display()))?;
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (key, t) in tensors {
         let key = key.replace(".default.weight", ".weight");
@@ -141,7 +160,11 @@ pub fn read_peft_adapter(dir: &Path, device: &Device) -> Result<Vec<(String, LoR
         } else if let Some(p) = key.strip_suffix(".lora_B.weight") {
             (p.to_string(), false)
         } else {
-            return Err(format!("{}: unexpected tensor {key}: expected <module>.lora_A.weight or lora_B", weights_path.display()).into());
+            return Err(format!(
+                "{}: unexpected tensor {key}: expected <module>.lora_A.weight or lora_B",
+                weights_path.display()
+            )
+            .into());
         };
         let entry = pairs.entry(path).or_default();
         let t = t.to_dtype(DType::F32)?;
@@ -154,15 +177,28 @@ pub fn read_peft_adapter(dir: &Path, device: &Device) -> Result<Vec<(String, LoR
     let mut out = Vec::new();
     for (path, pair) in pairs {
         let (Some(a), Some(b)) = pair else {
-            return Err(format!("{}: {path} has only one of lora_A / lora_B", weights_path.display()).into());
+            return Err(format!(
+                "{}: {path} has only one of lora_A / lora_B",
+                weights_path.display()
+            )
+            .into());
         };
         let (r, in_features) = a.dims2()?;
         let (out_features, r_b) = b.dims2()?;
         if r != r_b {
-            return Err(format!("{}: {path}: lora_A {:?} and lora_B {:?} disagree on the rank", weights_path.display(), a.dims(), b.dims()).into());
+            return Err(format!(
+                "{}: {path}: lora_A {:?} and lora_B {:?} disagree on the rank",
+                weights_path.display(),
+                a.dims(),
+                b.dims()
+            )
+            .into());
         }
         let cfg = LoRAConfig::new(in_features, out_features, r, alpha).with_rslora(rslora);
-        out.push((path, LoRALayer::from_tensors(a.t()?.contiguous()?, b.t()?.contiguous()?, &cfg)?));
+        out.push((
+            path,
+            LoRALayer::from_tensors(a.t()?.contiguous()?, b.t()?.contiguous()?, &cfg)?,
+        ));
     }
     if out.is_empty() {
         return Err(format!("{}: holds no LoRA tensors", weights_path.display()).into());

@@ -8,14 +8,26 @@ use candle_nn::var_builder::SimpleBackend;
 pub struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if name.contains("norm") && name.ends_with("weight") {
             return Tensor::ones(s, dtype, dev);
         }
         Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("random weights: {name} was asked for without a shape")
     }
 

@@ -30,14 +30,20 @@ impl Dense {
     }
 
     fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
-        Ok(Self { weight_t: weight.t()?, bias })
+        Ok(Self {
+            weight_t: weight.t()?,
+            bias,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight_t)?
+            .broadcast_add(&self.bias)?;
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = self.bias.dim(0)?;
         Ok(y.reshape(out_dims)?)
@@ -54,8 +60,16 @@ struct LayerNorm {
 impl LayerNorm {
     fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         // Old checkpoints call the parameters gamma and beta.
-        let (w, b) = if vb.contains_tensor("gamma") { ("gamma", "beta") } else { ("weight", "bias") };
-        Ok(Self { weight: vb.get(dim, w)?, bias: vb.get(dim, b)?, eps })
+        let (w, b) = if vb.contains_tensor("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        Ok(Self {
+            weight: vb.get(dim, w)?,
+            bias: vb.get(dim, b)?,
+            eps,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -82,15 +96,25 @@ impl Layer {
         let q = Dense::load(&sa.pp("query"), h, h)?;
         let k = Dense::load(&sa.pp("key"), h, h)?;
         let v = Dense::load(&sa.pp("value"), h, h)?;
-        let weight = Tensor::cat(&[(q.weight_t.t()? * scale)?, k.weight_t.t()?, v.weight_t.t()?], 0)?;
+        let weight = Tensor::cat(
+            &[(q.weight_t.t()? * scale)?, k.weight_t.t()?, v.weight_t.t()?],
+            0,
+        )?;
         let bias = Tensor::cat(&[(q.bias * scale)?, k.bias, v.bias], 0)?;
         // Contiguous (in, 3h) so the GEMM reads the transposed weight without a copy per call.
-        let qkv = Dense { weight_t: weight.t()?.contiguous()?, bias };
+        let qkv = Dense {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        };
         Ok(Self {
             qkv,
             attn_out: Dense::load(&att.pp("output").pp("dense"), h, h)?,
             attn_norm: LayerNorm::load(&att.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
-            intermediate: Dense::load(&vb.pp("intermediate").pp("dense"), cfg.intermediate_size, h)?,
+            intermediate: Dense::load(
+                &vb.pp("intermediate").pp("dense"),
+                cfg.intermediate_size,
+                h,
+            )?,
             output: Dense::load(&vb.pp("output").pp("dense"), h, cfg.intermediate_size)?,
             out_norm: LayerNorm::load(&vb.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
         })
@@ -101,14 +125,20 @@ impl Layer {
         let (b, t, h) = x.dims3()?;
         let (nh, hd) = (cfg.num_attention_heads, cfg.head_dim());
         // (b, t, 3h) -> (3, b, nh, t, hd)
-        let qkv = self.qkv.forward(x)?.reshape((b, t, 3, nh, hd))?.permute((2, 0, 3, 1, 4))?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, t, 3, nh, hd))?
+            .permute((2, 0, 3, 1, 4))?;
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?;
         let probs = ops::softmax_last_dim(&scores)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&context)? + x)?)?;
+        let x = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&context)? + x)?)?;
         let inner = self.intermediate.forward(&x)?;
         let inner = match cfg.hidden_act {
             HiddenAct::Gelu => inner.gelu_erf()?,
@@ -166,8 +196,12 @@ impl BertModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             word_embeddings: emb.get((config.vocab_size, h), "word_embeddings.weight")?,
-            position_embeddings: emb.get((config.max_position_embeddings, h), "position_embeddings.weight")?,
-            token_type_embeddings: emb.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+            position_embeddings: emb.get(
+                (config.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            token_type_embeddings: emb
+                .get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
             embed_norm: LayerNorm::load(&emb.pp("LayerNorm"), h, config.layer_norm_eps)?,
             layers,
             config: config.clone(),
@@ -176,12 +210,25 @@ impl BertModel {
 
     /// Random weights (normal, std 0.02; LayerNorm weight 1, bias 0) under the Hugging Face
     /// names for `config`: speed does not depend on the weights, so benchmarks use these.
-    pub fn random_weights(config: &BertConfig, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    pub fn random_weights(
+        config: &BertConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>> {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            ("embeddings.word_embeddings.weight".into(), vec![config.vocab_size, h]),
-            ("embeddings.position_embeddings.weight".into(), vec![config.max_position_embeddings, h]),
-            ("embeddings.token_type_embeddings.weight".into(), vec![config.type_vocab_size, h]),
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![config.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![config.max_position_embeddings, h],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![config.type_vocab_size, h],
+            ),
             ("embeddings.LayerNorm.weight".into(), vec![h]),
             ("embeddings.LayerNorm.bias".into(), vec![h]),
         ];
@@ -234,24 +281,39 @@ impl BertModel {
 
     /// Last hidden states (batch, seq, hidden) for `input_ids` (batch, seq) under
     /// `attention_mask` (batch, seq; 1 = token, 0 = padding); token types default to 0.
-    pub fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>, attention_mask: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if attention_mask.dims() != [b, t] {
             return Err(Error::shape(
                 "BertModel::forward",
-                format!("attention_mask is {:?} but input_ids are [{b}, {t}]", attention_mask.dims()),
+                format!(
+                    "attention_mask is {:?} but input_ids are [{b}, {t}]",
+                    attention_mask.dims()
+                ),
             ));
         }
         if t > self.config.max_position_embeddings {
             return Err(Error::shape(
                 "BertModel::forward",
-                format!("{t} tokens exceed the model's {} positions; truncate the input", self.config.max_position_embeddings),
+                format!(
+                    "{t} tokens exceed the model's {} positions; truncate the input",
+                    self.config.max_position_embeddings
+                ),
             ));
         }
-        let words = self.word_embeddings.embedding_rows(input_ids, self.config.vocab_size)?;
+        let words = self
+            .word_embeddings
+            .embedding_rows(input_ids, self.config.vocab_size)?;
         let positions = self.position_embeddings.narrow(0, 0, t)?;
         let types = match token_type_ids {
-            Some(tt) => self.token_type_embeddings.embedding_rows(tt, self.config.type_vocab_size)?,
+            Some(tt) => self
+                .token_type_embeddings
+                .embedding_rows(tt, self.config.type_vocab_size)?,
             None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?,
         };
         let x = words.broadcast_add(&positions)?.broadcast_add(&types)?;
@@ -288,7 +350,10 @@ impl EmbeddingRows for Tensor {
         let ids = ids.to_dtype(DType::U32)?;
         let max = ids.flatten_all()?.max(D::Minus1)?.to_scalar::<u32>()?;
         if max as usize >= rows {
-            return Err(Error::shape("BertModel::forward", format!("token id {max} is outside the table of {rows} rows")));
+            return Err(Error::shape(
+                "BertModel::forward",
+                format!("token id {max} is outside the table of {rows} rows"),
+            ));
         }
         let emb = candle_nn::Embedding::new(self.clone(), self.dim(1)?);
         Ok(emb.forward(&ids)?)

@@ -63,7 +63,10 @@ fn default_position_type() -> String {
 impl BertConfig {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         let config: Self = serde_json::from_str(&text)
             .map_err(|e| Error::Msg(format!("{}: not a BERT config.json: {e}", path.display())))?;
         config.validate()?;
@@ -75,7 +78,10 @@ impl BertConfig {
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::InvalidConfig {
                 name: "num_attention_heads",
-                value: format!("{} (hidden_size {})", self.num_attention_heads, self.hidden_size),
+                value: format!(
+                    "{} (hidden_size {})",
+                    self.num_attention_heads, self.hidden_size
+                ),
                 expected: "a positive divisor of hidden_size",
             });
         }

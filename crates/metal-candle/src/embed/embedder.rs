@@ -25,7 +25,12 @@ pub struct EmbedOptions {
 
 impl Default for EmbedOptions {
     fn default() -> Self {
-        Self { max_seq_len: 256, pooling: Pooling::Mean, normalize: true, batch_size: 32 }
+        Self {
+            max_seq_len: 256,
+            pooling: Pooling::Mean,
+            normalize: true,
+            batch_size: 32,
+        }
     }
 }
 
@@ -49,16 +54,28 @@ pub struct SentenceEmbedder {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-    serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: not JSON: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("{}: not JSON: {e}", path.display())))
 }
 
 /// Reads a tokenizer.json with a message that names the file.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
-        return Err(Error::Msg(format!("{}: tokenizer file not found", path.display())));
+        return Err(Error::Msg(format!(
+            "{}: tokenizer file not found",
+            path.display()
+        )));
     }
-    Tokenizer::from_file(path).map_err(|e| Error::Msg(format!("{}: not a tokenizers JSON file: {e}", path.display())))
+    Tokenizer::from_file(path).map_err(|e| {
+        Error::Msg(format!(
+            "{}: not a tokenizers JSON file: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// The options a sentence-transformers folder describes: `sentence_bert_config.json`
@@ -66,7 +83,10 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 /// it lists a Normalize module). A plain BERT folder without them gets mean pooling, L2
 /// normalisation and the model's own position limit.
 pub fn options_from_dir(dir: &Path, config: &BertConfig) -> Result<EmbedOptions> {
-    let mut options = EmbedOptions { max_seq_len: config.max_position_embeddings.min(512), ..Default::default() };
+    let mut options = EmbedOptions {
+        max_seq_len: config.max_position_embeddings.min(512),
+        ..Default::default()
+    };
     let st_config = dir.join("sentence_bert_config.json");
     if st_config.is_file() {
         if let Some(n) = read_json(&st_config)?["max_seq_length"].as_u64() {
@@ -77,7 +97,10 @@ pub fn options_from_dir(dir: &Path, config: &BertConfig) -> Result<EmbedOptions>
     if pooling.is_file() {
         let p = read_json(&pooling)?;
         let flag = |k: &str| p[k].as_bool().unwrap_or(false);
-        options.pooling = match (flag("pooling_mode_mean_tokens"), flag("pooling_mode_cls_token")) {
+        options.pooling = match (
+            flag("pooling_mode_mean_tokens"),
+            flag("pooling_mode_cls_token"),
+        ) {
             (true, false) => Pooling::Mean,
             (false, true) => Pooling::Cls,
             _ => {
@@ -91,9 +114,10 @@ pub fn options_from_dir(dir: &Path, config: &BertConfig) -> Result<EmbedOptions>
     let modules = dir.join("modules.json");
     if modules.is_file() {
         let m = read_json(&modules)?;
-        options.normalize = m
-            .as_array()
-            .is_some_and(|mods| mods.iter().any(|x| x["type"].as_str().is_some_and(|t| t.ends_with("Normalize"))));
+        options.normalize = m.as_array().is_some_and(|mods| {
+            mods.iter()
+                .any(|x| x["type"].as_str().is_some_and(|t| t.ends_with("Normalize")))
+        });
     }
     Ok(options)
 }
@@ -103,9 +127,14 @@ impl SentenceEmbedder {
     /// not to pad (batches are padded here, to their longest sentence).
     pub fn new(model: BertModel, mut tokenizer: Tokenizer, options: EmbedOptions) -> Result<Self> {
         if options.batch_size == 0 {
-            return Err(Error::InvalidConfig { name: "batch_size", value: "0".into(), expected: "at least 1" });
+            return Err(Error::InvalidConfig {
+                name: "batch_size",
+                value: "0".into(),
+                expected: "at least 1",
+            });
         }
-        if options.max_seq_len == 0 || options.max_seq_len > model.config().max_position_embeddings {
+        if options.max_seq_len == 0 || options.max_seq_len > model.config().max_position_embeddings
+        {
             return Err(Error::InvalidConfig {
                 name: "max_seq_len",
                 value: options.max_seq_len.to_string(),
@@ -114,9 +143,16 @@ impl SentenceEmbedder {
         }
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: options.max_seq_len, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: options.max_seq_len,
+                ..Default::default()
+            }))
             .map_err(|e| Error::Msg(format!("setting truncation on the tokenizer: {e}")))?;
-        Ok(Self { model, tokenizer, options })
+        Ok(Self {
+            model,
+            tokenizer,
+            options,
+        })
     }
 
     /// Loads a local sentence-transformers (or plain BERT) folder: `config.json`,
@@ -152,7 +188,11 @@ impl SentenceEmbedder {
     /// Changes the batch size (sentences per forward pass).
     pub fn set_batch_size(&mut self, batch_size: usize) -> Result<()> {
         if batch_size == 0 {
-            return Err(Error::InvalidConfig { name: "batch_size", value: "0".into(), expected: "at least 1" });
+            return Err(Error::InvalidConfig {
+                name: "batch_size",
+                value: "0".into(),
+                expected: "at least 1",
+            });
         }
         self.options.batch_size = batch_size;
         Ok(())
@@ -179,7 +219,10 @@ impl SentenceEmbedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| Error::Msg(format!("tokenizing: {e}")))?;
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 
     /// One vector per text, in order. Texts are grouped by length before batching (less
@@ -216,7 +259,10 @@ impl SentenceEmbedder {
 pub fn pad_batch(ids: &[&[u32]], pad_id: u32, device: &Device) -> Result<(Tensor, Tensor)> {
     let longest = ids.iter().map(|r| r.len()).max().unwrap_or(0);
     if longest == 0 {
-        return Err(Error::shape("pad_batch", "no tokens to embed (empty batch or empty rows only)"));
+        return Err(Error::shape(
+            "pad_batch",
+            "no tokens to embed (empty batch or empty rows only)",
+        ));
     }
     let mut flat = Vec::with_capacity(ids.len() * longest);
     let mut mask = Vec::with_capacity(ids.len() * longest);
@@ -227,5 +273,8 @@ pub fn pad_batch(ids: &[&[u32]], pad_id: u32, device: &Device) -> Result<(Tensor
         mask.extend(std::iter::repeat_n(0u32, longest - row.len()));
     }
     let shape = (ids.len(), longest);
-    Ok((Tensor::from_vec(flat, shape, device)?, Tensor::from_vec(mask, shape, device)?))
+    Ok((
+        Tensor::from_vec(flat, shape, device)?,
+        Tensor::from_vec(mask, shape, device)?,
+    ))
 }

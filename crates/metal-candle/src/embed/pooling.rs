@@ -21,7 +21,11 @@ impl Pooling {
         if mask.dims() != [b, t] {
             return Err(Error::shape(
                 "Pooling::apply",
-                format!("mask is {:?} but hidden states are {:?}; expected [{b}, {t}]", mask.dims(), hidden.dims()),
+                format!(
+                    "mask is {:?} but hidden states are {:?}; expected [{b}, {t}]",
+                    mask.dims(),
+                    hidden.dims()
+                ),
             ));
         }
         let hidden = hidden.to_dtype(DType::F32)?;
@@ -43,6 +47,10 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 
 /// Divides each row by its L2 norm (at least 1e-12, as `torch.nn.functional.normalize`).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
     Ok(x.broadcast_div(&norm)?)
 }

@@ -26,7 +26,10 @@ pub struct Message {
 impl Message {
     /// A message with the given role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -63,34 +66,56 @@ fn environment() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env
 }
 
 impl ChatTemplate {
     /// Parses `source`; `bos_token`/`eos_token` are the strings the template may insert.
-    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<Self> {
+    pub fn new(
+        source: impl Into<String>,
+        bos_token: impl Into<String>,
+        eos_token: impl Into<String>,
+    ) -> Result<Self> {
         let source = source.into();
         environment()
             .template_from_str(&source)
             .map_err(|e| Error::Msg(format!("chat template does not parse: {e:#}")))?;
-        Ok(Self { source, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        Ok(Self {
+            source,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
     }
 
     /// The template of a Hugging Face `tokenizer_config.json` (`chat_template`, `bos_token`,
     /// `eos_token`).
     pub fn from_tokenizer_config(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: not JSON: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Msg(format!("{}: not JSON: {e}", path.display())))?;
         let source = match &json["chat_template"] {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Null => {
-                return Err(Error::Msg(format!("{}: has no chat_template; this model has no chat format", path.display())))
+                return Err(Error::Msg(format!(
+                    "{}: has no chat_template; this model has no chat format",
+                    path.display()
+                )))
             }
-            other => return Err(Error::Msg(format!("{}: chat_template is {other}, expected a string", path.display()))),
+            other => {
+                return Err(Error::Msg(format!(
+                    "{}: chat_template is {other}, expected a string",
+                    path.display()
+                )))
+            }
         };
         // Special tokens are either plain strings or {"content": "..."} objects.
         let token = |key: &str| match &json[key] {
@@ -107,8 +132,15 @@ impl ChatTemplate {
         let template = env
             .template_from_str(&self.source)
             .map_err(|e| Error::Msg(format!("chat template does not parse: {e:#}")))?;
-        let ctx = Context { messages, add_generation_prompt, bos_token: &self.bos_token, eos_token: &self.eos_token };
-        template.render(ctx).map_err(|e| Error::Msg(format!("rendering the chat template: {e:#}")))
+        let ctx = Context {
+            messages,
+            add_generation_prompt,
+            bos_token: &self.bos_token,
+            eos_token: &self.eos_token,
+        };
+        template
+            .render(ctx)
+            .map_err(|e| Error::Msg(format!("rendering the chat template: {e:#}")))
     }
 
     /// The template's source text.

@@ -44,7 +44,12 @@ pub struct GenerationConfig {
 
 impl Default for GenerationConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 256, sampling: SamplingConfig::default(), eos_token_ids: Vec::new(), stop_strings: Vec::new() }
+        Self {
+            max_new_tokens: 256,
+            sampling: SamplingConfig::default(),
+            eos_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+        }
     }
 }
 
@@ -118,22 +123,33 @@ pub struct GeneratedText {
 fn next_tokens(sampler: &mut Sampler, logits: &Tensor, histories: &[&[u32]]) -> Result<Vec<u32>> {
     if sampler.is_plain_greedy() {
         // Arg-max on the device: only `batch` ids cross to the host.
-        return Ok(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+        return Ok(logits
+            .argmax(D::Minus1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?);
     }
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    rows.iter().zip(histories).map(|(row, h)| sampler.sample(row, h)).collect()
+    rows.iter()
+        .zip(histories)
+        .map(|(row, h)| sampler.sample(row, h))
+        .collect()
 }
 
 fn check_prompt(model: &dyn DecoderLm, prompt_len: usize, cfg: &GenerationConfig) -> Result<()> {
     if prompt_len == 0 {
-        return Err(Error::InvalidConfig { name: "prompt", value: "0 tokens".into(), expected: "at least one token" });
+        return Err(Error::InvalidConfig {
+            name: "prompt",
+            value: "0 tokens".into(),
+            expected: "at least one token",
+        });
     }
     if let Some(max) = model.max_positions() {
         if prompt_len + cfg.max_new_tokens > max {
             return Err(Error::InvalidConfig {
                 name: "prompt + max_new_tokens",
                 value: format!("{prompt_len} + {}", cfg.max_new_tokens),
-                expected: "at most the model's context length; shorten the prompt or lower max_new_tokens",
+                expected:
+                    "at most the model's context length; shorten the prompt or lower max_new_tokens",
             });
         }
     }
@@ -152,7 +168,11 @@ pub fn generate_tokens(
     let mut sampler = cfg.sampling.sampler()?;
     model.clear_cache();
     let mut history = prompt.to_vec();
-    let mut stats = GenerationStats { prompt_tokens: prompt.len(), batch: 1, ..Default::default() };
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        batch: 1,
+        ..Default::default()
+    };
     let mut finish = FinishReason::MaxTokens;
     let start = Instant::now();
     let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
@@ -177,7 +197,11 @@ pub fn generate_tokens(
         input = Tensor::new(&[token], model.device())?.unsqueeze(0)?;
     }
     stats.decode = decode_start.map(|t| t.elapsed()).unwrap_or_default();
-    Ok(GeneratedTokens { tokens: history[prompt.len()..].to_vec(), finish, stats })
+    Ok(GeneratedTokens {
+        tokens: history[prompt.len()..].to_vec(),
+        finish,
+        stats,
+    })
 }
 
 /// Generates text from one prompt, streaming valid UTF-8 pieces to `on_text` as they complete
@@ -221,7 +245,12 @@ pub fn generate_text(
         let tail = stops.finish();
         emit(&tail, &mut text)?;
     }
-    Ok(GeneratedText { text, tokens: out.tokens, finish, stats: out.stats })
+    Ok(GeneratedText {
+        text,
+        tokens: out.tokens,
+        finish,
+        stats: out.stats,
+    })
 }
 
 /// Generates from a batch of prompts of equal length (no padding), each row sampled with its
@@ -233,7 +262,11 @@ pub fn generate_batch(
     cfg: &GenerationConfig,
 ) -> Result<(Vec<GeneratedTokens>, GenerationStats)> {
     let Some(first) = prompts.first() else {
-        return Err(Error::InvalidConfig { name: "prompts", value: "none".into(), expected: "at least one prompt" });
+        return Err(Error::InvalidConfig {
+            name: "prompts",
+            value: "none".into(),
+            expected: "at least one prompt",
+        });
     };
     let len = first.len();
     if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != len) {
@@ -248,7 +281,11 @@ pub fn generate_batch(
     model.clear_cache();
     let mut histories: Vec<Vec<u32>> = prompts.to_vec();
     let mut finished: Vec<Option<FinishReason>> = vec![None; batch];
-    let mut stats = GenerationStats { prompt_tokens: len, batch, ..Default::default() };
+    let mut stats = GenerationStats {
+        prompt_tokens: len,
+        batch,
+        ..Default::default()
+    };
     let start = Instant::now();
     let mut input = Tensor::new(histories.clone(), model.device())?;
     let mut offset = 0;
@@ -285,8 +322,16 @@ pub fn generate_batch(
         .zip(finished)
         .map(|(h, f)| {
             let tokens = h[len..].to_vec();
-            let row_stats = GenerationStats { new_tokens: tokens.len(), batch: 1, ..stats };
-            GeneratedTokens { tokens, finish: f.unwrap_or(FinishReason::MaxTokens), stats: row_stats }
+            let row_stats = GenerationStats {
+                new_tokens: tokens.len(),
+                batch: 1,
+                ..stats
+            };
+            GeneratedTokens {
+                tokens,
+                finish: f.unwrap_or(FinishReason::MaxTokens),
+                stats: row_stats,
+            }
         })
         .collect();
     Ok((rows, stats))

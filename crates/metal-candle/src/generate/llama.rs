@@ -48,7 +48,9 @@ impl CachedLlama {
     pub fn set_adapters(&mut self, adapters: Vec<(String, LoRALayer)>) -> Result<()> {
         self.model.clear_lora()?;
         for (path, layer) in adapters {
-            self.model.projection_by_path_mut(&path)?.set_adapter(Some(layer))?;
+            self.model
+                .projection_by_path_mut(&path)?
+                .set_adapter(Some(layer))?;
         }
         self.cache.reset();
         Ok(())
@@ -79,7 +81,11 @@ impl DecoderLm for CachedLlama {
                 self.cache.len()
             )));
         }
-        self.model.forward_last(input_ids, &SequenceLayout::Contiguous { offset }, Some(&mut self.cache))
+        self.model.forward_last(
+            input_ids,
+            &SequenceLayout::Contiguous { offset },
+            Some(&mut self.cache),
+        )
     }
 
     fn clear_cache(&mut self) {

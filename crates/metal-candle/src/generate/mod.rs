@@ -11,10 +11,10 @@ mod sampling;
 mod stream;
 
 pub use chat::{ChatTemplate, Message};
-pub use llama::CachedLlama;
 pub use generator::{
-    generate_batch, generate_text, generate_tokens, DecoderLm, FinishReason, GeneratedText, GeneratedTokens,
-    GenerationConfig, GenerationStats,
+    generate_batch, generate_text, generate_tokens, DecoderLm, FinishReason, GeneratedText,
+    GeneratedTokens, GenerationConfig, GenerationStats,
 };
+pub use llama::CachedLlama;
 pub use sampling::{Sampler, SamplingConfig, Step};
 pub use stream::{StopStrings, TextStreamer};

@@ -122,17 +122,32 @@ pub enum Step {
 
 impl Step {
     fn validate(&self) -> Result<()> {
-        let bad = |name, value: String, expected| Err(Error::InvalidConfig { name, value, expected });
+        let bad = |name, value: String, expected| {
+            Err(Error::InvalidConfig {
+                name,
+                value,
+                expected,
+            })
+        };
         match *self {
-            Step::RepetitionPenalty(p) if !(p > 0.0 && p.is_finite()) => {
-                bad("repetition_penalty", p.to_string(), "a finite number > 0 (1 = off)")
-            }
-            Step::FrequencyPresencePenalty { frequency, presence } if !(frequency.is_finite() && presence.is_finite()) => {
-                bad("frequency/presence penalty", format!("{frequency}/{presence}"), "finite numbers")
-            }
-            Step::Temperature(t) if !(t > 0.0 && t.is_finite()) => {
-                bad("temperature", t.to_string(), "a finite number > 0 (use 0 in SamplingConfig for greedy)")
-            }
+            Step::RepetitionPenalty(p) if !(p > 0.0 && p.is_finite()) => bad(
+                "repetition_penalty",
+                p.to_string(),
+                "a finite number > 0 (1 = off)",
+            ),
+            Step::FrequencyPresencePenalty {
+                frequency,
+                presence,
+            } if !(frequency.is_finite() && presence.is_finite()) => bad(
+                "frequency/presence penalty",
+                format!("{frequency}/{presence}"),
+                "finite numbers",
+            ),
+            Step::Temperature(t) if !(t > 0.0 && t.is_finite()) => bad(
+                "temperature",
+                t.to_string(),
+                "a finite number > 0 (use 0 in SamplingConfig for greedy)",
+            ),
             Step::TopK(0) => bad("top_k", "0".into(), "at least 1"),
             Step::TopP(p) if !(p > 0.0 && p <= 1.0) => bad("top_p", p.to_string(), "in (0, 1]"),
             Step::MinP(p) if !(0.0..=1.0).contains(&p) => bad("min_p", p.to_string(), "in [0, 1]"),
@@ -155,7 +170,11 @@ type Candidate = (u32, f32);
 impl Sampler {
     /// An empty chain (plain sampling from the softmax of the logits) seeded with `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { steps: Vec::new(), penalty_last_n: None, rng: StdRng::seed_from_u64(seed) }
+        Self {
+            steps: Vec::new(),
+            penalty_last_n: None,
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// Appends a step to the chain after checking its value.
@@ -197,9 +216,10 @@ impl Sampler {
         for step in &self.steps {
             match *step {
                 Step::RepetitionPenalty(p) => repetition_penalty(&mut logits, history, p)?,
-                Step::FrequencyPresencePenalty { frequency, presence } => {
-                    frequency_presence_penalty(&mut logits, history, frequency, presence)?
-                }
+                Step::FrequencyPresencePenalty {
+                    frequency,
+                    presence,
+                } => frequency_presence_penalty(&mut logits, history, frequency, presence)?,
                 _ => {
                     let c = candidates.get_or_insert_with(|| finite_candidates(&logits));
                     apply_filter(*step, c);
@@ -214,7 +234,10 @@ impl Sampler {
 fn check_token(op: &'static str, token: u32, vocab: usize) -> Result<usize> {
     let i = token as usize;
     if i >= vocab {
-        return Err(Error::shape(op, format!("history holds token {token} but the vocabulary has {vocab} entries")));
+        return Err(Error::shape(
+            op,
+            format!("history holds token {token} but the vocabulary has {vocab} entries"),
+        ));
     }
     Ok(i)
 }
@@ -232,10 +255,17 @@ fn repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) -> Resu
     Ok(())
 }
 
-fn frequency_presence_penalty(logits: &mut [f32], history: &[u32], frequency: f32, presence: f32) -> Result<()> {
+fn frequency_presence_penalty(
+    logits: &mut [f32],
+    history: &[u32],
+    frequency: f32,
+    presence: f32,
+) -> Result<()> {
     let mut counts: HashMap<usize, u32> = HashMap::new();
     for &t in history {
-        *counts.entry(check_token("frequency_penalty", t, logits.len())?).or_default() += 1;
+        *counts
+            .entry(check_token("frequency_penalty", t, logits.len())?)
+            .or_default() += 1;
     }
     for (i, n) in counts {
         logits[i] -= n as f32 * frequency + presence;
@@ -313,7 +343,8 @@ fn apply_filter(step: Step, c: &mut Vec<Candidate>) {
 fn draw(c: &[Candidate], rng: &mut StdRng) -> Result<u32> {
     match c {
         [] => Err(Error::Msg(
-            "sampling: every logit is -inf or NaN; the model produced no usable distribution".into(),
+            "sampling: every logit is -inf or NaN; the model produced no usable distribution"
+                .into(),
         )),
         [only] => Ok(only.0),
         _ => {

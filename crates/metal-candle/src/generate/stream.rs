@@ -42,7 +42,13 @@ pub struct TextStreamer<'a> {
 impl<'a> TextStreamer<'a> {
     /// A streamer that leaves special tokens (EOS, chat markers) out of the text.
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self { tokenizer, tokens: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            skip_special_tokens: true,
+        }
     }
 
     /// Keep special tokens in the text (`false` leaves them out, the default).
@@ -62,7 +68,10 @@ impl<'a> TextStreamer<'a> {
         self.tokens.push(token);
         let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
         let full = self.decode(&self.tokens[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.tokens.len();
@@ -114,7 +123,11 @@ pub struct StopStrings {
 impl StopStrings {
     /// Watches for `stops` (empty strings are ignored).
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new(), stopped: false }
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+            stopped: false,
+        }
     }
 
     /// Adds a piece; returns the text safe to emit and whether a stop string was reached.
@@ -123,7 +136,11 @@ impl StopStrings {
             return (String::new(), true);
         }
         self.pending.push_str(piece);
-        let first_stop = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let first_stop = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = first_stop {
             let out = self.pending[..at].to_string();
             self.pending.clear();

@@ -10,7 +10,8 @@ pub const IM_END: u32 = 257;
 
 /// GPT-2's byte -> printable char map (the ByteLevel alphabet).
 fn byte_char(b: u8) -> char {
-    let printable = |c: u32| (33..=126).contains(&c) || (161..=172).contains(&c) || (174..=255).contains(&c);
+    let printable =
+        |c: u32| (33..=126).contains(&c) || (161..=172).contains(&c) || (174..=255).contains(&c);
     let b = b as u32;
     if printable(b) {
         return char::from_u32(b).unwrap();
@@ -23,8 +24,9 @@ fn byte_char(b: u8) -> char {
 /// `<|im_end|>` (257) as special tokens. Multi-byte characters span several tokens, which is
 /// what the UTF-8 streaming must handle.
 pub fn byte_tokenizer() -> Tokenizer {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..=255u8).map(|b| (byte_char(b).to_string(), serde_json::json!(b as u32))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..=255u8)
+        .map(|b| (byte_char(b).to_string(), serde_json::json!(b as u32)))
+        .collect();
     let special = |id: u32, content: &str| {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                            "rstrip": false, "normalized": false, "special": true})
