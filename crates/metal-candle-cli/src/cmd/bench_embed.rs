@@ -58,7 +58,7 @@ pub fn run(args: BenchEmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
     if sentences.is_empty() {
         return Err(format!("{}: no sentences", args.sentences.display()).into());
     }
-    let mut run = || -> Result<f64, Box<dyn std::error::Error>> {
+    let run = || -> Result<f64, Box<dyn std::error::Error>> {
         let t = Instant::now();
         // The vectors end on the host, so the device's work is done when the clock stops.
         let v = embedder.embed(&sentences)?;

@@ -82,8 +82,8 @@ pub fn run(args: EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut chunk: Vec<Record> = Vec::new();
-    let mut flush = |chunk: &mut Vec<Record>,
-                     out: &mut BufWriter<_>|
+    let flush = |chunk: &mut Vec<Record>,
+                 out: &mut BufWriter<_>|
      -> Result<(), Box<dyn std::error::Error>> {
         let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
         let vectors = embedder.embed(&texts)?;
