@@ -2,6 +2,8 @@
 //!
 //! Each subcommand lives in its own module; this file only parses and dispatches.
 
+mod cmd;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -15,12 +17,18 @@ struct Cli {
 enum Command {
     /// Show which kernels each backend runs on this build.
     Info,
+    /// Benchmarks (`bench ops --device cuda --json FILE`).
+    Bench(cmd::bench::BenchArgs),
+    /// Check every CUDA kernel against the CPU reference (needs a GPU; fails without one).
+    GpuTest(cmd::gpu_test::GpuTestArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::GpuTest(args) => cmd::gpu_test::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

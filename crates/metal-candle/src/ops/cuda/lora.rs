@@ -1,5 +1,9 @@
 //! The LoRA term and the LoRA linear layer on CUDA, through cuBLAS.
 //!
+//! Small problems (the seed's shapes) take one custom kernel for the whole LoRA term
+//! (`lora_small` in kernels/lora.cu); for `lora_linear` the base GEMM then accumulates into
+//! its output.
+//!
 //! Forward, `lora_linear` (frozen W): `T = scale·(x·A)` (m × r, one small GEMM reading x),
 //! then `y = T·B` written straight into the output, then the base GEMM `y = x·Wᵀ + 1·y`
 //! accumulating into it (beta = 1). A bias rides as one more row of B against a column of ones
@@ -10,8 +14,9 @@
 //! layer, accumulated by the base GEMM with beta = 1). W never gets a gradient here: the fused
 //! linear op is only used when W and the bias are frozen.
 
+use candle_core::cuda_backend::CudaDType;
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
@@ -74,11 +79,39 @@ fn forward(
         None => None,
     };
     let bias_guard = bias.map(|b| b.storage_and_layout());
+    let bias_s = match &bias_guard {
+        Some((s, l)) => Some((cuda_storage(s, "lora_linear: bias")?, *l)),
+        None => None,
+    };
+    if use_small_kernel(m, k, r, n) {
+        let bm = matrix(bs, bl)?;
+        let bias_in = bias_s.map(|(s, l)| input(s, l)).transpose()?;
+        return with_elem!(xs.dtype(), "lora", T => {
+            let (xv, av, bv) = (x.view::<T>()?, a.data.view::<T>()?, bm.data.view::<T>()?);
+            let mut y = alloc_out::<T>(&dev, m * n)?;
+            let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
+            launch_small::<T>(&dev, (&xv, &a, &av, &bm, &bv, bias_v.as_ref()), &mut y, (m, k, r, n), scale as f32)?;
+            if let Some(wm) = &wm {
+                let wv = wm.data.view::<T>()?;
+                gemm::<T>(
+                    &dev,
+                    (m, n, k),
+                    1.0,
+                    Operand { data: &xv, trans: false, ld: k.max(1) },
+                    Operand { data: &wv, trans: !wm.trans, ld: wm.ld },
+                    1.0,
+                    &mut y,
+                    0,
+                    n,
+                )?;
+            }
+            Ok(T::wrap_cuda_slice(y, dev.clone()))
+        });
+    }
     // B, or [B; bias] (r + 1 rows) when there is a bias.
-    let (bm, rp) = match &bias_guard {
+    let (bm, rp) = match bias_s {
         None => (matrix(bs, bl)?, r),
-        Some((s, l)) => {
-            let bias_s = cuda_storage(s, "lora_linear: bias")?;
+        Some((bias_s, l)) => {
             // SAFETY: both copies below together write all (r + 1) · n elements.
             let mut ext = unsafe { dev.alloc_uninit(&Shape::from((r + 1, n)), bs.dtype()) }?;
             bs.copy_strided_src(&mut ext, 0, bl)?;
@@ -132,6 +165,59 @@ fn forward(
         }
         Ok(T::wrap_cuda_slice(y, dev.clone()))
     })
+}
+
+/// Rows per block of `lora_small` (one warp per row).
+const SMALL_ROWS: usize = 4;
+/// `lora_small` keeps r partial sums per lane in registers.
+const SMALL_MAX_RANK: usize = 16;
+
+/// Whether the one-launch kernel serves this problem: small enough that launch overhead, not
+/// the arithmetic, dominates (the seed's shapes: 128 × 2048 × 8 is 2 M multiply-adds).
+fn use_small_kernel(m: usize, k: usize, r: usize, n: usize) -> bool {
+    m > 0 && r <= SMALL_MAX_RANK && m * k * r <= 1 << 22 && m * n * r <= 1 << 22 && k < i32::MAX as usize
+}
+
+type SmallArgs<'a, 'b, T> = (
+    &'a CudaView<'b, T>,
+    &'a Matrix<'a>,
+    &'a CudaView<'b, T>,
+    &'a Matrix<'a>,
+    &'a CudaView<'b, T>,
+    Option<&'a CudaView<'b, T>>,
+);
+
+/// `y = scale·(x·A)·B (+ bias)` in one launch (`lora_small` in lora.cu).
+fn launch_small<T: Elem>(
+    dev: &CudaDevice,
+    (xv, a, av, b, bv, bias): SmallArgs<'_, '_, T>,
+    y: &mut CudaSlice<T>,
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    // Element (i, j) of a stored matrix operand sits at i·s0 + j·s1.
+    let strides = |mat: &Matrix<'_>| if mat.trans { (1i64, mat.ld as i64) } else { (mat.ld as i64, 1i64) };
+    let ((sa0, sa1), (sb0, sb1)) = (strides(a), strides(b));
+    let f = load(dev, &format!("lora_small_{}", T::NAME), MODULE, LORA_PTX)?;
+    let (m_i, k_i, r_i, n_i) = (m as i32, k as i32, r as i32, n as i32);
+    let null = 0u64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(xv).arg(av).arg(bv);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(y).arg(&m_i).arg(&k_i).arg(&r_i).arg(&n_i).arg(&sa0).arg(&sa1).arg(&sb0).arg(&sb1).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (m.div_ceil(SMALL_ROWS) as u32, 1, 1),
+        block_dim: (32 * SMALL_ROWS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, addressed by the
+    // strides above; r ≤ 16 as the kernel requires.
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(())
 }
 
 /// Sets column `col` of the row-major (rows, ld) matrix `buf` to `value`.

@@ -18,6 +18,7 @@
 //! These functions are called by the ops' `CustomOp` implementations; users call
 //! [`crate::ops::softmax_last_dim`] and friends, not these.
 
+pub mod check;
 mod common;
 mod gemm;
 mod lora;

@@ -1,5 +1,6 @@
 //! RMSNorm and LayerNorm over the last dimension on CUDA.
 
+use candle_core::cuda_backend::CudaDType;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
@@ -60,8 +61,8 @@ fn forward(
             let f = load(&dev, &format!("{kind}_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
             let cfg = row_config(rows, row_threads(n / width, PER_THREAD_FWD));
             let stream = dev.cuda_stream();
-            let mut l = stream.launch_builder(&f);
             let (rows_i, n_i, eps_f) = (rows as i32, n as i32, eps as f32);
+            let mut l = stream.launch_builder(&f);
             l.arg(&xv).arg(&wv);
             if let Some(bv) = &bv {
                 l.arg(bv);
@@ -129,8 +130,8 @@ fn backward(kind: &str, x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result
             parts.push(unsafe { dev.alloc::<f32>(groups * n) }?);
         }
         let stream = dev.cuda_stream();
-        let mut l = stream.launch_builder(&f);
         let (rows_i, n_i, eps_f, groups_i) = (rows as i32, n as i32, eps as f32, groups as i32);
+        let mut l = stream.launch_builder(&f);
         l.arg(&xv).arg(&wv).arg(&gv).arg(&mut dx);
         for p in parts.iter_mut() {
             l.arg(p);

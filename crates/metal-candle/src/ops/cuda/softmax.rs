@@ -1,5 +1,6 @@
 //! Softmax over the last dimension on CUDA.
 
+use candle_core::cuda_backend::CudaDType;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
@@ -28,8 +29,8 @@ pub fn softmax_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
             let f = load(&dev, &format!("softmax_fwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
             let cfg = row_config(rows, row_threads(n / width, PER_THREAD));
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
             let (rows_i, n_i) = (rows as i32, n as i32);
+            let mut b = stream.launch_builder(&f);
             b.arg(&xv).arg(&mut y).arg(&rows_i).arg(&n_i);
             // SAFETY: argument types match the kernel signature; buffers hold rows * n elements.
             unsafe { b.launch(cfg) }.w()?;
@@ -56,8 +57,8 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
             let f = load(&dev, &format!("softmax_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
             let cfg = row_config(rows, row_threads(n / width, PER_THREAD));
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
             let (rows_i, n_i) = (rows as i32, n as i32);
+            let mut b = stream.launch_builder(&f);
             b.arg(&yv).arg(&gv).arg(&mut dx).arg(&rows_i).arg(&n_i);
             // SAFETY: argument types match the kernel signature; buffers hold rows * n elements.
             unsafe { b.launch(cfg) }.w()?;
