@@ -236,11 +236,17 @@ fn run_ops(args: OpsArgs) -> BoxResult<()> {
     let copy_gbps = copy_bandwidth(&dev)?;
     println!("device-to-device copy: {copy_gbps:.1} GB/s (bytes read + written)");
     let mut rec = Recorder { dev: dev.clone(), budget: args.seconds, rows: Vec::new() };
+    // A failing measurement is reported and kept in the JSON; the others still run.
+    let mut errors = Vec::new();
     for &dtype in &dtypes {
         for shape in &shapes {
             for op in &args.ops {
                 for mode in &args.modes {
-                    bench_one(&mut rec, op, shape, dtype, mode)?;
+                    if let Err(e) = bench_one(&mut rec, op, shape, dtype, mode) {
+                        let msg = format!("{op} {} {} {mode}: {e}", shape.label(), dtype_name(dtype));
+                        eprintln!("error: {msg}");
+                        errors.push(msg);
+                    }
                 }
             }
         }
@@ -257,11 +263,16 @@ fn run_ops(args: OpsArgs) -> BoxResult<()> {
             },
             "copy_gbps": copy_gbps,
             "results": rec.rows,
+            "errors": errors,
         });
         write_atomic(path, &serde_json::to_string_pretty(&doc)?)?;
         println!("wrote {}", path.display());
     }
-    Ok(())
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} measurement(s) failed:\n{}", errors.len(), errors.join("\n")).into())
+    }
 }
 
 fn write_atomic(path: &std::path::Path, text: &str) -> BoxResult<()> {

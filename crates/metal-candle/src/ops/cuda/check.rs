@@ -60,6 +60,17 @@ fn tol(dtype: DType) -> f64 {
     }
 }
 
+/// Gradients in bf16/f16 are computed from the saved output and the upstream gradient as
+/// stored (rounded), as every framework does; on short rows the softmax gradient
+/// `y ⊙ (dy − Σ y ⊙ dy)` cancels and amplifies that rounding, hence a wider tolerance.
+fn grad_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::F16 => 1e-2,
+        _ => 6e-2,
+    }
+}
+
 fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
     let g: Vec<f64> = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     let w: Vec<f64> = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
@@ -77,11 +88,10 @@ fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
     Ok(num.sqrt() / den.sqrt().max(1e-6))
 }
 
-fn check(what: &str, dtype: DType, got: &Tensor, want: &Tensor) -> Result<()> {
+fn check(what: &str, t: f64, got: &Tensor, want: &Tensor) -> Result<()> {
     ensure!(got.dims() == want.dims(), "{what}: shape {:?}, expected {:?}", got.dims(), want.dims());
     let e = rel_err(got, want)?;
-    let t = tol(dtype);
-    ensure!(e <= t, "{what} ({dtype:?}): relative error {e:.3e} exceeds {t:.1e}");
+    ensure!(e <= t, "{what} ({:?}): relative error {e:.3e} exceeds {t:.1e}", got.dtype());
     Ok(())
 }
 
@@ -145,14 +155,14 @@ fn compare(
 ) -> Result<()> {
     ensure!(kernel_path(dev, dtype) == KernelPath::Fused, "{what}: CUDA must take the fused kernels for {dtype:?}");
     // The loss weights: random, rounded through dtype like the inputs.
-    let probe: Vec<Tensor> = bases.iter().zip(views).map(|(b, v)| v(b)).collect::<Result<_>>()?;
+    let probe: Vec<Tensor> = bases.iter().zip(views).map(|(b, v)| v(&b.to_dtype(DType::F64)?)).collect::<Result<_>>()?;
     let y_shape = reference(&probe)?.dims().to_vec();
     let r = rand(&y_shape, 1.0, dtype)?;
     let (y, g) = eval(dev, dtype, bases, views, &r, fused)?;
     let (y_ref, g_ref) = eval(&Device::Cpu, DType::F64, bases, views, &r, reference)?;
-    check(&format!("{what} forward"), dtype, &y, &y_ref)?;
+    check(&format!("{what} forward"), tol(dtype), &y, &y_ref)?;
     for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-        check(&format!("{what} gradient of input {i}"), dtype, a, b)?;
+        check(&format!("{what} gradient of input {i}"), grad_tol(dtype), a, b)?;
     }
     Ok(())
 }
@@ -171,8 +181,15 @@ const ROW_SHAPES: &[&[usize]] = &[
     &[33, 768],
 ];
 
-fn row_cases() -> Vec<(Vec<usize>, View, &'static str)> {
-    let mut cases: Vec<(Vec<usize>, View, &'static str)> = ROW_SHAPES.iter().map(|s| (s.to_vec(), plain as View, "contiguous")).collect();
+/// Rows of at least `min_len` elements. The norms start at 3: over one or two elements their
+/// output is ±w whatever x (the x-gradient is an O(eps) cancellation, ill-conditioned in f32
+/// and meaningless to compare); softmax starts at 1.
+fn row_cases(min_len: usize) -> Vec<(Vec<usize>, View, &'static str)> {
+    let mut cases: Vec<(Vec<usize>, View, &'static str)> = ROW_SHAPES
+        .iter()
+        .filter(|s| s.last().is_some_and(|&n| n >= min_len))
+        .map(|s| (s.to_vec(), plain as View, "contiguous"))
+        .collect();
     // Non-contiguous x: a transposed (6, 17)ᵀ and (64, 40)ᵀ, narrowed rows of 1003 and 4096.
     cases.push((vec![17, 6], transposed, "transposed"));
     cases.push((vec![2, 40, 64], transposed, "transposed"));
@@ -188,7 +205,7 @@ fn view_dims(shape: &[usize], view: View) -> Result<Vec<usize>> {
 /// See the module docs.
 pub fn softmax_matches_reference(dev: &Device) -> Result<()> {
     for dtype in DTYPES {
-        for (shape, view, kind) in row_cases() {
+        for (shape, view, kind) in row_cases(1) {
             let x = rand(&shape, 3.0, dtype)?;
             compare(
                 dev,
@@ -207,7 +224,7 @@ pub fn softmax_matches_reference(dev: &Device) -> Result<()> {
 /// See the module docs.
 pub fn rms_norm_matches_reference(dev: &Device) -> Result<()> {
     for dtype in DTYPES {
-        for (shape, view, kind) in row_cases() {
+        for (shape, view, kind) in row_cases(3) {
             let n = *view_dims(&shape, view)?.last().unwrap_or(&1);
             let x = rand(&shape, 1.5, dtype)?;
             let w = (rand(&[n], 0.5, dtype)? + 1.0)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
@@ -228,7 +245,7 @@ pub fn rms_norm_matches_reference(dev: &Device) -> Result<()> {
 /// See the module docs.
 pub fn layer_norm_matches_reference(dev: &Device) -> Result<()> {
     for dtype in DTYPES {
-        for (shape, view, kind) in row_cases() {
+        for (shape, view, kind) in row_cases(3) {
             let n = *view_dims(&shape, view)?.last().unwrap_or(&1);
             // A non-zero mean exercises the centring.
             let x = (rand(&shape, 1.5, dtype)? + 0.7)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
@@ -338,7 +355,7 @@ pub fn fused_lora_op_matches_reference(dev: &Device) -> Result<()> {
         let op = mc(op)?;
         let y = x.to_dtype(dtype)?.to_device(dev)?.apply_op1(op)?;
         let want = reference::lora_delta(&x.to_dtype(DType::F64)?, &a.to_dtype(DType::F64)?, &b.to_dtype(DType::F64)?, 2.0)?;
-        check("FusedLoRAOp", dtype, &y, &want)?;
+        check("FusedLoRAOp", tol(dtype), &y, &want)?;
     }
     Ok(())
 }

@@ -227,7 +227,7 @@ __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ w, const 
 template <typename T, int V>
 __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ dx,
                           float* __restrict__ part_dw, float* __restrict__ part_db, int rows, int n, float eps) {
-    __shared__ float shm[3 * 32];
+    __shared__ float shm[4 * 32];  // [0, 32): the mean; [32, 128): the three row sums
     const int nv = n / V;
     const bool cached = nv <= RB * (int)blockDim.x;
     float accw[RB][V], accb[RB][V];
