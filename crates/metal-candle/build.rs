@@ -17,11 +17,20 @@ fn main() {
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "METAL_CANDLE_NVCC_FLAGS"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "CUDA_COMPUTE_CAP",
+        "METAL_CANDLE_NVCC_FLAGS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let dir = Path::new("src/ops/cuda/kernels");
-    println!("cargo:rerun-if-changed={}", dir.join("common.cuh").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join("common.cuh").display()
+    );
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = find_nvcc();
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());

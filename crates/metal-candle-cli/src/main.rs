@@ -7,7 +7,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "metal-candle", version, about = "LoRA fine-tuning and inference on Candle, with fused kernels")]
+#[command(
+    name = "metal-candle",
+    version,
+    about = "LoRA fine-tuning and inference on Candle, with fused kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

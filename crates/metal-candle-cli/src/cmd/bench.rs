@@ -48,7 +48,11 @@ struct OpsArgs {
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
     dtypes: Vec<String>,
     /// Comma-separated ops: softmax, rms_norm, layer_norm, lora_delta, lora_linear.
-    #[arg(long, value_delimiter = ',', default_value = "softmax,rms_norm,layer_norm,lora_delta,lora_linear")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "softmax,rms_norm,layer_norm,lora_delta,lora_linear"
+    )]
     ops: Vec<String>,
     /// Comma-separated shape classes: small (1x128x{512,1024,2048}, r 8), mid (4x512x4096,
     /// r 16), large (8x2048x4096, r 16).
@@ -89,10 +93,29 @@ fn shapes(classes: &[String]) -> BoxResult<Vec<Shape>> {
     let mut out = Vec::new();
     for c in classes {
         match c.as_str() {
-            "small" => out.extend([512, 1024, 2048].map(|dim| Shape { batch: 1, seq: 128, dim, rank: 8 })),
-            "mid" => out.push(Shape { batch: 4, seq: 512, dim: 4096, rank: 16 }),
-            "large" => out.push(Shape { batch: 8, seq: 2048, dim: 4096, rank: 16 }),
-            other => return Err(format!("unknown shape class '{other}'; use small, mid or large").into()),
+            "small" => out.extend([512, 1024, 2048].map(|dim| Shape {
+                batch: 1,
+                seq: 128,
+                dim,
+                rank: 8,
+            })),
+            "mid" => out.push(Shape {
+                batch: 4,
+                seq: 512,
+                dim: 4096,
+                rank: 16,
+            }),
+            "large" => out.push(Shape {
+                batch: 8,
+                seq: 2048,
+                dim: 4096,
+                rank: 16,
+            }),
+            other => {
+                return Err(
+                    format!("unknown shape class '{other}'; use small, mid or large").into(),
+                )
+            }
         }
     }
     Ok(out)
@@ -140,7 +163,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time(dev: &Device, budget: f64, f: &mut dyn FnMut() -> candle_core::Result<()>) -> BoxResult<Timing> {
+fn time(
+    dev: &Device,
+    budget: f64,
+    f: &mut dyn FnMut() -> candle_core::Result<()>,
+) -> BoxResult<Timing> {
     for _ in 0..3 {
         f()?;
     }
@@ -166,7 +193,10 @@ fn time(dev: &Device, budget: f64, f: &mut dyn FnMut() -> candle_core::Result<()
         dev.synchronize()?;
         per.push(t.elapsed().as_secs_f64() * 1e6 / per_batch as f64);
     }
-    Ok(Timing { latency_us, per_call_us: median(per) })
+    Ok(Timing {
+        latency_us,
+        per_call_us: median(per),
+    })
 }
 
 /// Common fields of one result row.
@@ -195,8 +225,16 @@ impl Recorder {
     ) -> BoxResult<()> {
         let t = time(&self.dev, self.budget, f)?;
         let secs = t.per_call_us * 1e-6;
-        let gbps = if bytes > 0.0 { Some(bytes / secs / 1e9) } else { None };
-        let tflops = if flops > 0.0 { Some(flops / secs / 1e12) } else { None };
+        let gbps = if bytes > 0.0 {
+            Some(bytes / secs / 1e9)
+        } else {
+            None
+        };
+        let tflops = if flops > 0.0 {
+            Some(flops / secs / 1e12)
+        } else {
+            None
+        };
         println!(
             "{:<12} {:<12} r{:<3} {:<5} {:<8} {:<15} latency {:>10.2} us  per call {:>10.2} us  {:>8} GB/s  {:>7} TFLOP/s",
             row.op,
@@ -221,10 +259,22 @@ impl Recorder {
 
 fn run_ops(args: OpsArgs) -> BoxResult<()> {
     let dev = open_device(&args.device)?;
-    let dtypes: Vec<DType> = args.dtypes.iter().map(|d| parse_dtype(d)).collect::<BoxResult<_>>()?;
+    let dtypes: Vec<DType> = args
+        .dtypes
+        .iter()
+        .map(|d| parse_dtype(d))
+        .collect::<BoxResult<_>>()?;
     let shapes = shapes(&args.shapes)?;
     for op in &args.ops {
-        if !["softmax", "rms_norm", "layer_norm", "lora_delta", "lora_linear"].contains(&op.as_str()) {
+        if ![
+            "softmax",
+            "rms_norm",
+            "layer_norm",
+            "lora_delta",
+            "lora_linear",
+        ]
+        .contains(&op.as_str())
+        {
             return Err(format!("unknown op '{op}'").into());
         }
     }
@@ -235,7 +285,11 @@ fn run_ops(args: OpsArgs) -> BoxResult<()> {
     }
     let copy_gbps = copy_bandwidth(&dev)?;
     println!("device-to-device copy: {copy_gbps:.1} GB/s (bytes read + written)");
-    let mut rec = Recorder { dev: dev.clone(), budget: args.seconds, rows: Vec::new() };
+    let mut rec = Recorder {
+        dev: dev.clone(),
+        budget: args.seconds,
+        rows: Vec::new(),
+    };
     // A failing measurement is reported and kept in the JSON; the others still run.
     let mut errors = Vec::new();
     for &dtype in &dtypes {
@@ -243,7 +297,8 @@ fn run_ops(args: OpsArgs) -> BoxResult<()> {
             for op in &args.ops {
                 for mode in &args.modes {
                     if let Err(e) = bench_one(&mut rec, op, shape, dtype, mode) {
-                        let msg = format!("{op} {} {} {mode}: {e}", shape.label(), dtype_name(dtype));
+                        let msg =
+                            format!("{op} {} {} {mode}: {e}", shape.label(), dtype_name(dtype));
                         eprintln!("error: {msg}");
                         errors.push(msg);
                     }
@@ -271,21 +326,31 @@ fn run_ops(args: OpsArgs) -> BoxResult<()> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} measurement(s) failed:\n{}", errors.len(), errors.join("\n")).into())
+        Err(format!(
+            "{} measurement(s) failed:\n{}",
+            errors.len(),
+            errors.join("\n")
+        )
+        .into())
     }
 }
 
 fn write_atomic(path: &std::path::Path, text: &str) -> BoxResult<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), path.display()))?;
     Ok(())
 }
 
 fn gpu_name(dev: &Device) -> Value {
     #[cfg(feature = "cuda")]
     if let Ok(cuda) = dev.as_cuda_device() {
-        return cuda.cuda_stream().context().name().map_or(Value::Null, Value::String);
+        return cuda
+            .cuda_stream()
+            .context()
+            .name()
+            .map_or(Value::Null, Value::String);
     }
     let _ = dev;
     Value::Null
@@ -318,12 +383,23 @@ fn randn(dev: &Device, dtype: DType, shape: &[usize], std: f64) -> candle_core::
     Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dtype)
 }
 
-fn bench_one(rec: &mut Recorder, op: &str, shape: &Shape, dtype: DType, mode: &str) -> BoxResult<()> {
+fn bench_one(
+    rec: &mut Recorder,
+    op: &str,
+    shape: &Shape,
+    dtype: DType,
+    mode: &str,
+) -> BoxResult<()> {
     let dev = rec.dev.clone();
     if mode == "bwd" && !dev.is_cuda() {
         return Ok(()); // the direct backward entry points are the CUDA ones
     }
-    let row = Row { op, shape, dtype, mode };
+    let row = Row {
+        op,
+        shape,
+        dtype,
+        mode,
+    };
     let (m, n, r) = (shape.rows(), shape.dim, shape.rank);
     let s = dtype.size_in_bytes() as f64;
     let (mf, nf, rf) = (m as f64, n as f64, r as f64);
@@ -335,9 +411,15 @@ fn bench_one(rec: &mut Recorder, op: &str, shape: &Shape, dtype: DType, mode: &s
     match (op, mode) {
         ("softmax" | "rms_norm" | "layer_norm", "fwd") => {
             let bytes = 2.0 * mf * nf * s + nf * s * 2.0;
-            rec.measure(&row, "fused", bytes, 0.0, &mut || norm_op(op, &x, &w, &b, eps, Impl::Fused).map(drop))?;
-            rec.measure(&row, "candle_unfused", bytes, 0.0, &mut || norm_op(op, &x, &w, &b, eps, Impl::Unfused).map(drop))?;
-            rec.measure(&row, "candle_nn", bytes, 0.0, &mut || norm_op(op, &x, &w, &b, eps, Impl::CandleNn).map(drop))?;
+            rec.measure(&row, "fused", bytes, 0.0, &mut || {
+                norm_op(op, &x, &w, &b, eps, Impl::Fused).map(drop)
+            })?;
+            rec.measure(&row, "candle_unfused", bytes, 0.0, &mut || {
+                norm_op(op, &x, &w, &b, eps, Impl::Unfused).map(drop)
+            })?;
+            rec.measure(&row, "candle_nn", bytes, 0.0, &mut || {
+                norm_op(op, &x, &w, &b, eps, Impl::CandleNn).map(drop)
+            })?;
         }
         ("softmax" | "rms_norm" | "layer_norm", "bwd") => {
             let bytes = 3.0 * mf * nf * s + nf * s * 3.0;
@@ -353,10 +435,21 @@ fn bench_one(rec: &mut Recorder, op: &str, shape: &Shape, dtype: DType, mode: &s
             let _ = bytes;
         }
         ("softmax" | "rms_norm" | "layer_norm", "fwd_bwd") => {
-            let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+            let (xv, wv, bv) = (
+                Var::from_tensor(&x)?,
+                Var::from_tensor(&w)?,
+                Var::from_tensor(&b)?,
+            );
             for (imp, which) in [("fused", Impl::Fused), ("candle_unfused", Impl::Unfused)] {
                 rec.measure(&row, imp, 0.0, 0.0, &mut || {
-                    let y = norm_op(op, xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps, which)?;
+                    let y = norm_op(
+                        op,
+                        xv.as_tensor(),
+                        wv.as_tensor(),
+                        bv.as_tensor(),
+                        eps,
+                        which,
+                    )?;
                     (y * &dy)?.sum_all()?.backward().map(drop)
                 })?;
             }
@@ -375,7 +468,14 @@ enum Impl {
     CandleNn,
 }
 
-fn norm_op(op: &str, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, which: Impl) -> candle_core::Result<Tensor> {
+fn norm_op(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    which: Impl,
+) -> candle_core::Result<Tensor> {
     let mc = |r: metal_candle::Result<Tensor>| r.map_err(candle_core::Error::wrap);
     match (op, which) {
         ("softmax", Impl::Fused) => mc(ops::softmax_last_dim(x)),
@@ -392,7 +492,13 @@ fn norm_op(op: &str, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, which: Impl) 
 
 /// candle's unfused LoRA in the input dtype (as PyTorch/PEFT compose it): `x·A·B·scale`
 /// (+ `x·Wᵀ`).
-fn lora_unfused(x: &Tensor, a: &Tensor, b: &Tensor, w: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+fn lora_unfused(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    w: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     let delta = (x.broadcast_matmul(a)?.broadcast_matmul(b)? * scale)?;
     match w {
         Some(w) => x.broadcast_matmul(&w.t()?)? + delta,
@@ -422,13 +528,20 @@ fn bench_lora(rec: &mut Recorder, row: &Row<'_>, x: &Tensor, dy: &Tensor) -> Box
     };
     match mode {
         "fwd" => {
-            let bytes = (mf * kf + mf * nf + kf * rf + rf * nf + if linear { nf * kf } else { 0.0 }) * s;
+            let bytes =
+                (mf * kf + mf * nf + kf * rf + rf * nf + if linear { nf * kf } else { 0.0 }) * s;
             let flops = lora_flops + base_flops;
-            rec.measure(row, "fused", bytes, flops, &mut || fused(x, &a, &b).map(drop))?;
-            rec.measure(row, "candle_unfused", bytes, flops, &mut || lora_unfused(x, &a, &b, w, scale).map(drop))?;
+            rec.measure(row, "fused", bytes, flops, &mut || {
+                fused(x, &a, &b).map(drop)
+            })?;
+            rec.measure(row, "candle_unfused", bytes, flops, &mut || {
+                lora_unfused(x, &a, &b, w, scale).map(drop)
+            })?;
             if linear {
                 let bytes = (mf * kf + mf * nf + nf * kf) * s;
-                rec.measure(row, "base_gemm", bytes, base_flops, &mut || x.broadcast_matmul(&wt.t()?).map(drop))?;
+                rec.measure(row, "base_gemm", bytes, base_flops, &mut || {
+                    x.broadcast_matmul(&wt.t()?).map(drop)
+                })?;
             }
         }
         "bwd" => {
@@ -443,12 +556,18 @@ fn bench_lora(rec: &mut Recorder, row: &Row<'_>, x: &Tensor, dy: &Tensor) -> Box
             })?;
             if linear {
                 let bytes = (mf * kf + mf * nf + nf * kf) * s;
-                rec.measure(row, "dx_gemm", bytes, base_flops, &mut || dy.reshape((m, n))?.matmul(&wt).map(drop))?;
+                rec.measure(row, "dx_gemm", bytes, base_flops, &mut || {
+                    dy.reshape((m, n))?.matmul(&wt).map(drop)
+                })?;
             }
             let _ = (flops, bytes);
         }
         _ => {
-            let (xv, av, bv) = (Var::from_tensor(x)?, Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+            let (xv, av, bv) = (
+                Var::from_tensor(x)?,
+                Var::from_tensor(&a)?,
+                Var::from_tensor(&b)?,
+            );
             rec.measure(row, "fused", 0.0, 0.0, &mut || {
                 let y = fused(xv.as_tensor(), av.as_tensor(), bv.as_tensor())?;
                 (y * dy)?.sum_all()?.backward().map(drop)

@@ -40,12 +40,20 @@ fn run_checks(filter: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
         println!("all GPU checks passed");
         Ok(())
     } else {
-        Err(format!("{} GPU check(s) failed: {}", failed.len(), failed.join(", ")).into())
+        Err(format!(
+            "{} GPU check(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        )
+        .into())
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn run_checks(_filter: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
     let _ = Instant::now();
-    Err("this binary was built without CUDA; rebuild with `--features cuda` (see docs/CUDA.md)".into())
+    Err(
+        "this binary was built without CUDA; rebuild with `--features cuda` (see docs/CUDA.md)"
+            .into(),
+    )
 }

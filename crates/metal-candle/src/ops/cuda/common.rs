@@ -4,10 +4,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits,
-};
 use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+use candle_core::cuda_backend::cudarc::driver::{
+    result, sys, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    ValidAsZeroBits,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
@@ -17,7 +18,9 @@ pub(super) const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.p
 pub(super) const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 
 /// A storage element type with CUDA kernels.
-pub(super) trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType + Copy + 'static {
+pub(super) trait Elem:
+    CudaDType + DeviceRepr + ValidAsZeroBits + WithDType + Copy + 'static
+{
     /// Suffix of the kernel names (`f32`, `bf16`, `f16`).
     const NAME: &'static str;
     /// Elements per 16-byte vector.
@@ -81,20 +84,36 @@ impl<'a> Input<'a> {
     /// A buffer built by the caller (`len` elements from its start); `src` is only a fallback
     /// reference and is never read.
     pub(super) fn owned(storage: CudaStorage, src: &'a CudaStorage, len: usize) -> Self {
-        Self { owned: Some(storage), src, start: 0, len }
+        Self {
+            owned: Some(storage),
+            src,
+            start: 0,
+            len,
+        }
     }
 
     pub(super) fn view<T: CudaDType>(&self) -> Result<CudaView<'_, T>> {
         let s = self.owned.as_ref().unwrap_or(self.src);
-        Ok(s.as_cuda_slice::<T>()?.slice(self.start..self.start + self.len))
+        Ok(s.as_cuda_slice::<T>()?
+            .slice(self.start..self.start + self.len))
     }
 }
 
 /// `s` under layout `l` as a contiguous row-major run (copied once if strided).
 pub(super) fn input<'a>(s: &'a CudaStorage, l: &Layout) -> Result<Input<'a>> {
     match l.contiguous_offsets() {
-        Some((start, end)) => Ok(Input { owned: None, src: s, start, len: end - start }),
-        None => Ok(Input { owned: Some(copy_contiguous(s, l)?), src: s, start: 0, len: l.shape().elem_count() }),
+        Some((start, end)) => Ok(Input {
+            owned: None,
+            src: s,
+            start,
+            len: end - start,
+        }),
+        None => Ok(Input {
+            owned: Some(copy_contiguous(s, l)?),
+            src: s,
+            start: 0,
+            len: l.shape().elem_count(),
+        }),
     }
 }
 
@@ -122,13 +141,40 @@ pub(super) fn matrix<'a>(s: &'a CudaStorage, l: &Layout) -> Result<Matrix<'a>> {
     let len = r * c;
     let start = l.start_offset();
     if strides[1] == 1 && (strides[0] == c || r <= 1) {
-        return Ok(Matrix { data: Input { owned: None, src: s, start, len }, trans: false, ld: c.max(1) });
+        return Ok(Matrix {
+            data: Input {
+                owned: None,
+                src: s,
+                start,
+                len,
+            },
+            trans: false,
+            ld: c.max(1),
+        });
     }
     if strides[0] == 1 && (strides[1] == r || c <= 1) {
-        return Ok(Matrix { data: Input { owned: None, src: s, start, len }, trans: true, ld: r.max(1) });
+        return Ok(Matrix {
+            data: Input {
+                owned: None,
+                src: s,
+                start,
+                len,
+            },
+            trans: true,
+            ld: r.max(1),
+        });
     }
     let owned = copy_contiguous(s, l)?;
-    Ok(Matrix { data: Input { owned: Some(owned), src: s, start: 0, len }, trans: false, ld: c.max(1) })
+    Ok(Matrix {
+        data: Input {
+            owned: Some(owned),
+            src: s,
+            start: 0,
+            len,
+        },
+        trans: false,
+        ld: c.max(1),
+    })
 }
 
 /// The CUDA storage behind a tensor's storage guard.
@@ -154,7 +200,11 @@ pub(super) fn alloc_out<T: Elem>(dev: &CudaDevice, len: usize) -> Result<CudaSli
 }
 
 /// Wraps a finished buffer as a tensor of `shape` (no gradient tracking: used in backward).
-pub(super) fn to_tensor<T: Elem>(slice: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+pub(super) fn to_tensor<T: Elem>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
     let storage = Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
@@ -168,7 +218,9 @@ pub(super) fn aligned16<T>(v: &CudaView<'_, T>, dev: &CudaDevice) -> bool {
 
 /// Loads (once per device) the module `module` from `ptx` and returns its kernel `name`.
 pub(super) fn load(dev: &CudaDevice, name: &str, module: &str, ptx: &str) -> Result<CudaFunction> {
-    Ok(dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function())
+    Ok(dev
+        .get_or_load_custom_func(name, module, ptx)?
+        .into_cuda_function())
 }
 
 pub(super) fn sm_count(dev: &CudaDevice) -> Result<u32> {
@@ -183,9 +235,11 @@ pub(super) fn sm_count(dev: &CudaDevice) -> Result<u32> {
 /// Rows and row length of a row op, checked to fit the kernels' 32-bit indices.
 pub(super) fn rows_and_len(op: &str, shape: &Shape) -> Result<(usize, usize)> {
     let n = shape.dims().last().copied().unwrap_or(1);
-    let rows = if n == 0 { 0 } else { shape.elem_count() / n };
+    let rows = shape.elem_count().checked_div(n).unwrap_or(0);
     if n > i32::MAX as usize || rows > i32::MAX as usize {
-        candle_core::bail!("{op}: shape {shape:?} is too large for the CUDA kernels (32-bit row indices)")
+        candle_core::bail!(
+            "{op}: shape {shape:?} is too large for the CUDA kernels (32-bit row indices)"
+        )
     }
     Ok((rows, n))
 }
@@ -196,6 +250,21 @@ pub(super) fn row_threads(nvec: usize, per_thread: usize) -> u32 {
     t.clamp(32, 1024) as u32
 }
 
+/// `threads` lowered (in whole warps) to what kernel `f` can launch with: a kernel using many
+/// registers cannot run 1024 threads per block. The kernels handle any block size (rows that
+/// no longer fit the registers take the looping path).
+pub(super) fn fit_threads(f: &CudaFunction, threads: u32) -> Result<u32> {
+    let max = f
+        .get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+        .w()?;
+    let max = (max.max(32) as u32) / 32 * 32;
+    Ok(threads.min(max))
+}
+
 pub(super) fn row_config(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.min(i32::MAX as usize) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows.min(i32::MAX as usize) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

@@ -33,7 +33,14 @@ pub(super) fn gemm<T: Elem>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    for (what, v) in [("m", m), ("n", n), ("k", k), ("lda", a.ld), ("ldb", b.ld), ("ldc", ldc)] {
+    for (what, v) in [
+        ("m", m),
+        ("n", n),
+        ("k", k),
+        ("lda", a.ld),
+        ("ldb", b.ld),
+        ("ldc", ldc),
+    ] {
         if v > i32::MAX as usize {
             candle_core::bail!("GEMM dimension {what} = {v} exceeds cuBLAS's 32-bit limit")
         }
@@ -44,12 +51,19 @@ pub(super) fn gemm<T: Elem>(
         DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
         other => candle_core::bail!("GEMM: unsupported dtype {other:?}"),
     };
-    let compute = if T::DTYPE == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
-        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-    } else {
-        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+    let compute =
+        if T::DTYPE == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+    let op = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
     };
-    let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
     let blas = dev.cublas_handle();
     let stream = dev.cuda_stream();
     let (pa, _ga) = a.data.device_ptr(&stream);

@@ -14,13 +14,16 @@
 //! layer, accumulated by the base GEMM with beta = 1). W never gets a gradient here: the fused
 //! linear op is only used when W and the bias are frozen.
 
-use candle_core::cuda_backend::CudaDType;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
-use super::common::{alloc_out, cuda_storage, input, load, matrix, rows_and_len, to_tensor, with_elem, Elem, Input, Matrix, LORA_PTX};
+use super::common::{
+    alloc_out, cuda_storage, input, load, matrix, rows_and_len, to_tensor, with_elem, Elem, Input,
+    Matrix, LORA_PTX,
+};
 use super::gemm::{gemm, Operand};
 
 const MODULE: &str = "metal_candle_lora";
@@ -116,7 +119,14 @@ fn forward(
             let mut ext = unsafe { dev.alloc_uninit(&Shape::from((r + 1, n)), bs.dtype()) }?;
             bs.copy_strided_src(&mut ext, 0, bl)?;
             bias_s.copy_strided_src(&mut ext, r * n, l)?;
-            (Matrix { data: Input::owned(ext, bs, (r + 1) * n), trans: false, ld: n.max(1) }, r + 1)
+            (
+                Matrix {
+                    data: Input::owned(ext, bs, (r + 1) * n),
+                    trans: false,
+                    ld: n.max(1),
+                },
+                r + 1,
+            )
         }
     };
     with_elem!(xs.dtype(), "lora", T => {
@@ -175,7 +185,11 @@ const SMALL_MAX_RANK: usize = 16;
 /// Whether the one-launch kernel serves this problem: small enough that launch overhead, not
 /// the arithmetic, dominates (the seed's shapes: 128 × 2048 × 8 is 2 M multiply-adds).
 fn use_small_kernel(m: usize, k: usize, r: usize, n: usize) -> bool {
-    m > 0 && r <= SMALL_MAX_RANK && m * k * r <= 1 << 22 && m * n * r <= 1 << 22 && k < i32::MAX as usize
+    m > 0
+        && r <= SMALL_MAX_RANK
+        && m * k * r <= 1 << 22
+        && m * n * r <= 1 << 22
+        && k < i32::MAX as usize
 }
 
 type SmallArgs<'a, 'b, T> = (
@@ -196,7 +210,13 @@ fn launch_small<T: Elem>(
     scale: f32,
 ) -> Result<()> {
     // Element (i, j) of a stored matrix operand sits at i·s0 + j·s1.
-    let strides = |mat: &Matrix<'_>| if mat.trans { (1i64, mat.ld as i64) } else { (mat.ld as i64, 1i64) };
+    let strides = |mat: &Matrix<'_>| {
+        if mat.trans {
+            (1i64, mat.ld as i64)
+        } else {
+            (mat.ld as i64, 1i64)
+        }
+    };
     let ((sa0, sa1), (sb0, sb1)) = (strides(a), strides(b));
     let f = load(dev, &format!("lora_small_{}", T::NAME), MODULE, LORA_PTX)?;
     let (m_i, k_i, r_i, n_i) = (m as i32, k as i32, r as i32, n as i32);
@@ -208,7 +228,16 @@ fn launch_small<T: Elem>(
         Some(bias) => l.arg(bias),
         None => l.arg(&null),
     };
-    l.arg(y).arg(&m_i).arg(&k_i).arg(&r_i).arg(&n_i).arg(&sa0).arg(&sa1).arg(&sb0).arg(&sb1).arg(&scale);
+    l.arg(y)
+        .arg(&m_i)
+        .arg(&k_i)
+        .arg(&r_i)
+        .arg(&n_i)
+        .arg(&sa0)
+        .arg(&sa1)
+        .arg(&sb0)
+        .arg(&sb1)
+        .arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (m.div_ceil(SMALL_ROWS) as u32, 1, 1),
         block_dim: (32 * SMALL_ROWS as u32, 1, 1),
@@ -221,7 +250,14 @@ fn launch_small<T: Elem>(
 }
 
 /// Sets column `col` of the row-major (rows, ld) matrix `buf` to `value`.
-fn set_column<T: Elem>(dev: &CudaDevice, buf: &mut CudaSlice<T>, rows: usize, ld: usize, col: usize, value: f32) -> Result<()> {
+fn set_column<T: Elem>(
+    dev: &CudaDevice,
+    buf: &mut CudaSlice<T>,
+    rows: usize,
+    ld: usize,
+    col: usize,
+    value: f32,
+) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
@@ -230,7 +266,11 @@ fn set_column<T: Elem>(dev: &CudaDevice, buf: &mut CudaSlice<T>, rows: usize, ld
     let mut l = stream.launch_builder(&f);
     let (rows_i, ld_i, col_i) = (rows as i32, ld as i32, col as i32);
     l.arg(buf).arg(&rows_i).arg(&ld_i).arg(&col_i).arg(&value);
-    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(256).min(65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(256).min(65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: buf holds rows * ld elements and col < ld.
     unsafe { l.launch(cfg) }.w()?;
     Ok(())
@@ -273,12 +313,22 @@ pub fn lora_linear_backward(
     backward(x, a, b, dy, scale, Base::Weight(w))
 }
 
-fn backward(x: &Tensor, a: &Tensor, b: &Tensor, dy: &Tensor, scale: f64, base: Base<'_>) -> Result<(Tensor, Tensor, Tensor)> {
+fn backward(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+    base: Base<'_>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (x, dy) = (x.contiguous()?, dy.contiguous()?);
     let (m, k) = rows_and_len("lora backward", x.shape())?;
     let (r, n) = (a.dim(1)?, b.dim(1)?);
     if dy.elem_count() != m * n {
-        candle_core::bail!("lora backward: dy has shape {:?}, expected {m} rows of {n}", dy.dims())
+        candle_core::bail!(
+            "lora backward: dy has shape {:?}, expected {m} rows of {n}",
+            dy.dims()
+        )
     }
     let (xs, xl) = x.storage_and_layout();
     let (gs, gl) = dy.storage_and_layout();
@@ -297,11 +347,15 @@ fn backward(x: &Tensor, a: &Tensor, b: &Tensor, dy: &Tensor, scale: f64, base: B
     };
     let base_guard = base_t.as_ref().map(|t| t.storage_and_layout());
     let base_in = match &base_guard {
-        Some((s, l)) if matches!(base, Base::Add(_)) => Some(input(cuda_storage(s, "lora backward: dx_base")?, l)?),
+        Some((s, l)) if matches!(base, Base::Add(_)) => {
+            Some(input(cuda_storage(s, "lora backward: dx_base")?, l)?)
+        }
         _ => None,
     };
     let base_w = match &base_guard {
-        Some((s, l)) if matches!(base, Base::Weight(_)) => Some(matrix(cuda_storage(s, "lora_linear backward: W")?, l)?),
+        Some((s, l)) if matches!(base, Base::Weight(_)) => {
+            Some(matrix(cuda_storage(s, "lora_linear backward: W")?, l)?)
+        }
         _ => None,
     };
     let alpha = scale as f32;

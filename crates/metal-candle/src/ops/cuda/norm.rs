@@ -1,14 +1,16 @@
 //! RMSNorm and LayerNorm over the last dimension on CUDA.
 
-use candle_core::cuda_backend::CudaDType;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Tensor};
 
 use super::common::{
-    aligned16, alloc_out, cuda_storage, input, load, row_config, row_threads, rows_and_len, sm_count, to_tensor,
-    with_elem, Elem, NORM_PTX,
+    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_threads,
+    rows_and_len, sm_count, to_tensor, with_elem, Elem, NORM_PTX,
 };
 
 const MODULE: &str = "metal_candle_norm";
@@ -17,7 +19,13 @@ const PER_THREAD_FWD: usize = 4;
 const PER_THREAD_BWD: usize = 2;
 
 /// `x / sqrt(mean(x²) + eps) ⊙ w` over the last dimension.
-pub fn rms_norm_forward(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, eps: f64) -> Result<CudaStorage> {
+pub fn rms_norm_forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
     forward("rms", xs, xl, ws, wl, None, eps)
 }
 
@@ -43,7 +51,11 @@ fn forward(
     bias: Option<(&CudaStorage, &Layout)>,
     eps: f64,
 ) -> Result<CudaStorage> {
-    let op = if kind == "rms" { "rms_norm" } else { "layer_norm" };
+    let op = if kind == "rms" {
+        "rms_norm"
+    } else {
+        "layer_norm"
+    };
     let dev = xs.device().clone();
     let (rows, n) = rows_and_len(op, xl.shape())?;
     let (x, w) = (input(xs, xl)?, input(ws, wl)?);
@@ -59,7 +71,7 @@ fn forward(
                 && bv.as_ref().is_none_or(|b| aligned16(b, &dev));
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("{kind}_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-            let cfg = row_config(rows, row_threads(n / width, PER_THREAD_FWD));
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD_FWD))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i, eps_f) = (rows as i32, n as i32, eps as f32);
             let mut l = stream.launch_builder(&f);
@@ -77,7 +89,12 @@ fn forward(
 }
 
 /// Gradients of RMSNorm: `(dx, dw)`.
-pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
     let (dx, mut grads) = backward("rms", x, w, dy, eps)?;
     match grads.pop() {
         Some(dw) => Ok((dx, dw)),
@@ -86,7 +103,12 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Resul
 }
 
 /// Gradients of LayerNorm: `(dx, dw, db)`.
-pub fn layer_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (dx, grads) = backward("layer", x, w, dy, eps)?;
     match <[Tensor; 2]>::try_from(grads) {
         Ok([dw, db]) => Ok((dx, dw, db)),
@@ -96,13 +118,27 @@ pub fn layer_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Res
 
 /// Runs the backward kernel of `kind` and the column reductions of its partial gradients:
 /// returns dx and the parameter gradients (dw for rms; dw, db for layer).
-fn backward(kind: &str, x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Vec<Tensor>)> {
-    let op = if kind == "rms" { "rms_norm backward" } else { "layer_norm backward" };
+fn backward(
+    kind: &str,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let op = if kind == "rms" {
+        "rms_norm backward"
+    } else {
+        "layer_norm backward"
+    };
     let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
     let (gs, gl) = dy.storage_and_layout();
-    let (xs, ws, gs) = (cuda_storage(&xs, "x")?, cuda_storage(&ws, "weight")?, cuda_storage(&gs, "dy")?);
+    let (xs, ws, gs) = (
+        cuda_storage(&xs, "x")?,
+        cuda_storage(&ws, "weight")?,
+        cuda_storage(&gs, "dy")?,
+    );
     let dev = xs.device().clone();
     let (rows, n) = rows_and_len(op, xl.shape())?;
     let n_params = if kind == "rms" { 1 } else { 2 };
@@ -121,7 +157,7 @@ fn backward(kind: &str, x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result
         let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&wv, &dev) && aligned16(&gv, &dev);
         let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
         let f = load(&dev, &format!("{kind}_bwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-        let threads = row_threads(n / width, PER_THREAD_BWD);
+        let threads = fit_threads(&f, row_threads(n / width, PER_THREAD_BWD))?;
         let groups = backward_groups(&f, &dev, threads, rows)?;
         // One partial row per block and parameter, fully written by the kernel.
         let mut parts: Vec<CudaSlice<f32>> = Vec::with_capacity(n_params);
@@ -158,6 +194,9 @@ fn backward(kind: &str, x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result
 /// Blocks of the backward grid: as many as fit on the GPU at once (each keeps its partial
 /// sums in registers across rows), never more than there are rows.
 fn backward_groups(f: &CudaFunction, dev: &CudaDevice, threads: u32, rows: usize) -> Result<usize> {
-    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).w()?.max(1);
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        .w()?
+        .max(1);
     Ok(((sm_count(dev)? * per_sm) as usize).min(rows).max(1))
 }

@@ -1,14 +1,14 @@
 //! Softmax over the last dimension on CUDA.
 
-use candle_core::cuda_backend::CudaDType;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::CudaDType;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Layout, Result, Tensor};
 
 use super::common::{
-    aligned16, alloc_out, cuda_storage, input, load, row_config, row_threads, rows_and_len, to_tensor, with_elem, Elem,
-    SOFTMAX_PTX,
+    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_threads,
+    rows_and_len, to_tensor, with_elem, Elem, SOFTMAX_PTX,
 };
 
 const MODULE: &str = "metal_candle_softmax";
@@ -27,7 +27,7 @@ pub fn softmax_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
             let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("softmax_fwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, row_threads(n / width, PER_THREAD));
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
@@ -44,7 +44,10 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let (y, dy) = (y.contiguous()?, dy.contiguous()?);
     let (ys, yl) = y.storage_and_layout();
     let (gs, gl) = dy.storage_and_layout();
-    let (ys, gs) = (cuda_storage(&ys, "softmax backward: y")?, cuda_storage(&gs, "softmax backward: dy")?);
+    let (ys, gs) = (
+        cuda_storage(&ys, "softmax backward: y")?,
+        cuda_storage(&gs, "softmax backward: dy")?,
+    );
     let dev = ys.device().clone();
     let (rows, n) = rows_and_len("softmax_last_dim backward", yl.shape())?;
     let (yi, gi) = (input(ys, yl)?, input(gs, gl)?);
@@ -55,7 +58,7 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
             let vec = n % T::VEC == 0 && aligned16(&yv, &dev) && aligned16(&gv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("softmax_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, row_threads(n / width, PER_THREAD));
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
