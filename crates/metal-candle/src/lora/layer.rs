@@ -47,7 +47,12 @@ impl Clone for LoRALayer {
 
 impl LoRALayer {
     /// A new adapter for a layer with `in_features` inputs and `out_features` outputs.
-    pub fn new(in_features: usize, out_features: usize, config: &LoRAConfig, device: &Device) -> Result<Self> {
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        config: &LoRAConfig,
+        device: &Device,
+    ) -> Result<Self> {
         if (config.in_features, config.out_features) != (in_features, out_features) {
             return Err(Error::shape(
                 "LoRALayer::new",
@@ -59,7 +64,12 @@ impl LoRALayer {
         }
         config.validate()?;
         let bound = 1.0 / (in_features as f64).sqrt();
-        let a = Tensor::rand(-bound as f32, bound as f32, (in_features, config.rank), device)?;
+        let a = Tensor::rand(
+            -bound as f32,
+            bound as f32,
+            (in_features, config.rank),
+            device,
+        )?;
         let b = Tensor::zeros((config.rank, out_features), DType::F32, device)?;
         Self::from_tensors(a, b, config)
     }
@@ -68,11 +78,18 @@ impl LoRALayer {
     /// variables).
     pub fn from_tensors(a: Tensor, b: Tensor, config: &LoRAConfig) -> Result<Self> {
         config.validate()?;
-        let (want_a, want_b) = ([config.in_features, config.rank], [config.rank, config.out_features]);
+        let (want_a, want_b) = (
+            [config.in_features, config.rank],
+            [config.rank, config.out_features],
+        );
         if a.dims() != want_a || b.dims() != want_b {
             return Err(Error::shape(
                 "LoRALayer::from_tensors",
-                format!("expected A {want_a:?} and B {want_b:?}, got A {:?} and B {:?}", a.dims(), b.dims()),
+                format!(
+                    "expected A {want_a:?} and B {want_b:?}, got A {:?} and B {:?}",
+                    a.dims(),
+                    b.dims()
+                ),
             ));
         }
         Ok(Self {
@@ -120,7 +137,10 @@ impl LoRALayer {
 
     /// A and B in `dtype` (differentiable casts of the f32 variables).
     pub(crate) fn factors(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
-        Ok((self.a.as_tensor().to_dtype(dtype)?, self.b.as_tensor().to_dtype(dtype)?))
+        Ok((
+            self.a.as_tensor().to_dtype(dtype)?,
+            self.b.as_tensor().to_dtype(dtype)?,
+        ))
     }
 
     /// The input the LoRA term sees: `x`, or `dropout(x)` in training mode.
