@@ -2,9 +2,9 @@
 //!
 //! Each subcommand lives in its own module; this file only parses and dispatches.
 
-use clap::{Parser, Subcommand};
-
 mod cmd;
+
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +23,10 @@ enum Command {
     Info,
     /// Convert a GGUF model to a Hugging Face folder (safetensors, config, tokenizer).
     Convert(cmd::convert::ConvertArgs),
+    /// Benchmarks (`bench ops --device cuda --json FILE`).
+    Bench(cmd::bench::BenchArgs),
+    /// Check every CUDA kernel against the CPU reference (needs a GPU; fails without one).
+    GpuTest(cmd::gpu_test::GpuTestArgs),
 }
 
 fn main() {
@@ -30,6 +34,8 @@ fn main() {
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::GpuTest(args) => cmd::gpu_test::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
 pub mod convert;
+pub mod bench;
+pub mod gpu_test;
