@@ -248,7 +248,10 @@ impl LlamaConfig {
                 });
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::InvalidConfig {
                 name: "num_key_value_heads",
                 value: format!(
