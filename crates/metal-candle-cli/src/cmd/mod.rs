@@ -1,5 +1,5 @@
 //! One module per subcommand.
 
-pub mod convert;
 pub mod bench;
+pub mod convert;
 pub mod gpu_test;
