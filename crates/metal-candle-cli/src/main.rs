@@ -2,9 +2,9 @@
 //!
 //! Each subcommand lives in its own module; this file only parses and dispatches.
 
-use clap::{Parser, Subcommand};
-
 mod cmd;
+
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -27,10 +27,12 @@ enum Command {
     Chat(cmd::chat::ChatArgs),
     /// Embed sentences (lines or JSONL in, JSONL vectors out).
     Embed(cmd::embed::EmbedArgs),
-    /// Measure end-to-end speed.
-    Bench(cmd::bench::BenchArgs),
     /// Convert a GGUF model to a Hugging Face folder (safetensors, config, tokenizer).
     Convert(cmd::convert::ConvertArgs),
+    /// Benchmarks: `bench ops`, `bench generate`, `bench embed`.
+    Bench(cmd::bench::BenchArgs),
+    /// Check every CUDA kernel against the CPU reference (needs a GPU; fails without one).
+    GpuTest(cmd::gpu_test::GpuTestArgs),
 }
 
 fn main() {
@@ -40,8 +42,9 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Embed(a) => cmd::embed::run(a),
-        Command::Bench(a) => cmd::bench::run(a),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::GpuTest(args) => cmd::gpu_test::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,6 +1,6 @@
 //! `metal-candle bench <what>`: end-to-end speed measurements, printed as text or JSON.
 
-use super::{bench_embed, bench_generate};
+use super::{bench_embed, bench_generate, bench_ops};
 
 /// Measure end-to-end speed (tokens/s, sentences/s).
 #[derive(clap::Args, Debug)]
@@ -12,6 +12,8 @@ pub struct BenchArgs {
 /// What to measure.
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchWhat {
+    /// The fused ops against candle's unfused and candle-nn's paths (`--device cuda --json FILE`).
+    Ops(bench_ops::OpsArgs),
     /// Prefill and decode tokens/s of greedy generation with the KV cache.
     Generate(bench_generate::BenchGenerateArgs),
     /// Sentences/s of sentence embedding.
@@ -20,6 +22,7 @@ pub enum BenchWhat {
 
 pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     match args.what {
+        BenchWhat::Ops(a) => bench_ops::run(a),
         BenchWhat::Generate(a) => bench_generate::run(a),
         BenchWhat::Embed(a) => bench_embed::run(a),
     }

@@ -3,11 +3,13 @@
 pub mod bench;
 pub mod bench_embed;
 pub mod bench_generate;
+pub mod bench_ops;
 pub mod chat;
 pub mod convert;
 pub mod device;
 pub mod embed;
 pub mod generate;
+pub mod gpu_test;
 pub mod models;
 pub mod random_weights;
 pub mod sampling_args;

@@ -248,7 +248,10 @@ impl LlamaConfig {
                 });
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::InvalidConfig {
                 name: "num_key_value_heads",
                 value: format!(
@@ -258,7 +261,7 @@ impl LlamaConfig {
                 expected: "a divisor of num_attention_heads",
             });
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig {
                 name: "head_dim",
                 value: self.head_dim.to_string(),

@@ -390,6 +390,13 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // On CUDA the low-rank part of dx is written first and the base GEMM dy·W accumulates
+        // into it (beta = 1), so no separate (tokens × in) base gradient is materialised.
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, da, db) = super::cuda::lora_linear_backward(x, a, b, dy, &self.w, self.scale)?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
         // dx = dy·W + scale·(dy·Bᵀ)·Aᵀ: the base part through the device GEMM, the low-rank
         // part added into it by the fused backward pass. On the CPU the base part stays in
         // accumulation precision (f32 for half types) so that dx is rounded once.

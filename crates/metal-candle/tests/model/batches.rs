@@ -4,7 +4,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use metal_candle::model::load::load_hf_dir;
 use metal_candle::model::{Architecture, Llama, SequenceLayout};
 
-use crate::common::{ids, max_diff, random_hf_dir, tiny_config};
+use crate::common::{batch, ids, max_diff, random_hf_dir, tiny_config};
 
 const TOL: f32 = 1e-4;
 
@@ -101,8 +101,8 @@ fn padded_rows_equal_unpadded_sequences() {
             row_b.splice(0..0, b);
             mask_b.splice(0..0, [1u32; 4]);
         }
-        let input = Tensor::new(&[a.to_vec(), row_b.clone()], &Device::Cpu).unwrap();
-        let mask = Tensor::new(&[vec![1u32; 7], mask_b.clone()], &Device::Cpu).unwrap();
+        let input = batch(&[a.to_vec(), row_b.clone()]);
+        let mask = batch(&[vec![1u32; 7], mask_b.clone()]);
         let logits = m
             .forward_with_layout(
                 &input,
@@ -141,17 +141,17 @@ fn left_padded_batch_decodes_with_cache() {
     let next = [[17u32], [29u32]];
     let full_a = single(&m, &[&a[..], &next[0]].concat());
     let full_b = single(&m, &[&b[..], &next[1]].concat());
-    let input = Tensor::new(&[a.to_vec(), vec![0, 0, 0, 33, 21]], &Device::Cpu).unwrap();
+    let input = batch(&[a.to_vec(), vec![0, 0, 0, 33, 21]]);
     let mut mask = vec![vec![1u32; 5], vec![0, 0, 0, 1, 1]];
     let mut cache = m.new_cache();
     let layout = SequenceLayout::Padded {
-        attention_mask: Tensor::new(mask.clone(), &Device::Cpu).unwrap(),
+        attention_mask: batch(&mask),
     };
     m.forward_with_layout(&input, &layout, Some(&mut cache))
         .unwrap();
     mask.iter_mut().for_each(|row| row.push(1));
     let layout = SequenceLayout::Padded {
-        attention_mask: Tensor::new(mask, &Device::Cpu).unwrap(),
+        attention_mask: batch(&mask),
     };
     let step = m
         .forward_last(
@@ -177,8 +177,8 @@ fn packed_rows_equal_separate_sequences() {
     // Two rows: the packed one, and the same packing in another order.
     let order2: Vec<u32> = [seqs[2], seqs[0], seqs[1]].concat();
     let seg2: Vec<u32> = [vec![0u32; 3], vec![1; 5], vec![2; 4]].concat();
-    let input = Tensor::new(&[tokens, order2], &Device::Cpu).unwrap();
-    let segment_ids = Tensor::new(&[segments, seg2], &Device::Cpu).unwrap();
+    let input = batch(&[tokens, order2]);
+    let segment_ids = batch(&[segments, seg2]);
     let logits = m
         .forward_train(&input, &SequenceLayout::Packed { segment_ids })
         .unwrap();

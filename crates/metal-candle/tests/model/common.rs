@@ -54,11 +54,16 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
         config.num_key_value_heads * d,
     );
     let mut w = HashMap::new();
-    let mut put = |rng: &mut StdRng, name: String, shape: &[usize]| {
+    let put = |w: &mut HashMap<String, Tensor>, rng: &mut StdRng, name: String, shape: &[usize]| {
         let scale = 1.5 * (3.0f32 / *shape.last().unwrap() as f32).sqrt();
         w.insert(name, random_tensor(rng, shape, scale));
     };
-    put(&mut rng, "model.embed_tokens.weight".into(), &[v, h]);
+    put(
+        &mut w,
+        &mut rng,
+        "model.embed_tokens.weight".into(),
+        &[v, h],
+    );
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for (name, rows, cols, bias) in [
@@ -70,9 +75,14 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
             ("mlp.up_proj", i, h, config.mlp_bias),
             ("mlp.down_proj", h, i, config.mlp_bias),
         ] {
-            put(&mut rng, format!("{p}.{name}.weight"), &[rows, cols]);
+            put(
+                &mut w,
+                &mut rng,
+                format!("{p}.{name}.weight"),
+                &[rows, cols],
+            );
             if bias {
-                put(&mut rng, format!("{p}.{name}.bias"), &[rows]);
+                put(&mut w, &mut rng, format!("{p}.{name}.bias"), &[rows]);
             }
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
@@ -83,7 +93,7 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
     let t = (random_tensor(&mut rng, &[h], 0.2) + 1.0).unwrap();
     w.insert("model.norm.weight".into(), t);
     if !config.tie_word_embeddings {
-        put(&mut rng, "lm_head.weight".into(), &[v, h]);
+        put(&mut w, &mut rng, "lm_head.weight".into(), &[v, h]);
     }
     w
 }
@@ -131,4 +141,11 @@ pub fn ids(tokens: &[u32]) -> Tensor {
         .unwrap()
         .unsqueeze(0)
         .unwrap()
+}
+
+/// A (rows, len) u32 tensor from equal-length rows.
+pub fn batch(rows: &[Vec<u32>]) -> Tensor {
+    let len = rows[0].len();
+    assert!(rows.iter().all(|r| r.len() == len), "rows differ in length");
+    Tensor::from_vec(rows.concat(), (rows.len(), len), &Device::Cpu).unwrap()
 }

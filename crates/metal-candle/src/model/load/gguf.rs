@@ -278,7 +278,7 @@ pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
 fn regroup_rows(t: &Tensor, heads: usize, undo: bool) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::shape(
             "unpermute_rows",
             format!("{rows} rows cannot be split into {heads} heads of pairs"),
