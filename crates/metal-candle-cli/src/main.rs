@@ -4,6 +4,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod assets;
+mod cmd;
+mod greedy;
+
 #[derive(Parser)]
 #[command(name = "metal-candle", version, about = "LoRA fine-tuning and inference on Candle, with fused kernels")]
 struct Cli {
@@ -15,12 +19,21 @@ struct Cli {
 enum Command {
     /// Show which kernels each backend runs on this build.
     Info,
+    /// Fine-tune with LoRA (no arguments: SmolLM2-135M on Shakespeare's sonnets, a few minutes on CPU).
+    Train(cmd::train::TrainArgs),
+    /// Fold a LoRA adapter into its base model and write a Hugging Face folder.
+    Merge(cmd::merge::MergeArgs),
+    /// Measure LoRA training tokens/s and peak memory on a random-weight model.
+    BenchTrain(cmd::bench_train::BenchTrainArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
+        Command::Train(args) => cmd::train::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
+        Command::BenchTrain(args) => cmd::bench_train::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

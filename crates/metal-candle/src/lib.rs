@@ -26,8 +26,10 @@
 
 pub mod backend;
 mod error;
+pub mod fs;
 pub mod lora;
 pub mod ops;
+pub mod train;
 
 pub use error::{Error, Result};
 

@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod bench_train;
+pub mod merge;
+pub mod train;
