@@ -170,7 +170,7 @@ fn saved_adapters_load_back_to_the_same_outputs_and_merge_equals_unmerged() {
 fn adapters_for_another_model_are_refused_with_the_shape() {
     let dir = temp_dir("wrong");
     let mut small = ToyLm::new(16, 6, DType::F32);
-    lora::attach_adapters(&mut small, &spec()).unwrap();
+    lora::attach_adapters(&mut small, &spec(), 0).unwrap();
     lora::save_peft_adapter(&small, &spec(), None, &dir).unwrap();
     let mut big = ToyLm::new(24, 6, DType::F32);
     let err = PeftAdapter::load(&dir, big.device()).unwrap().apply(&mut big).unwrap_err().to_string();
@@ -197,4 +197,12 @@ fn peft_keys_with_default_load() {
     let got = q.adapter().unwrap().delta_weight(DType::F32).unwrap();
     let want = (b.matmul(&a).unwrap() * 2.0).unwrap();
     assert!((got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_in_f64() {
+    let mut model = ToyLm::new(12, 8, DType::F64);
+    let batch = loader(8).next_batch(&candle_core::Device::Cpu).unwrap();
+    let worst = common::lora_grad_fd_error(&mut model, &batch, &spec());
+    assert!(worst < 1e-3, "{worst}");
 }

@@ -1,8 +1,9 @@
 //! Which linear layers of a model get adapters, and attaching them.
 
-use candle_core::Var;
+use candle_core::{DType, Tensor, Var};
 
 use super::{LoRAConfig, LoRALayer};
+use crate::train::rng::{derive_seed, TrainRng};
 use crate::train::CausalLm;
 use crate::{Error, Result};
 
@@ -78,9 +79,10 @@ fn module_name(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
 }
 
-/// Attaches a fresh adapter (A Kaiming-uniform, B zero) to every targeted linear layer and
-/// returns how many were attached. Fails if a target matches no layer of the model.
-pub fn attach_adapters(model: &mut dyn CausalLm, spec: &AdapterSpec) -> Result<usize> {
+/// Attaches a fresh adapter (A Kaiming-uniform as PEFT draws it, B zero) to every targeted
+/// linear layer and returns how many were attached. A is drawn from `seed`, so runs with the
+/// same seed start from the same adapters. Fails if a target matches no layer of the model.
+pub fn attach_adapters(model: &mut dyn CausalLm, spec: &AdapterSpec, seed: u64) -> Result<usize> {
     let device = model.device().clone();
     let mut attached = 0;
     let mut seen = std::collections::HashSet::new();
@@ -92,9 +94,15 @@ pub fn attach_adapters(model: &mut dyn CausalLm, spec: &AdapterSpec) -> Result<u
         }
         seen.insert(name.to_string());
         let Some(linear) = model.lora_linear_mut(&path) else { continue };
-        let cfg = spec.layer_config(linear.in_features(), linear.out_features());
-        let layer = LoRALayer::new(linear.in_features(), linear.out_features(), &cfg, &device)?;
-        linear.set_adapter(Some(layer))?;
+        let (fan_in, fan_out) = (linear.in_features(), linear.out_features());
+        let cfg = spec.layer_config(fan_in, fan_out);
+        cfg.validate()?;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let mut rng = TrainRng::new(derive_seed(seed, &[0xA1A1, attached as u64]));
+        let a: Vec<f32> = (0..fan_in * spec.rank).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let a = Tensor::from_vec(a, (fan_in, spec.rank), &device)?;
+        let b = Tensor::zeros((spec.rank, fan_out), DType::F32, &device)?;
+        linear.set_adapter(Some(LoRALayer::from_tensors(a, b, &cfg)?))?;
         attached += 1;
     }
     if let Some(missing) = spec.targets.iter().find(|t| !seen.contains(*t)) {

@@ -116,7 +116,7 @@ pub fn train(
         cfg.seed
     );
 
-    lora::attach_adapters(model, spec)?;
+    lora::attach_adapters(model, spec, cfg.seed)?;
     let mut state = TrainerState {
         step: 0,
         data_position: data.position(),

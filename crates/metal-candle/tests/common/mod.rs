@@ -84,3 +84,48 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Checks the gradients of every LoRA factor against central finite differences of the masked
+/// loss, with the model running in f64. The adapters' B factors are first set to random values
+/// (a fresh B is zero, which would hide errors in A's gradient). Returns the worst relative error.
+pub fn lora_grad_fd_error(model: &mut dyn CausalLm, batch: &Batch, spec: &metal_candle::lora::AdapterSpec) -> f64 {
+    use metal_candle::train::masked_cross_entropy_sum;
+    metal_candle::lora::attach_adapters(model, spec, 0).unwrap();
+    let vars = metal_candle::lora::adapter_vars(model);
+    for (i, (_, v)) in vars.iter().enumerate() {
+        let t = Tensor::randn(0f32, 0.3, v.dims(), &Device::Cpu).unwrap();
+        let t = if i % 2 == 0 { (v.as_tensor() + t).unwrap() } else { t };
+        v.set(&t).unwrap();
+    }
+    let loss_of = |m: &dyn CausalLm| -> f64 {
+        let logits = m.forward_batch(batch).unwrap();
+        masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    };
+    let logits = model.forward_batch(batch).unwrap();
+    let loss = masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut worst = 0f64;
+    for (name, var) in &vars {
+        let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}")).to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // A few entries of each factor.
+        for &idx in &[0usize, base.len() / 3, base.len() - 1] {
+            let h = 1e-2f32;
+            let mut plus = base.clone();
+            plus[idx] += h;
+            let mut minus = base.clone();
+            minus[idx] -= h;
+            let actual = (plus[idx] as f64) - (minus[idx] as f64);
+            var.set(&Tensor::from_vec(plus, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            let lp = loss_of(model);
+            var.set(&Tensor::from_vec(minus, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            let lm = loss_of(model);
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            let fd = (lp - lm) / actual;
+            let err = (fd - g[idx]).abs() / (fd.abs().max(g[idx].abs()).max(1e-3));
+            assert!(err < 1e-3, "{name}[{idx}]: analytic {} vs finite difference {fd}", g[idx]);
+            worst = worst.max(err);
+        }
+    }
+    worst
+}

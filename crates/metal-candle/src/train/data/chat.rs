@@ -71,7 +71,7 @@ impl ChatTemplate {
         let mut tokens = Vec::new();
         let mut trainable = Vec::new();
         let mut done = String::new();
-        let mut push = |text: &str, train: bool, tokens: &mut Vec<u32>, trainable: &mut Vec<bool>| -> Result<()> {
+        let push = |text: &str, train: bool, tokens: &mut Vec<u32>, trainable: &mut Vec<bool>| -> Result<()> {
             if !text.is_empty() {
                 let ids = tok.encode(text)?;
                 trainable.extend(std::iter::repeat_n(train, ids.len()));

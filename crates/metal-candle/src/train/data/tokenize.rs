@@ -13,7 +13,7 @@ pub trait EncodeText {
 
 impl EncodeText for tokenizers::Tokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = tokenizers::Tokenizer::encode(self, text, false)
+        let enc = std::ops::Deref::deref(self).encode(text, false)
             .map_err(|e| Error::Msg(format!("tokenizer failed on {:?}...: {e}", text.chars().take(40).collect::<String>())))?;
         Ok(enc.get_ids().to_vec())
     }
