@@ -4,7 +4,6 @@
 
 use clap::{Parser, Subcommand};
 
-mod assets;
 mod cmd;
 mod greedy;
 
@@ -25,6 +24,8 @@ enum Command {
     Merge(cmd::merge::MergeArgs),
     /// Measure LoRA training tokens/s and peak memory on a random-weight model.
     BenchTrain(cmd::bench_train::BenchTrainArgs),
+    /// Convert a GGUF model to a Hugging Face folder (safetensors, config, tokenizer).
+    Convert(cmd::convert::ConvertArgs),
 }
 
 fn main() {
@@ -34,6 +35,7 @@ fn main() {
         Command::Train(args) => cmd::train::run(args),
         Command::Merge(args) => cmd::merge::run(args),
         Command::BenchTrain(args) => cmd::bench_train::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -41,6 +41,15 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A file that exists but cannot be used: wrong format, truncated, missing a tensor or a
+    /// field, or made for another model.
+    #[error("{path}: {problem}")]
+    File {
+        /// The file involved.
+        path: String,
+        /// What is wrong with it, and the fix where there is one.
+        problem: String,
+    },
     /// Anything else, with a message that says what happened.
     #[error("{0}")]
     Msg(String),
@@ -61,6 +70,20 @@ impl Error {
         Error::DType {
             op,
             message: message.into(),
+        }
+    }
+
+    pub(crate) fn file(path: impl std::fmt::Display, problem: impl Into<String>) -> Self {
+        Error::File {
+            path: path.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
         }
     }
 

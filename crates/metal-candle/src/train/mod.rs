@@ -2,6 +2,7 @@
 
 mod checkpoint;
 pub mod data;
+mod llama;
 mod loss;
 mod metrics;
 mod model;

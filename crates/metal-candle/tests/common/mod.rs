@@ -129,3 +129,34 @@ pub fn lora_grad_fd_error(model: &mut dyn CausalLm, batch: &Batch, spec: &metal_
     }
     worst
 }
+
+/// A tiny random llama (2 layers, hidden 32, GQA 4 heads / 2 KV heads, byte vocabulary) in
+/// `dtype`, seeded.
+pub fn tiny_llama(seed: u64, dtype: DType) -> metal_candle::model::Llama {
+    use metal_candle::model::{Llama, LlamaConfig};
+    let json = format!(
+        r#"{{"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": {VOCAB}, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": true}}"#
+    );
+    let config = LlamaConfig::from_json_str(&json, "tiny").unwrap();
+    let shapes = Llama::load(candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu), &config).unwrap().named_weights().unwrap();
+    let mut s = seed;
+    let mut tensors = std::collections::HashMap::new();
+    for (name, t) in shapes {
+        let n = t.elem_count();
+        let w = if name.ends_with("norm.weight") {
+            Tensor::ones(t.dims(), DType::F32, &Device::Cpu).unwrap()
+        } else {
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    s = metal_candle::train::rng::mix64(s.wrapping_add(0x9E37_79B9_7F4A_7C15));
+                    ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 0.15
+                })
+                .collect();
+            Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+        };
+        tensors.insert(name, w.to_dtype(dtype).unwrap());
+    }
+    Llama::load(candle_nn::VarBuilder::from_tensors(tensors, dtype, &Device::Cpu), &config).unwrap()
+}

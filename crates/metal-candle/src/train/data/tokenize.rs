@@ -24,3 +24,13 @@ impl EncodeText for tokenizers::Tokenizer {
             .find_map(|t| self.token_to_id(t))
     }
 }
+
+impl EncodeText for crate::model::load::TextTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        crate::model::load::TextTokenizer::encode(self, text, false)
+    }
+
+    fn eos_id(&self) -> Option<u32> {
+        self.eos_token_ids().first().copied()
+    }
+}

@@ -1,0 +1,79 @@
+//! Grouped-query causal self-attention with RoPE and an optional KV cache.
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::linear::load_linear;
+use super::rope::RopeTables;
+use super::{KvCache, LlamaConfig};
+use crate::lora::LoraLinear;
+use crate::{ops, Result};
+
+/// Self-attention of one layer; q, k, v and o are [`LoraLinear`]s.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub(crate) q_proj: LoraLinear,
+    pub(crate) k_proj: LoraLinear,
+    pub(crate) v_proj: LoraLinear,
+    pub(crate) o_proj: LoraLinear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub(crate) fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
+        let (h, d) = (config.hidden_size, config.head_dim);
+        let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
+        Ok(Self {
+            q_proj: load_linear(&vb.pp("q_proj"), h, nh * d, config.qkv_bias)?,
+            k_proj: load_linear(&vb.pp("k_proj"), h, nkv * d, config.qkv_bias)?,
+            v_proj: load_linear(&vb.pp("v_proj"), h, nkv * d, config.qkv_bias)?,
+            o_proj: load_linear(&vb.pp("o_proj"), nh * d, h, config.o_bias)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+        })
+    }
+
+    /// `x` (batch, seq, hidden) → (batch, seq, hidden).
+    ///
+    /// `bias` is the additive mask (batch or 1, 1, seq, keys) or `None` when every query may
+    /// see every key; `cache` (with this layer's index) receives the new keys and values.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        bias: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let q = rope.apply(&heads(self.q_proj.forward(x)?, nh)?)?;
+        let k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v)?,
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+
+        // Grouped-query attention without copying K/V: the `rep` query heads that share a
+        // KV head are stacked along the sequence axis of that head.
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * s, d))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = match bias {
+            Some(bias) => {
+                let bias = bias.unsqueeze(2)?; // (b|1, 1, 1, s, t) broadcasts over kv heads and rep
+                scores.reshape((b, nkv, rep, s, t))?.broadcast_add(&bias)?.reshape((b, nkv, rep * s, t))?
+            }
+            None => scores,
+        };
+        let probs = ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?; // (b, nkv, rep*s, d)
+        let y = y.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
