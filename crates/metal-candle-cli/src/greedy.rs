@@ -8,7 +8,12 @@ use metal_candle::model::Llama;
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Continues `prompt` by up to `max_new` tokens, stopping at an end-of-sequence token.
-pub fn generate(model: &Llama, tokenizer: &TextTokenizer, prompt: &str, max_new: usize) -> Res<String> {
+pub fn generate(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    prompt: &str,
+    max_new: usize,
+) -> Res<String> {
     let prompt_ids = tokenizer.encode(prompt, true)?;
     if prompt_ids.is_empty() {
         return Err("the prompt has no tokens".into());

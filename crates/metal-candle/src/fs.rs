@@ -25,7 +25,9 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let tmp = temp_path(path)?;
     let result = write(&tmp).and_then(|()| {
         // Flush the data to disk before the rename makes it visible.
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     });
     if result.is_err() {
@@ -47,7 +49,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes `value` as pretty JSON to `path` atomically.
 pub fn write_json_atomic<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Msg(format!("{}: cannot serialise JSON: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Msg(format!("{}: cannot serialise JSON: {e}", path.display())))?;
     write_atomic(path, text.as_bytes())
 }
 
@@ -67,10 +70,18 @@ pub fn write_safetensors_atomic(
 ) -> Result<()> {
     let mut host = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        host.push((name.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?));
+        host.push((
+            name.clone(),
+            t.to_device(&candle_core::Device::Cpu)?.contiguous()?,
+        ));
     }
     let bytes = safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| Error::Msg(format!("{}: could not serialise safetensors: {e}", path.display())))?;
+        .map_err(|e| {
+            Error::Msg(format!(
+                "{}: could not serialise safetensors: {e}",
+                path.display()
+            ))
+        })?;
     write_atomic(path, &bytes)
 }
 
@@ -82,7 +93,8 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
 /// Reads a JSON file into `T`, naming the path and the problem on failure.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 /// Loads every tensor of a safetensors file onto `device`, naming the path on failure.
@@ -91,6 +103,10 @@ pub fn read_safetensors(
     device: &candle_core::Device,
 ) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
     let bytes = read(path)?;
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| Error::Msg(format!("{}: not a valid safetensors file ({e})", path.display())))
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        Error::Msg(format!(
+            "{}: not a valid safetensors file ({e})",
+            path.display()
+        ))
+    })
 }

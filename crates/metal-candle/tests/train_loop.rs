@@ -9,20 +9,33 @@ use metal_candle::train::data::{pack_rows, Batch, DataLoader, Example};
 use metal_candle::train::{self, CausalLm, LrSchedule, ScheduleKind, TrainConfig};
 
 fn spec() -> AdapterSpec {
-    AdapterSpec { rank: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: vec!["q_proj".into(), "down_proj".into()] }
+    AdapterSpec {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: vec!["q_proj".into(), "down_proj".into()],
+    }
 }
 
 fn loader(seed: u64) -> DataLoader {
-    let text = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.";
+    let text =
+        b"the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.";
     let examples: Vec<Example> = text
         .chunks(12)
-        .map(|c| Example { tokens: c.iter().map(|&b| b as u32 + 2).collect(), trainable: vec![true; c.len()] })
+        .map(|c| Example {
+            tokens: c.iter().map(|&b| b as u32 + 2).collect(),
+            trainable: vec![true; c.len()],
+        })
         .collect();
     DataLoader::new(pack_rows(&examples, 24, true).unwrap(), 2, seed, true).unwrap()
 }
 
 fn config(dir: &std::path::Path, steps: usize, lr: f64) -> TrainConfig {
-    let mut cfg = TrainConfig::new(LrSchedule::new(ScheduleKind::Cosine, lr, 2, steps).unwrap(), dir);
+    let mut cfg = TrainConfig::new(
+        LrSchedule::new(ScheduleKind::Cosine, lr, 2, steps).unwrap(),
+        dir,
+    );
     cfg.seed = 9;
     cfg
 }
@@ -32,7 +45,15 @@ fn training_on_a_memorisable_set_drives_the_loss_down() {
     let dir = temp_dir("learn");
     let mut model = ToyLm::new(32, 1, DType::F32);
     let mut data = loader(1);
-    let report = train::train(&mut model, &spec(), &mut data, None, &config(&dir, 60, 3e-2), None).unwrap();
+    let report = train::train(
+        &mut model,
+        &spec(),
+        &mut data,
+        None,
+        &config(&dir, 60, 3e-2),
+        None,
+    )
+    .unwrap();
     let first = report.history[0].loss;
     let last = report.history.last().unwrap().loss;
     assert!(last < 0.5 * first, "loss {first} -> {last}");
@@ -99,12 +120,20 @@ impl CausalLm for Poisoned {
 #[test]
 fn a_nan_loss_stops_with_an_error_and_keeps_the_last_checkpoint() {
     let dir = temp_dir("nan");
-    let mut model = Poisoned { inner: ToyLm::new(16, 2, DType::F32), after: std::cell::Cell::new(6) };
+    let mut model = Poisoned {
+        inner: ToyLm::new(16, 2, DType::F32),
+        after: std::cell::Cell::new(6),
+    };
     let mut data = loader(2);
     let mut cfg = config(&dir, 10, 1e-2);
     cfg.save_every = 3;
-    let err = train::train(&mut model, &spec(), &mut data, None, &cfg, None).unwrap_err().to_string();
-    assert!(err.contains("NaN") && err.contains("step 7") && err.contains("step-000006"), "{err}");
+    let err = train::train(&mut model, &spec(), &mut data, None, &cfg, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("NaN") && err.contains("step 7") && err.contains("step-000006"),
+        "{err}"
+    );
     let ckpt = train::resolve_checkpoint(&dir).unwrap();
     assert!(ckpt.ends_with("step-000006"));
     assert_eq!(train::read_state(&ckpt).unwrap().step, 6);
@@ -116,8 +145,20 @@ fn peft_files_have_peft_names_shapes_and_config() {
     let dir = temp_dir("peft");
     let mut model = ToyLm::new(16, 4, DType::F32);
     let mut data = loader(3);
-    train::train(&mut model, &spec(), &mut data, None, &config(&dir, 3, 1e-2), None).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    train::train(
+        &mut model,
+        &spec(),
+        &mut data,
+        None,
+        &config(&dir, 3, 1e-2),
+        None,
+    )
+    .unwrap();
+    let tensors = candle_core::safetensors::load(
+        dir.join("adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let mut keys: Vec<_> = tensors.keys().cloned().collect();
     keys.sort();
     assert_eq!(
@@ -129,16 +170,27 @@ fn peft_files_have_peft_names_shapes_and_config() {
             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
         ]
     );
-    assert_eq!(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dims(), &[4, 16]); // (r, in)
-    assert_eq!(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].dims(), &[16, 4]); // (out, r)
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dims(),
+        &[4, 16]
+    ); // (r, in)
+    assert_eq!(
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].dims(),
+        &[16, 4]
+    ); // (out, r)
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter/adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["peft_type"], "LORA");
     assert_eq!(config["task_type"], "CAUSAL_LM");
     assert_eq!(config["r"], 4);
     assert_eq!(config["lora_alpha"], 8.0);
     assert_eq!(config["bias"], "none");
     assert_eq!(config["use_rslora"], false);
-    assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "down_proj"]));
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "down_proj"])
+    );
 }
 
 #[test]
@@ -146,7 +198,15 @@ fn saved_adapters_load_back_to_the_same_outputs_and_merge_equals_unmerged() {
     let dir = temp_dir("roundtrip");
     let mut model = ToyLm::new(16, 5, DType::F32);
     let mut data = loader(4);
-    train::train(&mut model, &spec(), &mut data, None, &config(&dir, 5, 5e-2), None).unwrap();
+    train::train(
+        &mut model,
+        &spec(),
+        &mut data,
+        None,
+        &config(&dir, 5, 5e-2),
+        None,
+    )
+    .unwrap();
     let batch = loader(4).next_batch(model.device()).unwrap();
     let trained = model.forward_batch(&batch).unwrap();
 
@@ -156,14 +216,28 @@ fn saved_adapters_load_back_to_the_same_outputs_and_merge_equals_unmerged() {
     adapter.apply(&mut fresh).unwrap();
     let loaded = fresh.forward_batch(&batch).unwrap();
     let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     };
     assert!(diff(&trained, &base) > 1e-3, "training changed nothing");
     assert_eq!(diff(&trained, &loaded), 0.0);
     lora::merge_adapters(&mut fresh).unwrap();
-    assert!(fresh.lora_linears().iter().all(|(_, l)| l.adapter().is_none()));
+    assert!(fresh
+        .lora_linears()
+        .iter()
+        .all(|(_, l)| l.adapter().is_none()));
     let merged = fresh.forward_batch(&batch).unwrap();
-    assert!(diff(&merged, &loaded) < 1e-4, "merged differs by {}", diff(&merged, &loaded));
+    assert!(
+        diff(&merged, &loaded) < 1e-4,
+        "merged differs by {}",
+        diff(&merged, &loaded)
+    );
 }
 
 #[test]
@@ -173,8 +247,15 @@ fn adapters_for_another_model_are_refused_with_the_shape() {
     lora::attach_adapters(&mut small, &spec(), 0).unwrap();
     lora::save_peft_adapter(&small, &spec(), None, &dir).unwrap();
     let mut big = ToyLm::new(24, 6, DType::F32);
-    let err = PeftAdapter::load(&dir, big.device()).unwrap().apply(&mut big).unwrap_err().to_string();
-    assert!(err.contains("model.layers.0") && err.contains("[4, 16]") && err.contains("another model"), "{err}");
+    let err = PeftAdapter::load(&dir, big.device())
+        .unwrap()
+        .apply(&mut big)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.0") && err.contains("[4, 16]") && err.contains("another model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -185,18 +266,37 @@ fn peft_keys_with_default_load() {
     let b = candle_core::Tensor::randn(0f32, 1., (16, 4), &dev).unwrap();
     let p = "base_model.model.model.layers.0.self_attn.q_proj";
     candle_core::safetensors::save(
-        &[(format!("{p}.lora_A.default.weight"), a.clone()), (format!("{p}.lora_B.default.weight"), b.clone())].into_iter().collect(),
+        &[
+            (format!("{p}.lora_A.default.weight"), a.clone()),
+            (format!("{p}.lora_B.default.weight"), b.clone()),
+        ]
+        .into_iter()
+        .collect(),
         dir.join("adapter_model.safetensors"),
     )
     .unwrap();
-    std::fs::write(dir.join("adapter_config.json"), r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"]}"#).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"]}"#,
+    )
+    .unwrap();
     let adapter = PeftAdapter::load(&dir, &dev).unwrap();
     let mut model = ToyLm::new(16, 7, DType::F32);
     adapter.apply(&mut model).unwrap();
     let (_, q) = &model.lora_linears()[0];
     let got = q.adapter().unwrap().delta_weight(DType::F32).unwrap();
     let want = (b.matmul(&a).unwrap() * 2.0).unwrap();
-    assert!((got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+    assert!(
+        (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            < 1e-5
+    );
 }
 
 #[test]

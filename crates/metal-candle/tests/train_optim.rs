@@ -7,7 +7,12 @@ use metal_candle::train::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Schedu
 fn adamw_matches_hand_computation_over_two_steps() {
     let p0 = [0.5f64, -1.0, 2.0];
     let var = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap()).unwrap();
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg.clone()).unwrap();
     let grads = [[0.1f64, -0.2, 0.3], [0.05, 0.4, -0.1]];
     let lrs = [0.01, 0.02];
@@ -49,11 +54,17 @@ fn adamw_state_round_trips_through_a_file() {
     o2.load(&dir.join("opt.safetensors")).unwrap();
     o1.step(&[Some(g.clone())], 0.1).unwrap();
     o2.step(&[Some(g)], 0.1).unwrap();
-    assert_eq!(a.as_tensor().to_vec1::<f32>().unwrap(), b.as_tensor().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        a.as_tensor().to_vec1::<f32>().unwrap(),
+        b.as_tensor().to_vec1::<f32>().unwrap()
+    );
     // A state for other parameters is refused with the missing name.
     let c = Var::from_tensor(&Tensor::new(&[1f32], &dev).unwrap()).unwrap();
     let mut o3 = AdamW::new(vec![("q".into(), c)], AdamWConfig::default()).unwrap();
-    let err = o3.load(&dir.join("opt.safetensors")).unwrap_err().to_string();
+    let err = o3
+        .load(&dir.join("opt.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("m.q"), "{err}");
 }
 
@@ -63,12 +74,27 @@ fn schedules_give_the_expected_rates() {
     assert!((0..10).all(|s| c.lr_at(s) == 1.0));
     let l = LrSchedule::new(ScheduleKind::Linear, 1.0, 2, 12).unwrap();
     for (s, w) in [(0, 0.5), (1, 1.0), (2, 1.0), (7, 0.5), (11, 0.1)] {
-        assert!((l.lr_at(s) - w).abs() < 1e-12, "step {s}: {} vs {w}", l.lr_at(s));
+        assert!(
+            (l.lr_at(s) - w).abs() < 1e-12,
+            "step {s}: {} vs {w}",
+            l.lr_at(s)
+        );
     }
-    let cos = LrSchedule::new(ScheduleKind::Cosine, 2.0, 0, 4).unwrap().with_min_lr(0.0);
-    let want = [2.0, 1.0 + std::f64::consts::FRAC_1_SQRT_2 * 1.0 / 1.0 * 1.0, 1.0, 1.0 - std::f64::consts::FRAC_1_SQRT_2];
+    let cos = LrSchedule::new(ScheduleKind::Cosine, 2.0, 0, 4)
+        .unwrap()
+        .with_min_lr(0.0);
+    let want = [
+        2.0,
+        1.0 + std::f64::consts::FRAC_1_SQRT_2 * 1.0 / 1.0 * 1.0,
+        1.0,
+        1.0 - std::f64::consts::FRAC_1_SQRT_2,
+    ];
     for (s, w) in want.iter().enumerate() {
-        assert!((cos.lr_at(s) - w).abs() < 1e-12, "step {s}: {} vs {w}", cos.lr_at(s));
+        assert!(
+            (cos.lr_at(s) - w).abs() < 1e-12,
+            "step {s}: {} vs {w}",
+            cos.lr_at(s)
+        );
     }
     assert!(LrSchedule::new(ScheduleKind::Cosine, 1.0, 11, 10).is_err());
     assert!(LrSchedule::new(ScheduleKind::Cosine, -1.0, 0, 10).is_err());
@@ -78,7 +104,11 @@ fn schedules_give_the_expected_rates() {
 #[test]
 fn clipping_scales_to_the_global_norm() {
     let dev = Device::Cpu;
-    let mut grads = vec![Some(Tensor::new(&[3f32, 0.0], &dev).unwrap()), None, Some(Tensor::new(&[4f32], &dev).unwrap())];
+    let mut grads = vec![
+        Some(Tensor::new(&[3f32, 0.0], &dev).unwrap()),
+        None,
+        Some(Tensor::new(&[4f32], &dev).unwrap()),
+    ];
     let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
     assert!((norm - 5.0).abs() < 1e-9);
     let a = grads[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
@@ -86,5 +116,8 @@ fn clipping_scales_to_the_global_norm() {
     assert!(((a[0] * a[0] + b[0] * b[0]).sqrt() - 1.0).abs() < 1e-5);
     let mut small = vec![Some(Tensor::new(&[0.1f32], &dev).unwrap())];
     clip_grad_norm(&mut small, 1.0).unwrap();
-    assert_eq!(small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.1]);
+    assert_eq!(
+        small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+        vec![0.1]
+    );
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use metal_candle::lora::{self, AdapterSpec, parse_targets};
+use metal_candle::lora::{self, parse_targets, AdapterSpec};
 use metal_candle::model::{Llama, LlamaConfig};
 use metal_candle::train::data::{Batch, Row};
 use metal_candle::train::{clip_grad_norm, masked_cross_entropy_sum, AdamW, AdamWConfig, CausalLm};
@@ -65,7 +65,11 @@ const TINY: &str = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_
 
 /// A model of `config` with N(0, 0.02) weights and unit norms.
 pub fn random_model(config: &LlamaConfig, dtype: DType, device: &Device) -> Res<Llama> {
-    let shapes = Llama::load(candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu), config)?.named_weights()?;
+    let shapes = Llama::load(
+        candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu),
+        config,
+    )?
+    .named_weights()?;
     let mut tensors = HashMap::new();
     for (name, t) in shapes {
         let w = if name.ends_with("norm.weight") {
@@ -75,7 +79,10 @@ pub fn random_model(config: &LlamaConfig, dtype: DType, device: &Device) -> Res<
         };
         tensors.insert(name, w);
     }
-    Ok(Llama::load(candle_nn::VarBuilder::from_tensors(tensors, dtype, device), config)?)
+    Ok(Llama::load(
+        candle_nn::VarBuilder::from_tensors(tensors, dtype, device),
+        config,
+    )?)
 }
 
 fn resolve_config(name: &str) -> Res<LlamaConfig> {
@@ -83,7 +90,8 @@ fn resolve_config(name: &str) -> Res<LlamaConfig> {
         "smollm2-135m" => SMOLLM2_135M.to_string(),
         "llama-1b" => LLAMA_1B.to_string(),
         "tiny" => TINY.to_string(),
-        path => std::fs::read_to_string(path).map_err(|e| format!("--config {path}: {e} (or use smollm2-135m, llama-1b, tiny)"))?,
+        path => std::fs::read_to_string(path)
+            .map_err(|e| format!("--config {path}: {e} (or use smollm2-135m, llama-1b, tiny)"))?,
     };
     Ok(LlamaConfig::from_json_str(&json, name)?)
 }
@@ -92,7 +100,11 @@ fn resolve_config(name: &str) -> Res<LlamaConfig> {
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 /// Device memory in use (total − free), where the device can say.
@@ -100,7 +112,8 @@ fn device_used_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {
         device.synchronize().ok()?;
-        let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        let (free, total) =
+            candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
         return Some((total - free) as u64);
     }
     let _ = device;
@@ -113,7 +126,13 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
     let config = resolve_config(&args.config)?;
     let baseline = device_used_bytes(&device);
     let mut model = random_model(&config, dtype, &device)?;
-    let spec = AdapterSpec { rank: args.rank, alpha: 2.0 * args.rank as f64, dropout: 0.0, use_rslora: false, targets: parse_targets(&args.targets)? };
+    let spec = AdapterSpec {
+        rank: args.rank,
+        alpha: 2.0 * args.rank as f64,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: parse_targets(&args.targets)?,
+    };
     lora::attach_adapters(&mut model, &spec)?;
     lora::set_adapters_training(&model, true);
     let mut opt = AdamW::new(lora::adapter_vars(&model), AdamWConfig::default())?;
@@ -123,8 +142,15 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
     let mut rng = metal_candle::train::rng::TrainRng::new(1);
     let rows: Vec<Row> = (0..args.batch)
         .map(|_| {
-            let tokens: Vec<u32> = (0..args.seq).map(|_| rng.below(config.vocab_size) as u32).collect();
-            Row { trainable: vec![true; args.seq], positions: (0..args.seq as u32).collect(), segments: vec![1; args.seq], tokens }
+            let tokens: Vec<u32> = (0..args.seq)
+                .map(|_| rng.below(config.vocab_size) as u32)
+                .collect();
+            Row {
+                trainable: vec![true; args.seq],
+                positions: (0..args.seq as u32).collect(),
+                segments: vec![1; args.seq],
+                tokens,
+            }
         })
         .collect();
     let batch = Batch::from_rows(&rows.iter().collect::<Vec<_>>(), &device)?;
@@ -132,7 +158,8 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
     let mut step = |timed: bool| -> Res<f64> {
         let start = Instant::now();
         let logits = model.forward_batch(&batch)?;
-        let loss = (masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask)? / batch.n_targets as f64)?;
+        let loss = (masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask)?
+            / batch.n_targets as f64)?;
         if timed {
             if let Some(m) = device_used_bytes(&device) {
                 peak_device = peak_device.max(m);
@@ -140,7 +167,8 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
         }
         let store = loss.backward()?;
         drop(logits);
-        let mut grads: Vec<Option<Tensor>> = params.iter().map(|(_, v)| store.get(v).cloned()).collect();
+        let mut grads: Vec<Option<Tensor>> =
+            params.iter().map(|(_, v)| store.get(v).cloned()).collect();
         if timed {
             if let Some(m) = device_used_bytes(&device) {
                 peak_device = peak_device.max(m);

@@ -36,6 +36,10 @@ pub fn run(args: MergeArgs) -> Res<()> {
     adapter.apply(&mut model)?;
     let n = merge_adapters(&mut model)?;
     save_hf_dir(&model, Some(&loaded.tokenizer), &args.out)?;
-    println!("merged {n} adapted layers of {} into {}", args.adapter.display(), args.out.display());
+    println!(
+        "merged {n} adapted layers of {} into {}",
+        args.adapter.display(),
+        args.out.display()
+    );
     Ok(())
 }

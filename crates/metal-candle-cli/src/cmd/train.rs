@@ -10,9 +10,10 @@ use candle_core::{DType, Device};
 use clap::Args;
 use metal_candle::lora::{parse_targets, AdapterSpec};
 use metal_candle::model::load::{load, ModelSource};
-use metal_candle::train::data::{load_examples, pack_rows, split_validation, ChatTemplate, DataLoader, DataStats};
+use metal_candle::train::data::{
+    load_examples, pack_rows, split_validation, ChatTemplate, DataLoader, DataStats,
+};
 use metal_candle::train::{self, AdamWConfig, LrSchedule, ScheduleKind, TrainConfig};
-
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -125,7 +126,11 @@ pub fn run(mut args: TrainArgs) -> Res<()> {
     }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
-    let assets = if args.model.is_none() || args.data.is_none() { Some(metal_candle::assets::Assets::ensure()?) } else { None };
+    let assets = if args.model.is_none() || args.data.is_none() {
+        Some(metal_candle::assets::Assets::ensure()?)
+    } else {
+        None
+    };
     let model_spec = match (&args.model, &assets) {
         (Some(m), _) => m.clone(),
         (None, Some(a)) => a.smollm2_gguf.display().to_string(),
@@ -142,7 +147,11 @@ pub fn run(mut args: TrainArgs) -> Res<()> {
     let mut model = loaded.model;
     let tokenizer = loaded.tokenizer;
     let template = match tokenizer.chat_template() {
-        Some(src) => ChatTemplate::new(src, tokenizer.bos_token().unwrap_or(""), tokenizer.eos_token().unwrap_or(""))?,
+        Some(src) => ChatTemplate::new(
+            src,
+            tokenizer.bos_token().unwrap_or(""),
+            tokenizer.eos_token().unwrap_or(""),
+        )?,
         None => ChatTemplate::chatml(),
     };
 
@@ -157,16 +166,28 @@ pub fn run(mut args: TrainArgs) -> Res<()> {
         None => split_validation(examples, args.valid_fraction.unwrap_or(0.05), args.seed)?,
     };
     let pack = !args.no_pack;
-    let mut data = DataLoader::new(pack_rows(&train_examples, args.seq_len, pack)?, args.batch_size, args.seed, true)?;
+    let mut data = DataLoader::new(
+        pack_rows(&train_examples, args.seq_len, pack)?,
+        args.batch_size,
+        args.seed,
+        true,
+    )?;
     let valid = if valid_examples.is_empty() {
         None
     } else {
-        Some(DataLoader::new(pack_rows(&valid_examples, args.seq_len, pack)?, args.batch_size, args.seed, false)?)
+        Some(DataLoader::new(
+            pack_rows(&valid_examples, args.seq_len, pack)?,
+            args.batch_size,
+            args.seed,
+            false,
+        )?)
     };
 
     let steps = match (args.steps, args.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) => ((e * data.batches_per_epoch() as f64) / args.grad_accum as f64).ceil().max(1.0) as usize,
+        (None, Some(e)) => ((e * data.batches_per_epoch() as f64) / args.grad_accum as f64)
+            .ceil()
+            .max(1.0) as usize,
         (None, None) => 100,
     };
     let spec = AdapterSpec {
@@ -176,9 +197,17 @@ pub fn run(mut args: TrainArgs) -> Res<()> {
         use_rslora: args.rslora,
         targets: parse_targets(&args.targets)?,
     };
-    let schedule = LrSchedule::new(args.schedule.parse::<ScheduleKind>()?, args.lr, args.warmup, steps)?;
+    let schedule = LrSchedule::new(
+        args.schedule.parse::<ScheduleKind>()?,
+        args.lr,
+        args.warmup,
+        steps,
+    )?;
     let mut cfg = TrainConfig::new(schedule, &args.out);
-    cfg.adamw = AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() };
+    cfg.adamw = AdamWConfig {
+        weight_decay: args.weight_decay,
+        ..AdamWConfig::default()
+    };
     cfg.grad_accum = args.grad_accum;
     cfg.max_grad_norm = (args.max_grad_norm > 0.0).then_some(args.max_grad_norm);
     cfg.eval_every = args.eval_every;
@@ -190,7 +219,12 @@ pub fn run(mut args: TrainArgs) -> Res<()> {
 
     let prompt = args.prompt.clone();
     let before = match &prompt {
-        Some(p) => Some(crate::greedy::generate(&model, &tokenizer, p, args.max_new_tokens)?),
+        Some(p) => Some(crate::greedy::generate(
+            &model,
+            &tokenizer,
+            p,
+            args.max_new_tokens,
+        )?),
         None => None,
     };
     eprintln!(
@@ -204,16 +238,30 @@ pub fn run(mut args: TrainArgs) -> Res<()> {
         args.batch_size,
         args.grad_accum
     );
-    let report = train::train(&mut model, &spec, &mut data, valid.as_ref(), &cfg, args.resume.as_deref())?;
+    let report = train::train(
+        &mut model,
+        &spec,
+        &mut data,
+        valid.as_ref(),
+        &cfg,
+        args.resume.as_deref(),
+    )?;
 
     let first = report.history.first().map(|r| r.loss).unwrap_or(f64::NAN);
     let last = report.history.last().map(|r| r.loss).unwrap_or(f64::NAN);
-    println!("loss {first:.4} -> {last:.4} over {} steps ({:.0} tokens/s)", report.steps, report.tokens_per_sec);
+    println!(
+        "loss {first:.4} -> {last:.4} over {} steps ({:.0} tokens/s)",
+        report.steps, report.tokens_per_sec
+    );
     if let Some(v) = report.history.iter().rev().find_map(|r| r.val_loss) {
         println!("validation loss {v:.4}");
     }
     println!("adapter (PEFT format): {}", report.adapter_dir.display());
-    println!("metrics: {}   loss curve: {}", args.out.join("metrics.jsonl").display(), args.out.join("loss.png").display());
+    println!(
+        "metrics: {}   loss curve: {}",
+        args.out.join("metrics.jsonl").display(),
+        args.out.join("loss.png").display()
+    );
     if let (Some(p), Some(before)) = (prompt, before) {
         let after = crate::greedy::generate(&model, &tokenizer, &p, args.max_new_tokens)?;
         println!("\n--- prompt ---\n{p}\n--- before fine-tuning ---\n{before}\n--- after fine-tuning ---\n{after}");
@@ -250,7 +298,11 @@ fn print_stats(which: &str, path: &std::path::Path, s: &DataStats) {
         s.examples,
         s.tokens,
         s.trainable_tokens,
-        if s.truncated > 0 { format!(", {} cut to --seq-len", s.truncated) } else { String::new() }
+        if s.truncated > 0 {
+            format!(", {} cut to --seq-len", s.truncated)
+        } else {
+            String::new()
+        }
     );
 }
 
@@ -265,8 +317,13 @@ fn base_model_name(spec: &str) -> String {
 pub fn parse_device(name: &str) -> Res<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0).map_err(|e| format!("--device cuda: {e} (build with --features cuda on a machine with an NVIDIA GPU)"))?),
-        "metal" => Ok(Device::new_metal(0).map_err(|e| format!("--device metal: {e} (build with --features metal on a Mac)"))?),
+        "cuda" => Ok(Device::new_cuda(0).map_err(|e| {
+            format!(
+                "--device cuda: {e} (build with --features cuda on a machine with an NVIDIA GPU)"
+            )
+        })?),
+        "metal" => Ok(Device::new_metal(0)
+            .map_err(|e| format!("--device metal: {e} (build with --features metal on a Mac)"))?),
         other => Err(format!("--device {other}: expected cpu, cuda or metal").into()),
     }
 }

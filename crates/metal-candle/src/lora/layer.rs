@@ -50,7 +50,12 @@ impl Clone for LoRALayer {
 
 impl LoRALayer {
     /// A new adapter for a layer with `in_features` inputs and `out_features` outputs.
-    pub fn new(in_features: usize, out_features: usize, config: &LoRAConfig, device: &Device) -> Result<Self> {
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        config: &LoRAConfig,
+        device: &Device,
+    ) -> Result<Self> {
         if (config.in_features, config.out_features) != (in_features, out_features) {
             return Err(Error::shape(
                 "LoRALayer::new",
@@ -62,7 +67,12 @@ impl LoRALayer {
         }
         config.validate()?;
         let bound = 1.0 / (in_features as f64).sqrt();
-        let a = Tensor::rand(-bound as f32, bound as f32, (in_features, config.rank), device)?;
+        let a = Tensor::rand(
+            -bound as f32,
+            bound as f32,
+            (in_features, config.rank),
+            device,
+        )?;
         let b = Tensor::zeros((config.rank, out_features), DType::F32, device)?;
         Self::from_tensors(a, b, config)
     }
@@ -71,11 +81,18 @@ impl LoRALayer {
     /// variables).
     pub fn from_tensors(a: Tensor, b: Tensor, config: &LoRAConfig) -> Result<Self> {
         config.validate()?;
-        let (want_a, want_b) = ([config.in_features, config.rank], [config.rank, config.out_features]);
+        let (want_a, want_b) = (
+            [config.in_features, config.rank],
+            [config.rank, config.out_features],
+        );
         if a.dims() != want_a || b.dims() != want_b {
             return Err(Error::shape(
                 "LoRALayer::from_tensors",
-                format!("expected A {want_a:?} and B {want_b:?}, got A {:?} and B {:?}", a.dims(), b.dims()),
+                format!(
+                    "expected A {want_a:?} and B {want_b:?}, got A {:?} and B {:?}",
+                    a.dims(),
+                    b.dims()
+                ),
             ));
         }
         Ok(Self {
@@ -124,7 +141,10 @@ impl LoRALayer {
 
     /// A and B in `dtype` (differentiable casts of the f32 variables).
     pub(crate) fn factors(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
-        Ok((self.a.as_tensor().to_dtype(dtype)?, self.b.as_tensor().to_dtype(dtype)?))
+        Ok((
+            self.a.as_tensor().to_dtype(dtype)?,
+            self.b.as_tensor().to_dtype(dtype)?,
+        ))
     }
 
     /// Sets the seed of the next dropout mask. Each forward pass in training mode uses the
@@ -140,7 +160,8 @@ impl LoRALayer {
             return Ok(x.clone());
         }
         let seed = self.dropout_seed.load(Ordering::Relaxed);
-        self.dropout_seed.store(crate::train::rng::mix64(seed ^ 0xD40F), Ordering::Relaxed);
+        self.dropout_seed
+            .store(crate::train::rng::mix64(seed ^ 0xD40F), Ordering::Relaxed);
         let mask = dropout_mask(x, self.config.dropout, seed)?;
         Ok(x.mul(&mask)?)
     }
@@ -172,7 +193,13 @@ fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
         let base = crate::train::rng::mix64(seed);
         let mask: Vec<f32> = (0..n as u64)
             .into_par_iter()
-            .map(|i| if crate::train::rng::mix64(base ^ i) >> 11 < threshold { scale } else { 0.0 })
+            .map(|i| {
+                if crate::train::rng::mix64(base ^ i) >> 11 < threshold {
+                    scale
+                } else {
+                    0.0
+                }
+            })
             .collect();
         return Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?);
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{LoRALayer, AdapterSpec};
+use super::{AdapterSpec, LoRALayer};
 use crate::train::CausalLm;
 use crate::{fs, Error, Result};
 
@@ -101,7 +101,12 @@ impl PeftConfig {
     }
 
     fn check_supported(&self, path: &Path) -> Result<()> {
-        let unsupported = |what: &str| Err(Error::Msg(format!("{}: {what} is not supported", path.display())));
+        let unsupported = |what: &str| {
+            Err(Error::Msg(format!(
+                "{}: {what} is not supported",
+                path.display()
+            )))
+        };
         if self.peft_type != "LORA" {
             return unsupported(&format!("peft_type {:?} (only LORA)", self.peft_type));
         }
@@ -134,8 +139,14 @@ pub fn peft_tensors(model: &dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for (path, linear) in model.lora_linears() {
         if let Some(a) = linear.adapter() {
-            out.push((format!("{KEY_PREFIX}{path}.lora_A.weight"), a.a().as_tensor().t()?.contiguous()?.detach()));
-            out.push((format!("{KEY_PREFIX}{path}.lora_B.weight"), a.b().as_tensor().t()?.contiguous()?.detach()));
+            out.push((
+                format!("{KEY_PREFIX}{path}.lora_A.weight"),
+                a.a().as_tensor().t()?.contiguous()?.detach(),
+            ));
+            out.push((
+                format!("{KEY_PREFIX}{path}.lora_B.weight"),
+                a.b().as_tensor().t()?.contiguous()?.detach(),
+            ));
         }
     }
     if out.is_empty() {
@@ -145,12 +156,20 @@ pub fn peft_tensors(model: &dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Writes the model's adapters to `dir` as a PEFT adapter (both files atomically).
-pub fn save_peft_adapter(model: &dyn CausalLm, spec: &AdapterSpec, base_model: Option<&str>, dir: &Path) -> Result<()> {
+pub fn save_peft_adapter(
+    model: &dyn CausalLm,
+    spec: &AdapterSpec,
+    base_model: Option<&str>,
+    dir: &Path,
+) -> Result<()> {
     let tensors = peft_tensors(model)?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     fs::write_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), &tensors, Some(meta))?;
-    fs::write_json_atomic(&dir.join(ADAPTER_CONFIG), &PeftConfig::from_spec(spec, base_model))
+    fs::write_json_atomic(
+        &dir.join(ADAPTER_CONFIG),
+        &PeftConfig::from_spec(spec, base_model),
+    )
 }
 
 /// A PEFT adapter read from disk: its config and, per module path, (lora_A (r, in), lora_B (out, r)).
@@ -189,20 +208,34 @@ impl PeftAdapter {
         let mut modules = BTreeMap::new();
         for (path, pair) in halves {
             let (Some(a), Some(b)) = pair else {
-                return Err(Error::Msg(format!("{}: module {path} has only one of lora_A / lora_B", weights_path.display())));
+                return Err(Error::Msg(format!(
+                    "{}: module {path} has only one of lora_A / lora_B",
+                    weights_path.display()
+                )));
             };
-            let (r_a, _) = a.dims2().map_err(|_| bad_rank(&weights_path, &path, "lora_A", a.dims()))?;
-            let (_, r_b) = b.dims2().map_err(|_| bad_rank(&weights_path, &path, "lora_B", b.dims()))?;
+            let (r_a, _) = a
+                .dims2()
+                .map_err(|_| bad_rank(&weights_path, &path, "lora_A", a.dims()))?;
+            let (_, r_b) = b
+                .dims2()
+                .map_err(|_| bad_rank(&weights_path, &path, "lora_B", b.dims()))?;
             if r_a != r_b {
                 return Err(Error::shape(
                     "PeftAdapter::load",
-                    format!("{path}: lora_A is {:?} and lora_B is {:?}: their ranks differ", a.dims(), b.dims()),
+                    format!(
+                        "{path}: lora_A is {:?} and lora_B is {:?}: their ranks differ",
+                        a.dims(),
+                        b.dims()
+                    ),
                 ));
             }
             modules.insert(path, (a, b));
         }
         if modules.is_empty() {
-            return Err(Error::Msg(format!("{}: holds no LoRA tensors", weights_path.display())));
+            return Err(Error::Msg(format!(
+                "{}: holds no LoRA tensors",
+                weights_path.display()
+            )));
         }
         Ok(Self { config, modules })
     }
@@ -245,7 +278,11 @@ impl PeftAdapter {
         for (path, (a, b)) in &self.modules {
             let r = a.dims()[0] as f64;
             let alpha = self.config.alpha_for(path);
-            let scale = if self.config.use_rslora { alpha / r.sqrt() } else { alpha / r };
+            let scale = if self.config.use_rslora {
+                alpha / r.sqrt()
+            } else {
+                alpha / r
+            };
             out.push((path.clone(), (b.matmul(a)? * scale)?));
         }
         Ok(out)
@@ -253,7 +290,13 @@ impl PeftAdapter {
 }
 
 fn bad_rank(file: &Path, path: &str, which: &str, dims: &[usize]) -> Error {
-    Error::shape("PeftAdapter::load", format!("{}: {path}.{which} must be 2-D, got {dims:?}", file.display()))
+    Error::shape(
+        "PeftAdapter::load",
+        format!(
+            "{}: {path}.{which} must be 2-D, got {dims:?}",
+            file.display()
+        ),
+    )
 }
 
 /// `base_model.model.X.lora_A.weight` or `...lora_A.default.weight` → (X, 'A').
@@ -269,13 +312,18 @@ fn parse_key(key: &str) -> Option<(String, char)> {
 
 /// Folds an adapter into a base model's weights given by name (`{module path}.weight`, as in a
 /// Hugging Face checkpoint), keeping each weight's dtype. Fails if a module has no weight.
-pub fn merge_into_weights(weights: &mut HashMap<String, Tensor>, adapter: &PeftAdapter) -> Result<usize> {
+pub fn merge_into_weights(
+    weights: &mut HashMap<String, Tensor>,
+    adapter: &PeftAdapter,
+) -> Result<usize> {
     let mut merged = 0;
     for (path, delta) in adapter.delta_weights()? {
         let key = format!("{path}.weight");
-        let w = weights
-            .get(&key)
-            .ok_or_else(|| Error::Msg(format!("the base model has no weight {key}: the adapter was made for another model")))?;
+        let w = weights.get(&key).ok_or_else(|| {
+            Error::Msg(format!(
+                "the base model has no weight {key}: the adapter was made for another model"
+            ))
+        })?;
         if w.dims() != delta.dims() {
             return Err(Error::shape(
                 "merge",

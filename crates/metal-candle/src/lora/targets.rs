@@ -46,7 +46,11 @@ pub fn parse_targets(list: &str) -> Result<Vec<String>> {
         }
     }
     if out.is_empty() {
-        return Err(Error::InvalidConfig { name: "targets", value: list.into(), expected: "at least one module" });
+        return Err(Error::InvalidConfig {
+            name: "targets",
+            value: list.into(),
+            expected: "at least one module",
+        });
     }
     Ok(out)
 }
@@ -93,20 +97,26 @@ pub fn attach_adapters(model: &mut dyn CausalLm, spec: &AdapterSpec, seed: u64) 
             continue;
         }
         seen.insert(name.to_string());
-        let Some(linear) = model.lora_linear_mut(&path) else { continue };
+        let Some(linear) = model.lora_linear_mut(&path) else {
+            continue;
+        };
         let (fan_in, fan_out) = (linear.in_features(), linear.out_features());
         let cfg = spec.layer_config(fan_in, fan_out);
         cfg.validate()?;
         let bound = 1.0 / (fan_in as f64).sqrt();
         let mut rng = TrainRng::new(derive_seed(seed, &[0xA1A1, attached as u64]));
-        let a: Vec<f32> = (0..fan_in * spec.rank).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let a: Vec<f32> = (0..fan_in * spec.rank)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+            .collect();
         let a = Tensor::from_vec(a, (fan_in, spec.rank), &device)?;
         let b = Tensor::zeros((spec.rank, fan_out), DType::F32, &device)?;
         linear.set_adapter(Some(LoRALayer::from_tensors(a, b, &cfg)?))?;
         attached += 1;
     }
     if let Some(missing) = spec.targets.iter().find(|t| !seen.contains(*t)) {
-        return Err(Error::Msg(format!("LoRA target {missing:?} matches no linear layer of this model")));
+        return Err(Error::Msg(format!(
+            "LoRA target {missing:?} matches no linear layer of this model"
+        )));
     }
     Ok(attached)
 }
@@ -145,8 +155,12 @@ pub fn seed_adapter_dropout(model: &dyn CausalLm, seed: u64) {
 
 /// Folds every adapter into its base weight and removes it.
 pub fn merge_adapters(model: &mut dyn CausalLm) -> Result<usize> {
-    let adapted: Vec<String> =
-        model.lora_linears().into_iter().filter(|(_, l)| l.adapter().is_some()).map(|(p, _)| p).collect();
+    let adapted: Vec<String> = model
+        .lora_linears()
+        .into_iter()
+        .filter(|(_, l)| l.adapter().is_some())
+        .map(|(p, _)| p)
+        .collect();
     for path in &adapted {
         if let Some(linear) = model.lora_linear_mut(path) {
             *linear = linear.merged()?;

@@ -44,8 +44,15 @@ pub fn write_checkpoint(
     write_contents: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(checkpoints, state.step);
-    let tmp = checkpoints.join(format!(".step-{:06}.tmp-{}", state.step, std::process::id()));
-    let io = |p: &Path, e| Error::Io { path: p.display().to_string(), source: e };
+    let tmp = checkpoints.join(format!(
+        ".step-{:06}.tmp-{}",
+        state.step,
+        std::process::id()
+    ));
+    let io = |p: &Path, e| Error::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
@@ -56,7 +63,10 @@ pub fn write_checkpoint(
         std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
-    let name = final_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = final_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     fs::write_atomic(&checkpoints.join(LATEST_FILE), name.as_bytes())?;
     Ok(final_dir)
 }
@@ -70,12 +80,17 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     for dir in [path.to_path_buf(), path.join("checkpoints")] {
         let latest = dir.join(LATEST_FILE);
         if latest.is_file() {
-            let name = String::from_utf8_lossy(&fs::read(&latest)?).trim().to_string();
+            let name = String::from_utf8_lossy(&fs::read(&latest)?)
+                .trim()
+                .to_string();
             let ckpt = dir.join(&name);
             if ckpt.join(STATE_FILE).is_file() {
                 return Ok(ckpt);
             }
-            return Err(Error::Msg(format!("{} names {name}, which is not a complete checkpoint", latest.display())));
+            return Err(Error::Msg(format!(
+                "{} names {name}, which is not a complete checkpoint",
+                latest.display()
+            )));
         }
     }
     Err(Error::Msg(format!(

@@ -15,7 +15,9 @@ impl CausalLm for Llama {
         let layout = if batch.is_plain_causal() {
             SequenceLayout::Contiguous { offset: 0 }
         } else {
-            SequenceLayout::Packed { segment_ids: batch.segment_ids.clone() }
+            SequenceLayout::Packed {
+                segment_ids: batch.segment_ids.clone(),
+            }
         };
         self.forward_train(&batch.input_ids, &layout)
     }

@@ -35,8 +35,14 @@ pub struct MetricsLog {
 impl MetricsLog {
     /// Creates (truncates) `path` and writes `history` first (a resumed run's earlier steps).
     pub fn create(path: &Path, history: &[MetricRecord]) -> Result<Self> {
-        let file = std::fs::File::create(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-        let mut log = Self { file, path: path.to_path_buf() };
+        let file = std::fs::File::create(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let mut log = Self {
+            file,
+            path: path.to_path_buf(),
+        };
         for r in history {
             log.append(r)?;
         }
@@ -46,6 +52,9 @@ impl MetricsLog {
     /// Writes one record as a line.
     pub fn append(&mut self, record: &MetricRecord) -> Result<()> {
         let line = serde_json::to_string(record).map_err(|e| Error::Msg(e.to_string()))?;
-        writeln!(self.file, "{line}").map_err(|e| Error::Io { path: self.path.display().to_string(), source: e })
+        writeln!(self.file, "{line}").map_err(|e| Error::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        })
     }
 }

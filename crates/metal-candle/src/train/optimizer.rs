@@ -24,7 +24,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -49,12 +54,26 @@ impl AdamW {
         let mut seen = std::collections::HashSet::new();
         for (name, _) in &params {
             if !seen.insert(name) {
-                return Err(Error::Msg(format!("AdamW: parameter name {name:?} appears twice")));
+                return Err(Error::Msg(format!(
+                    "AdamW: parameter name {name:?} appears twice"
+                )));
             }
         }
-        let m = params.iter().map(|(_, p)| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params.iter().map(|(_, p)| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { config, params, m, v, step: 0 })
+        let m = params
+            .iter()
+            .map(|(_, p)| p.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params
+            .iter()
+            .map(|(_, p)| p.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            params,
+            m,
+            v,
+            step: 0,
+        })
     }
 
     /// The parameters, in order.
@@ -76,7 +95,11 @@ impl AdamW {
     /// for a parameter that received no gradient, which is then left untouched but still decays).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(Error::Msg(format!("AdamW: {} gradients for {} parameters", grads.len(), self.params.len())));
+            return Err(Error::Msg(format!(
+                "AdamW: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
         }
         self.step += 1;
         let c = &self.config;
@@ -86,7 +109,14 @@ impl AdamW {
         for (i, (name, p)) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
             if g.dims() != p.dims() {
-                return Err(Error::shape("AdamW::step", format!("gradient of {name} is {:?}, parameter is {:?}", g.dims(), p.dims())));
+                return Err(Error::shape(
+                    "AdamW::step",
+                    format!(
+                        "gradient of {name} is {:?}, parameter is {:?}",
+                        g.dims(),
+                        p.dims()
+                    ),
+                ));
             }
             let g = g.to_dtype(p.dtype())?;
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
@@ -94,7 +124,11 @@ impl AdamW {
             let m_hat = (&m / bc1)?;
             let v_hat = (&v / bc2)?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let decayed = if c.weight_decay != 0.0 { (p.as_tensor() * (1.0 - lr * c.weight_decay))? } else { p.as_tensor().clone() };
+            let decayed = if c.weight_decay != 0.0 {
+                (p.as_tensor() * (1.0 - lr * c.weight_decay))?
+            } else {
+                p.as_tensor().clone()
+            };
             p.set(&(decayed - (update * lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -111,34 +145,58 @@ impl AdamW {
         }
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
-        meta.insert("config".to_string(), serde_json::to_string(&self.config).map_err(|e| Error::Msg(e.to_string()))?);
+        meta.insert(
+            "config".to_string(),
+            serde_json::to_string(&self.config).map_err(|e| Error::Msg(e.to_string()))?,
+        );
         fs::write_safetensors_atomic(path, &tensors, Some(meta))
     }
 
     /// Restores state written by [`AdamW::save`] for the same parameter names and shapes.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let bytes = fs::read(path)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::Msg(format!("{}: not a valid optimiser state file ({e})", path.display())))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            Error::Msg(format!(
+                "{}: not a valid optimiser state file ({e})",
+                path.display()
+            ))
+        })?;
         let step = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get("step"))
             .and_then(|s| s.parse::<usize>().ok())
-            .ok_or_else(|| Error::Msg(format!("{}: optimiser state has no step count", path.display())))?;
-        let device = self.params.first().map(|(_, p)| p.device().clone()).unwrap_or(candle_core::Device::Cpu);
+            .ok_or_else(|| {
+                Error::Msg(format!(
+                    "{}: optimiser state has no step count",
+                    path.display()
+                ))
+            })?;
+        let device = self
+            .params
+            .first()
+            .map(|(_, p)| p.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         let tensors = candle_core::safetensors::load_buffer(&bytes, &device)
             .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("{prefix}.{name}");
                 let t = tensors.get(&key).ok_or_else(|| {
-                    Error::Msg(format!("{}: optimiser state lacks {key}: it was saved for other adapters", path.display()))
+                    Error::Msg(format!(
+                        "{}: optimiser state lacks {key}: it was saved for other adapters",
+                        path.display()
+                    ))
                 })?;
                 if t.dims() != p.dims() {
                     return Err(Error::shape(
                         "AdamW::load",
-                        format!("{}: {key} is {:?} but the parameter is {:?}", path.display(), t.dims(), p.dims()),
+                        format!(
+                            "{}: {key} is {:?} but the parameter is {:?}",
+                            path.display(),
+                            t.dims(),
+                            p.dims()
+                        ),
                     ));
                 }
                 *slot = t.to_dtype(DType::F32)?;
@@ -153,7 +211,11 @@ impl AdamW {
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter().flatten() {
-        total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     Ok(total.sqrt())
 }

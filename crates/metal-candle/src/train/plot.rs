@@ -21,7 +21,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Self {
-        Self { px: vec![255; W * H * 3] }
+        Self {
+            px: vec![255; W * H * 3],
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
@@ -35,7 +37,10 @@ impl Canvas {
         let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
         for i in 0..=n {
             let t = i as f64 / n as f64;
-            let (x, y) = ((x0 + (x1 - x0) * t).round() as i64, (y0 + (y1 - y0) * t).round() as i64);
+            let (x, y) = (
+                (x0 + (x1 - x0) * t).round() as i64,
+                (y0 + (y1 - y0) * t).round() as i64,
+            );
             for dx in 0..thick {
                 for dy in 0..thick {
                     self.set(x + dx - thick / 2, y + dy - thick / 2, c);
@@ -53,7 +58,11 @@ impl Canvas {
                     if bits >> (2 - col) & 1 == 1 {
                         for sx in 0..SCALE {
                             for sy in 0..SCALE {
-                                self.set(x + (k as i64 * 4 + col) * SCALE + sx, y + r as i64 * SCALE + sy, c);
+                                self.set(
+                                    x + (k as i64 * 4 + col) * SCALE + sx,
+                                    y + r as i64 * SCALE + sy,
+                                    c,
+                                );
                             }
                         }
                     }
@@ -100,11 +109,23 @@ pub fn plot_loss_curve(history: &[MetricRecord], path: &Path) -> Result<()> {
     if history.is_empty() {
         return Err(Error::Msg("no metrics to plot".into()));
     }
-    let train: Vec<(f64, f64)> = history.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss)).collect();
-    let valid: Vec<(f64, f64)> =
-        history.iter().filter_map(|r| r.val_loss.filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect();
+    let train: Vec<(f64, f64)> = history
+        .iter()
+        .filter(|r| r.loss.is_finite())
+        .map(|r| (r.step as f64, r.loss))
+        .collect();
+    let valid: Vec<(f64, f64)> = history
+        .iter()
+        .filter_map(|r| {
+            r.val_loss
+                .filter(|v| v.is_finite())
+                .map(|v| (r.step as f64, v))
+        })
+        .collect();
     let all = train.iter().chain(&valid);
-    let (mut lo, mut hi) = all.clone().fold((f64::MAX, f64::MIN), |(l, h), &(_, y)| (l.min(y), h.max(y)));
+    let (mut lo, mut hi) = all
+        .clone()
+        .fold((f64::MAX, f64::MIN), |(l, h), &(_, y)| (l.min(y), h.max(y)));
     if !(lo.is_finite() && hi.is_finite()) {
         return Err(Error::Msg("no finite loss to plot".into()));
     }
@@ -116,22 +137,52 @@ pub fn plot_loss_curve(history: &[MetricRecord], path: &Path) -> Result<()> {
     let (lo, hi) = (lo - pad, hi + pad);
     let max_step = all.fold(1f64, |m, &(x, _)| m.max(x));
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
-    let to_px = |(x, y): (f64, f64)| (LEFT as f64 + x / max_step * pw, TOP as f64 + (hi - y) / (hi - lo) * ph);
+    let to_px = |(x, y): (f64, f64)| {
+        (
+            LEFT as f64 + x / max_step * pw,
+            TOP as f64 + (hi - y) / (hi - lo) * ph,
+        )
+    };
 
     let mut c = Canvas::new();
     let grid = [225, 225, 225];
     for i in 0..=4 {
         let y = TOP as f64 + ph * i as f64 / 4.0;
         c.line((LEFT as f64, y), (LEFT as f64 + pw, y), grid, 1);
-        c.text(&format!("{:.3}", hi - (hi - lo) * i as f64 / 4.0), 4, y as i64 - 5, [0, 0, 0]);
+        c.text(
+            &format!("{:.3}", hi - (hi - lo) * i as f64 / 4.0),
+            4,
+            y as i64 - 5,
+            [0, 0, 0],
+        );
     }
     let axis = [0, 0, 0];
-    c.line((LEFT as f64, TOP as f64), (LEFT as f64, TOP as f64 + ph), axis, 1);
-    c.line((LEFT as f64, TOP as f64 + ph), (LEFT as f64 + pw, TOP as f64 + ph), axis, 1);
+    c.line(
+        (LEFT as f64, TOP as f64),
+        (LEFT as f64, TOP as f64 + ph),
+        axis,
+        1,
+    );
+    c.line(
+        (LEFT as f64, TOP as f64 + ph),
+        (LEFT as f64 + pw, TOP as f64 + ph),
+        axis,
+        1,
+    );
     c.text("0", LEFT as i64 - 2, (H - BOTTOM + 8) as i64, axis);
     let last = format!("{}", max_step as usize);
-    c.text(&last, (W - RIGHT) as i64 - last.len() as i64 * 8, (H - BOTTOM + 8) as i64, axis);
-    c.text("step", (LEFT as f64 + pw / 2.0) as i64 - 16, (H - BOTTOM + 8) as i64, axis);
+    c.text(
+        &last,
+        (W - RIGHT) as i64 - last.len() as i64 * 8,
+        (H - BOTTOM + 8) as i64,
+        axis,
+    );
+    c.text(
+        "step",
+        (LEFT as f64 + pw / 2.0) as i64 - 16,
+        (H - BOTTOM + 8) as i64,
+        axis,
+    );
     c.text("loss", 4, 8, axis);
     c.text("train", LEFT as i64 + 20, 8, TRAIN_COLOR);
     if !valid.is_empty() {
@@ -157,7 +208,9 @@ pub fn plot_loss_curve(history: &[MetricRecord], path: &Path) -> Result<()> {
         let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let err = |e: png::EncodingError| Error::Msg(format!("{}: PNG encoding failed: {e}", path.display()));
+        let err = |e: png::EncodingError| {
+            Error::Msg(format!("{}: PNG encoding failed: {e}", path.display()))
+        };
         let mut writer = enc.write_header().map_err(err)?;
         writer.write_image_data(&c.px).map_err(err)?;
     }

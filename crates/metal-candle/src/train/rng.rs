@@ -62,7 +62,9 @@ pub fn mix64(mut z: u64) -> u64 {
 /// Derives a seed for one purpose from a run seed and a few counters (step, micro-batch, layer),
 /// so that every random draw in training is a pure function of where it happens.
 pub fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
-    parts.iter().fold(mix64(seed ^ 0x5EED), |acc, &p| mix64(acc ^ mix64(p.wrapping_add(0x1234_5678_9ABC_DEF1))))
+    parts.iter().fold(mix64(seed ^ 0x5EED), |acc, &p| {
+        mix64(acc ^ mix64(p.wrapping_add(0x1234_5678_9ABC_DEF1)))
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,11 @@ impl std::str::FromStr for ScheduleKind {
             "constant" => Ok(Self::Constant),
             "linear" => Ok(Self::Linear),
             "cosine" => Ok(Self::Cosine),
-            _ => Err(Error::InvalidConfig { name: "schedule", value: s.into(), expected: "constant, linear or cosine" }),
+            _ => Err(Error::InvalidConfig {
+                name: "schedule",
+                value: s.into(),
+                expected: "constant, linear or cosine",
+            }),
         }
     }
 }
@@ -56,12 +60,25 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// A schedule decaying to zero. Rejects a peak that is not finite and > 0, zero total steps,
     /// and warmup longer than the run.
-    pub fn new(kind: ScheduleKind, peak_lr: f64, warmup_steps: usize, total_steps: usize) -> Result<Self> {
+    pub fn new(
+        kind: ScheduleKind,
+        peak_lr: f64,
+        warmup_steps: usize,
+        total_steps: usize,
+    ) -> Result<Self> {
         if !(peak_lr.is_finite() && peak_lr > 0.0) {
-            return Err(Error::InvalidConfig { name: "lr", value: peak_lr.to_string(), expected: "a finite rate > 0" });
+            return Err(Error::InvalidConfig {
+                name: "lr",
+                value: peak_lr.to_string(),
+                expected: "a finite rate > 0",
+            });
         }
         if total_steps == 0 {
-            return Err(Error::InvalidConfig { name: "steps", value: "0".into(), expected: "at least 1 optimiser step" });
+            return Err(Error::InvalidConfig {
+                name: "steps",
+                value: "0".into(),
+                expected: "at least 1 optimiser step",
+            });
         }
         if warmup_steps > total_steps {
             return Err(Error::InvalidConfig {
@@ -70,7 +87,13 @@ impl LrSchedule {
                 expected: "at most the number of steps",
             });
         }
-        Ok(Self { kind, peak_lr, min_lr: 0.0, warmup_steps, total_steps })
+        Ok(Self {
+            kind,
+            peak_lr,
+            min_lr: 0.0,
+            warmup_steps,
+            total_steps,
+        })
     }
 
     /// Sets the rate the decaying schedules end at.
@@ -90,7 +113,9 @@ impl LrSchedule {
         match self.kind {
             ScheduleKind::Constant => self.peak_lr,
             ScheduleKind::Linear => self.min_lr + span * (1.0 - progress),
-            ScheduleKind::Cosine => self.min_lr + span * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            ScheduleKind::Cosine => {
+                self.min_lr + span * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
         }
     }
 }

@@ -99,10 +99,17 @@ pub fn train(
     resume: Option<&Path>,
 ) -> Result<TrainReport> {
     if cfg.grad_accum == 0 {
-        return Err(Error::InvalidConfig { name: "grad_accum", value: "0".into(), expected: "at least 1" });
+        return Err(Error::InvalidConfig {
+            name: "grad_accum",
+            value: "0".into(),
+            expected: "at least 1",
+        });
     }
     let out = &cfg.out_dir;
-    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Io {
+        path: out.display().to_string(),
+        source: e,
+    })?;
     let checkpoints = out.join("checkpoints");
     let fingerprint = format!(
         "rank={} alpha={} targets={:?} rslora={} batch_rows={} data_rows={} grad_accum={} seed={}",
@@ -164,7 +171,9 @@ pub fn train(
     while state.step < end {
         let step_start = Instant::now();
         let lr = cfg.schedule.lr_at(state.step);
-        let batches: Vec<Batch> = (0..cfg.grad_accum).map(|_| data.next_batch(model.device())).collect::<Result<_>>()?;
+        let batches: Vec<Batch> = (0..cfg.grad_accum)
+            .map(|_| data.next_batch(model.device()))
+            .collect::<Result<_>>()?;
         let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
         let n_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
         let params = optimizer.params().to_vec();
@@ -176,7 +185,13 @@ pub fn train(
             let loss = masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask)?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
-                return Err(diverged(state.step + 1, micro, "loss", value, last_checkpoint.as_deref()));
+                return Err(diverged(
+                    state.step + 1,
+                    micro,
+                    "loss",
+                    value,
+                    last_checkpoint.as_deref(),
+                ));
             }
             loss_sum += value;
             let scaled = (loss / n_targets.max(1) as f64)?;
@@ -195,7 +210,13 @@ pub fn train(
             None => super::optimizer::global_grad_norm(&grads)?,
         };
         if !grad_norm.is_finite() {
-            return Err(diverged(state.step + 1, cfg.grad_accum - 1, "gradient norm", grad_norm, last_checkpoint.as_deref()));
+            return Err(diverged(
+                state.step + 1,
+                cfg.grad_accum - 1,
+                "gradient norm",
+                grad_norm,
+                last_checkpoint.as_deref(),
+            ));
         }
         optimizer.step(&grads, lr)?;
         state.step += 1;
@@ -223,7 +244,9 @@ pub fn train(
         }
         metrics.append(&record)?;
         let line = format_record(&record, total);
-        if cfg.log_every > 0 && (state.step % cfg.log_every == 0 || last || record.val_loss.is_some()) {
+        if cfg.log_every > 0
+            && (state.step % cfg.log_every == 0 || last || record.val_loss.is_some())
+        {
             bar.suspend(|| eprintln!("{line}"));
         }
         bar.set_message(line);
@@ -261,7 +284,10 @@ pub fn evaluate(model: &dyn CausalLm, data: &DataLoader) -> Result<f64> {
     for batch in data.all_batches(model.device())? {
         let logits = model.forward_batch(&batch)?;
         let loss = masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask)?;
-        sum += loss.detach().to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sum += loss
+            .detach()
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         count += batch.n_targets;
     }
     Ok(sum / count.max(1) as f64)
@@ -269,7 +295,10 @@ pub fn evaluate(model: &dyn CausalLm, data: &DataLoader) -> Result<f64> {
 
 fn diverged(step: usize, micro: usize, what: &str, value: f64, last: Option<&Path>) -> Error {
     let keep = match last {
-        Some(p) => format!("the last good checkpoint is {} (resume from it with a lower learning rate)", p.display()),
+        Some(p) => format!(
+            "the last good checkpoint is {} (resume from it with a lower learning rate)",
+            p.display()
+        ),
         None => "no checkpoint had been written yet".to_string(),
     };
     Error::Msg(format!(
@@ -278,7 +307,10 @@ fn diverged(step: usize, micro: usize, what: &str, value: f64, last: Option<&Pat
 }
 
 fn format_record(r: &MetricRecord, total: usize) -> String {
-    let val = r.val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default();
+    let val = r
+        .val_loss
+        .map(|v| format!(" val {v:.4}"))
+        .unwrap_or_default();
     format!(
         "step {:>width$}/{total}  loss {:.4}{val}  lr {:.2e}  grad {:.3}  {:.0} tok/s",
         r.step,
@@ -295,9 +327,11 @@ fn progress_bar(show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    let style = indicatif::ProgressStyle::with_template("{bar:28.cyan/blue} {msg}  [{elapsed_precise} < {eta_precise}]")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style = indicatif::ProgressStyle::with_template(
+        "{bar:28.cyan/blue} {msg}  [{elapsed_precise} < {eta_precise}]",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
     bar.set_style(style);
     bar.set_position(done);
     bar

@@ -42,27 +42,42 @@ impl ToyLm {
                     ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
                 })
                 .collect();
-            Tensor::from_vec(v, shape, &device).unwrap().to_dtype(dtype).unwrap()
+            Tensor::from_vec(v, shape, &device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
         };
         let embed = rand((VOCAB, dim), 1.0);
         let q = LoraLinear::new(rand((dim, dim), 0.3), None).unwrap();
         let down = LoraLinear::new(rand((dim, dim), 0.3), None).unwrap();
         let head = rand((VOCAB, dim), 0.3);
-        Self { embed, q, down, head, device }
+        Self {
+            embed,
+            q,
+            down,
+            head,
+            device,
+        }
     }
 }
 
 impl CausalLm for ToyLm {
     fn forward_batch(&self, batch: &Batch) -> metal_candle::Result<Tensor> {
         let (b, t) = batch.dims();
-        let x = self.embed.index_select(&batch.input_ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let x = self
+            .embed
+            .index_select(&batch.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
         let h = self.q.forward(&x)?.tanh()?;
         let h = (self.down.forward(&h)? + x)?;
         Ok(h.broadcast_matmul(&self.head.t()?)?)
     }
 
     fn lora_linears(&self) -> Vec<(String, &LoraLinear)> {
-        vec![("model.layers.0.self_attn.q_proj".into(), &self.q), ("model.layers.0.mlp.down_proj".into(), &self.down)]
+        vec![
+            ("model.layers.0.self_attn.q_proj".into(), &self.q),
+            ("model.layers.0.mlp.down_proj".into(), &self.down),
+        ]
     }
 
     fn lora_linear_mut(&mut self, path: &str) -> Option<&mut LoraLinear> {
@@ -88,26 +103,52 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
 /// Checks the gradients of every LoRA factor against central finite differences of the masked
 /// loss, with the model running in f64. The adapters' B factors are first set to random values
 /// (a fresh B is zero, which would hide errors in A's gradient). Returns the worst relative error.
-pub fn lora_grad_fd_error(model: &mut dyn CausalLm, batch: &Batch, spec: &metal_candle::lora::AdapterSpec) -> f64 {
+pub fn lora_grad_fd_error(
+    model: &mut dyn CausalLm,
+    batch: &Batch,
+    spec: &metal_candle::lora::AdapterSpec,
+) -> f64 {
     use metal_candle::train::masked_cross_entropy_sum;
     metal_candle::lora::attach_adapters(model, spec, 0).unwrap();
     let vars = metal_candle::lora::adapter_vars(model);
     for (i, (_, v)) in vars.iter().enumerate() {
         let t = Tensor::randn(0f32, 0.3, v.dims(), &Device::Cpu).unwrap();
-        let t = if i % 2 == 0 { (v.as_tensor() + t).unwrap() } else { t };
+        let t = if i % 2 == 0 {
+            (v.as_tensor() + t).unwrap()
+        } else {
+            t
+        };
         v.set(&t).unwrap();
     }
     let loss_of = |m: &dyn CausalLm| -> f64 {
         let logits = m.forward_batch(batch).unwrap();
-        masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     let logits = model.forward_batch(batch).unwrap();
     let loss = masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask).unwrap();
     let grads = loss.backward().unwrap();
     let mut worst = 0f64;
     for (name, var) in &vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}")).to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // A few entries of each factor.
         for &idx in &[0usize, base.len() / 3, base.len() - 1] {
             let h = 1e-2f32;
@@ -116,14 +157,21 @@ pub fn lora_grad_fd_error(model: &mut dyn CausalLm, batch: &Batch, spec: &metal_
             let mut minus = base.clone();
             minus[idx] -= h;
             let actual = (plus[idx] as f64) - (minus[idx] as f64);
-            var.set(&Tensor::from_vec(plus, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(plus, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = loss_of(model);
-            var.set(&Tensor::from_vec(minus, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(minus, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = loss_of(model);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let fd = (lp - lm) / actual;
             let err = (fd - g[idx]).abs() / (fd.abs().max(g[idx].abs()).max(1e-3));
-            assert!(err < 1e-3, "{name}[{idx}]: analytic {} vs finite difference {fd}", g[idx]);
+            assert!(
+                err < 1e-3,
+                "{name}[{idx}]: analytic {} vs finite difference {fd}",
+                g[idx]
+            );
             worst = worst.max(err);
         }
     }
@@ -140,7 +188,13 @@ pub fn tiny_llama(seed: u64, dtype: DType) -> metal_candle::model::Llama {
             "tie_word_embeddings": true}}"#
     );
     let config = LlamaConfig::from_json_str(&json, "tiny").unwrap();
-    let shapes = Llama::load(candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu), &config).unwrap().named_weights().unwrap();
+    let shapes = Llama::load(
+        candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu),
+        &config,
+    )
+    .unwrap()
+    .named_weights()
+    .unwrap();
     let mut s = seed;
     let mut tensors = std::collections::HashMap::new();
     for (name, t) in shapes {
@@ -158,5 +212,9 @@ pub fn tiny_llama(seed: u64, dtype: DType) -> metal_candle::model::Llama {
         };
         tensors.insert(name, w.to_dtype(dtype).unwrap());
     }
-    Llama::load(candle_nn::VarBuilder::from_tensors(tensors, dtype, &Device::Cpu), &config).unwrap()
+    Llama::load(
+        candle_nn::VarBuilder::from_tensors(tensors, dtype, &Device::Cpu),
+        &config,
+    )
+    .unwrap()
 }

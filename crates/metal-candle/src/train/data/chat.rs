@@ -27,7 +27,10 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish()
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish()
     }
 }
 
@@ -35,23 +38,37 @@ impl ChatTemplate {
     /// Compiles a Hugging Face style Jinja template (`tokenizer.chat_template`).
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Msg(format!("the chat template does not compile: {e}")))?;
-        Ok(Self { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        Ok(Self {
+            env,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
     }
 
     /// ChatML with SmolLM2's special tokens.
     pub fn chatml() -> Self {
         // The constant template compiles; a failure here would be a bug in this file.
-        Self::new(CHATML_TEMPLATE, "<|im_start|>", "<|im_end|>").unwrap_or_else(|e| unreachable!("{e}"))
+        Self::new(CHATML_TEMPLATE, "<|im_start|>", "<|im_end|>")
+            .unwrap_or_else(|e| unreachable!("{e}"))
     }
 
     /// The text of `messages`, with the assistant header appended when `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Msg(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Msg(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -67,11 +84,19 @@ impl ChatTemplate {
     /// The conversation is rendered growing one message at a time; each rendering must extend
     /// the previous one (true of ordinary templates). The text between "everything before
     /// message k with the assistant header" and "everything up to message k" is the reply.
-    pub fn encode(&self, messages: &[Message], tok: &dyn EncodeText) -> Result<(Vec<u32>, Vec<bool>)> {
+    pub fn encode(
+        &self,
+        messages: &[Message],
+        tok: &dyn EncodeText,
+    ) -> Result<(Vec<u32>, Vec<bool>)> {
         let mut tokens = Vec::new();
         let mut trainable = Vec::new();
         let mut done = String::new();
-        let push = |text: &str, train: bool, tokens: &mut Vec<u32>, trainable: &mut Vec<bool>| -> Result<()> {
+        let push = |text: &str,
+                    train: bool,
+                    tokens: &mut Vec<u32>,
+                    trainable: &mut Vec<bool>|
+         -> Result<()> {
             if !text.is_empty() {
                 let ids = tok.encode(text)?;
                 trainable.extend(std::iter::repeat_n(train, ids.len()));
@@ -88,12 +113,19 @@ impl ChatTemplate {
                 let reply = strip_prefix(&upto, &header, k)?;
                 push(reply, true, &mut tokens, &mut trainable)?;
             } else {
-                push(strip_prefix(&upto, &done, k)?, false, &mut tokens, &mut trainable)?;
+                push(
+                    strip_prefix(&upto, &done, k)?,
+                    false,
+                    &mut tokens,
+                    &mut trainable,
+                )?;
             }
             done = upto;
         }
         if !trainable.iter().any(|&t| t) {
-            return Err(Error::Msg("the conversation has no assistant message to learn from".into()));
+            return Err(Error::Msg(
+                "the conversation has no assistant message to learn from".into(),
+            ));
         }
         Ok((tokens, trainable))
     }

@@ -62,9 +62,16 @@ pub fn load_examples(
     seq_len: usize,
 ) -> Result<(Vec<Example>, DataStats)> {
     if seq_len < 2 {
-        return Err(Error::InvalidConfig { name: "seq_len", value: seq_len.to_string(), expected: "at least 2 tokens" });
+        return Err(Error::InvalidConfig {
+            name: "seq_len",
+            value: seq_len.to_string(),
+            expected: "at least 2 tokens",
+        });
     }
-    let meta = std::fs::metadata(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
     let mut stats = DataStats::default();
     let mut examples = Vec::new();
     if meta.is_dir() {
@@ -80,25 +87,42 @@ pub fn load_examples(
         examples = text_examples(path, tok, seq_len)?;
     }
     if examples.is_empty() {
-        return Err(Error::Msg(format!("{}: no training examples found (is it empty?)", path.display())));
+        return Err(Error::Msg(format!(
+            "{}: no training examples found (is it empty?)",
+            path.display()
+        )));
     }
     stats.examples = examples.len();
     stats.tokens = examples.iter().map(|e| e.tokens.len()).sum();
-    stats.trainable_tokens = examples.iter().map(|e| e.trainable.iter().filter(|&&t| t).count()).sum();
+    stats.trainable_tokens = examples
+        .iter()
+        .map(|e| e.trainable.iter().filter(|&&t| t).count())
+        .sum();
     Ok((examples, stats))
 }
 
 fn is_jsonl(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "json" | "JSONL"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "json" | "JSONL")
+    )
 }
 
 fn text_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
-    let mut files: Vec<PathBuf> =
-        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "txt")).collect();
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::Msg(format!("{}: folder holds no .txt files", dir.display())));
+        return Err(Error::Msg(format!(
+            "{}: folder holds no .txt files",
+            dir.display()
+        )));
     }
     Ok(files)
 }
@@ -106,7 +130,11 @@ fn text_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
 fn read_text(path: &Path) -> Result<String> {
     let bytes = crate::fs::read(path)?;
     String::from_utf8(bytes).map_err(|e| {
-        Error::Msg(format!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+        Error::Msg(format!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
     })
 }
 
@@ -115,7 +143,14 @@ fn text_examples(path: &Path, tok: &dyn EncodeText, seq_len: usize) -> Result<Ve
     let text = read_text(path)?;
     let mut ids = tok.encode(&text)?;
     ids.extend(tok.eos_id());
-    Ok(ids.chunks(seq_len).filter(|c| c.len() >= 2).map(|c| Example { tokens: c.to_vec(), trainable: vec![true; c.len()] }).collect())
+    Ok(ids
+        .chunks(seq_len)
+        .filter(|c| c.len() >= 2)
+        .map(|c| Example {
+            tokens: c.to_vec(),
+            trainable: vec![true; c.len()],
+        })
+        .collect())
 }
 
 /// Parses one JSONL line into an example (not yet truncated).
@@ -135,8 +170,9 @@ pub fn parse_record(
     let enc = |s: &str| tok.encode(s).map_err(|e| e.to_string());
     let eos: Vec<u32> = tok.eos_id().into_iter().collect();
     if let Some(messages) = obj.get("messages") {
-        let messages: Vec<Message> = serde_json::from_value(messages.clone())
-            .map_err(|e| format!("\"messages\" must be a list of {{\"role\", \"content\"}} strings: {e}"))?;
+        let messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
+            format!("\"messages\" must be a list of {{\"role\", \"content\"}} strings: {e}")
+        })?;
         let (tokens, trainable) = template.encode(&messages, tok).map_err(|e| e.to_string())?;
         return Ok(Example { tokens, trainable });
     }
@@ -145,16 +181,24 @@ pub fn parse_record(
         let mut c = enc(completion)?;
         c.extend(&eos);
         let trainable = [vec![false; p.len()], vec![true; c.len()]].concat();
-        return Ok(Example { tokens: [p, c].concat(), trainable });
+        return Ok(Example {
+            tokens: [p, c].concat(),
+            trainable,
+        });
     }
     if let Some(text) = field("text")? {
         let mut t = enc(text)?;
         t.extend(&eos);
         let n = t.len();
-        return Ok(Example { tokens: t, trainable: vec![true; n] });
+        return Ok(Example {
+            tokens: t,
+            trainable: vec![true; n],
+        });
     }
     let keys: Vec<&String> = obj.keys().collect();
-    Err(format!("expected \"text\", \"prompt\" + \"completion\", or \"messages\"; found keys {keys:?}"))
+    Err(format!(
+        "expected \"text\", \"prompt\" + \"completion\", or \"messages\"; found keys {keys:?}"
+    ))
 }
 
 /// Examples of a JSONL file; each with whether it was cut to `seq_len`. A bad line fails the
@@ -173,10 +217,13 @@ fn jsonl_examples(
             continue;
         }
         let bad = |msg: String| Error::Msg(format!("{}:{}: {msg}", path.display(), i + 1));
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let mut ex = parse_record(&value, tok, template).map_err(bad)?;
         if !ex.trainable.iter().any(|&t| t) {
-            return Err(bad("the record has no tokens to train on (empty completion?)".into()));
+            return Err(bad(
+                "the record has no tokens to train on (empty completion?)".into(),
+            ));
         }
         let truncated = ex.tokens.len() > seq_len;
         ex.tokens.truncate(seq_len);
@@ -188,17 +235,29 @@ fn jsonl_examples(
 
 /// Splits off a validation share of the examples, chosen by a seeded shuffle (at least one
 /// example on each side). Returns (train, validation).
-pub fn split_validation(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+pub fn split_validation(
+    examples: Vec<Example>,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
     if !(0.0..1.0).contains(&fraction) {
-        return Err(Error::InvalidConfig { name: "valid_fraction", value: fraction.to_string(), expected: "a fraction in [0, 1)" });
+        return Err(Error::InvalidConfig {
+            name: "valid_fraction",
+            value: fraction.to_string(),
+            expected: "a fraction in [0, 1)",
+        });
     }
     if fraction == 0.0 {
         return Ok((examples, Vec::new()));
     }
     if examples.len() < 2 {
-        return Err(Error::Msg(format!("cannot split {} example(s) into train and validation", examples.len())));
+        return Err(Error::Msg(format!(
+            "cannot split {} example(s) into train and validation",
+            examples.len()
+        )));
     }
-    let n_valid = ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
+    let n_valid =
+        ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     TrainRng::new(derive_seed(seed, &[0x5717])).shuffle(&mut order);
     let valid_set: std::collections::HashSet<usize> = order[..n_valid].iter().copied().collect();

@@ -21,7 +21,12 @@ pub struct Row {
 
 impl Row {
     fn empty() -> Self {
-        Self { tokens: Vec::new(), trainable: Vec::new(), positions: Vec::new(), segments: Vec::new() }
+        Self {
+            tokens: Vec::new(),
+            trainable: Vec::new(),
+            positions: Vec::new(),
+            segments: Vec::new(),
+        }
     }
 
     fn push(&mut self, ex: &Example) {
@@ -29,7 +34,8 @@ impl Row {
         self.tokens.extend_from_slice(&ex.tokens);
         self.trainable.extend_from_slice(&ex.trainable);
         self.positions.extend(0..ex.tokens.len() as u32);
-        self.segments.extend(std::iter::repeat_n(seg, ex.tokens.len()));
+        self.segments
+            .extend(std::iter::repeat_n(seg, ex.tokens.len()));
     }
 
     /// Number of tokens.
@@ -49,7 +55,10 @@ impl Row {
         let mut ids = vec![0u32; n];
         let mut mask = vec![0f32; n];
         for i in 0..n.saturating_sub(1) {
-            if self.segments[i] != 0 && self.segments[i] == self.segments[i + 1] && self.trainable[i + 1] {
+            if self.segments[i] != 0
+                && self.segments[i] == self.segments[i + 1]
+                && self.trainable[i + 1]
+            {
                 ids[i] = self.tokens[i + 1];
                 mask[i] = 1.0;
             }
@@ -67,7 +76,10 @@ pub fn pack_rows(examples: &[Example], seq_len: usize, pack: bool) -> Result<Vec
     let mut current = Row::empty();
     for (i, ex) in examples.iter().enumerate() {
         if ex.tokens.len() > seq_len {
-            return Err(Error::Msg(format!("example {i} has {} tokens, more than seq_len {seq_len}", ex.tokens.len())));
+            return Err(Error::Msg(format!(
+                "example {i} has {} tokens, more than seq_len {seq_len}",
+                ex.tokens.len()
+            )));
         }
         if ex.tokens.is_empty() {
             continue;
@@ -112,8 +124,13 @@ impl Batch {
         if b == 0 || t == 0 {
             return Err(Error::Msg("cannot build a batch from no tokens".into()));
         }
-        let (mut ids, mut tg, mut mask, mut pos, mut seg) =
-            (vec![0u32; b * t], vec![0u32; b * t], vec![0f32; b * t], vec![0u32; b * t], vec![0u32; b * t]);
+        let (mut ids, mut tg, mut mask, mut pos, mut seg) = (
+            vec![0u32; b * t],
+            vec![0u32; b * t],
+            vec![0f32; b * t],
+            vec![0u32; b * t],
+            vec![0u32; b * t],
+        );
         let mut segments_host = Vec::with_capacity(b);
         let mut n_tokens = 0;
         for (r, row) in rows.iter().enumerate() {
@@ -145,7 +162,10 @@ impl Batch {
 
     /// (batch, seq).
     pub fn dims(&self) -> (usize, usize) {
-        (self.segments_host.len(), self.segments_host.first().map_or(0, |s| s.len()))
+        (
+            self.segments_host.len(),
+            self.segments_host.first().map_or(0, |s| s.len()),
+        )
     }
 
     /// Whether every row holds one example and no padding: plain causal attention is then exact.
@@ -202,12 +222,28 @@ impl DataLoader {
     /// A loader over `rows`; `shuffle = false` serves them in order (validation).
     pub fn new(rows: Vec<Row>, batch_size: usize, seed: u64, shuffle: bool) -> Result<Self> {
         if rows.is_empty() {
-            return Err(Error::Msg("the data set has no rows: is the data file empty?".into()));
+            return Err(Error::Msg(
+                "the data set has no rows: is the data file empty?".into(),
+            ));
         }
         if batch_size == 0 {
-            return Err(Error::InvalidConfig { name: "batch_size", value: "0".into(), expected: "at least 1" });
+            return Err(Error::InvalidConfig {
+                name: "batch_size",
+                value: "0".into(),
+                expected: "at least 1",
+            });
         }
-        let mut loader = Self { rows, batch_size, seed, shuffle, order: Vec::new(), position: DataPosition { epoch: 0, cursor: 0 } };
+        let mut loader = Self {
+            rows,
+            batch_size,
+            seed,
+            shuffle,
+            order: Vec::new(),
+            position: DataPosition {
+                epoch: 0,
+                cursor: 0,
+            },
+        };
         loader.order = loader.order_of(0);
         Ok(loader)
     }
@@ -258,7 +294,10 @@ impl DataLoader {
         let mut picked = Vec::with_capacity(self.batch_size);
         while picked.len() < self.batch_size {
             if self.position.cursor == self.rows.len() {
-                self.position = DataPosition { epoch: self.position.epoch + 1, cursor: 0 };
+                self.position = DataPosition {
+                    epoch: self.position.epoch + 1,
+                    cursor: 0,
+                };
                 self.order = self.order_of(self.position.epoch);
             }
             picked.push(self.order[self.position.cursor]);
@@ -275,6 +314,9 @@ impl DataLoader {
 
     /// Every row once, in order, in batches (for validation loss).
     pub fn all_batches(&self, device: &Device) -> Result<Vec<Batch>> {
-        self.rows.chunks(self.batch_size).map(|c| Batch::from_rows(&c.iter().collect::<Vec<_>>(), device)).collect()
+        self.rows
+            .chunks(self.batch_size)
+            .map(|c| Batch::from_rows(&c.iter().collect::<Vec<_>>(), device))
+            .collect()
     }
 }

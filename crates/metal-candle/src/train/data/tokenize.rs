@@ -13,15 +13,28 @@ pub trait EncodeText {
 
 impl EncodeText for tokenizers::Tokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = std::ops::Deref::deref(self).encode(text, false)
-            .map_err(|e| Error::Msg(format!("tokenizer failed on {:?}...: {e}", text.chars().take(40).collect::<String>())))?;
+        let enc = std::ops::Deref::deref(self)
+            .encode(text, false)
+            .map_err(|e| {
+                Error::Msg(format!(
+                    "tokenizer failed on {:?}...: {e}",
+                    text.chars().take(40).collect::<String>()
+                ))
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     fn eos_id(&self) -> Option<u32> {
-        ["<|im_end|>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>"]
-            .iter()
-            .find_map(|t| self.token_to_id(t))
+        [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "</s>",
+            "<|end_of_text|>",
+            "<|eot_id|>",
+            "<eos>",
+        ]
+        .iter()
+        .find_map(|t| self.token_to_id(t))
     }
 }
 
