@@ -2,13 +2,17 @@
 //!
 //! Each subcommand lives in its own module; this file only parses and dispatches.
 
-use clap::{Parser, Subcommand};
-
 mod cmd;
 mod greedy;
 
+use clap::{Parser, Subcommand};
+
 #[derive(Parser)]
-#[command(name = "metal-candle", version, about = "LoRA fine-tuning and inference on Candle, with fused kernels")]
+#[command(
+    name = "metal-candle",
+    version,
+    about = "LoRA fine-tuning and inference on Candle, with fused kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,6 +30,10 @@ enum Command {
     BenchTrain(cmd::bench_train::BenchTrainArgs),
     /// Convert a GGUF model to a Hugging Face folder (safetensors, config, tokenizer).
     Convert(cmd::convert::ConvertArgs),
+    /// Benchmarks (`bench ops --device cuda --json FILE`).
+    Bench(cmd::bench::BenchArgs),
+    /// Check every CUDA kernel against the CPU reference (needs a GPU; fails without one).
+    GpuTest(cmd::gpu_test::GpuTestArgs),
 }
 
 fn main() {
@@ -36,6 +44,8 @@ fn main() {
         Command::Merge(args) => cmd::merge::run(args),
         Command::BenchTrain(args) => cmd::bench_train::run(args),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::GpuTest(args) => cmd::gpu_test::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

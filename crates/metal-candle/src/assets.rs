@@ -45,7 +45,9 @@ impl Assets {
         if checkout.join("scripts/fetch-assets.sh").is_file() {
             return checkout.join(".assets");
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         home.join(".cache/metal-candle/assets")
     }
 
@@ -98,11 +100,19 @@ impl Assets {
             .map_err(|e| Error::Msg(format!("cannot run bash to fetch the assets: {e}")))?;
         if let Some(mut stdin) = child.stdin.take() {
             use std::io::Write;
-            stdin.write_all(FETCH_SCRIPT.as_bytes()).map_err(|e| Error::Msg(format!("fetch script: {e}")))?;
+            stdin
+                .write_all(FETCH_SCRIPT.as_bytes())
+                .map_err(|e| Error::Msg(format!("fetch script: {e}")))?;
         }
-        let out = child.wait_with_output().map_err(|e| Error::Msg(format!("fetch script: {e}")))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| Error::Msg(format!("fetch script: {e}")))?;
         if !out.status.success() {
-            return Err(Error::Msg(format!("fetching the assets into {} failed ({}); see the messages above", dir.display(), out.status)));
+            return Err(Error::Msg(format!(
+                "fetching the assets into {} failed ({}); see the messages above",
+                dir.display(),
+                out.status
+            )));
         }
         Self::locate(dir)
     }

@@ -26,7 +26,6 @@
 
 pub mod assets;
 pub mod backend;
-pub mod fs;
 mod error;
 pub mod fs;
 pub mod lora;

@@ -15,7 +15,6 @@ use metal_candle::assets::Assets;
 use metal_candle::model::load::{GgufFile, TextTokenizer};
 use metal_candle::model::{Llama, LlamaConfig, SequenceLayout};
 
-
 struct Real {
     model: Llama,
     tokenizer: TextTokenizer,
@@ -30,9 +29,17 @@ fn real() -> &'static Real {
         let mut gguf = GgufFile::open(&assets.smollm2_gguf).unwrap();
         let config = gguf.config().unwrap();
         let tensors = gguf.hf_tensors(&config, DType::F32, &Device::Cpu).unwrap();
-        let model = Llama::load(VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu), &config).unwrap();
+        let model = Llama::load(
+            VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu),
+            &config,
+        )
+        .unwrap();
         let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
-        Real { model, tokenizer, tensors }
+        Real {
+            model,
+            tokenizer,
+            tensors,
+        }
     })
 }
 
@@ -40,8 +47,19 @@ fn real() -> &'static Real {
 #[ignore = "needs the SmolLM2 assets"]
 fn config_is_smollm2_135m() {
     let c: &LlamaConfig = real().model.config();
-    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads), (30, 576, 9, 3));
-    assert_eq!((c.vocab_size, c.rope_theta, c.tie_word_embeddings), (49152, 100000.0, true));
+    assert_eq!(
+        (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ),
+        (30, 576, 9, 3)
+    );
+    assert_eq!(
+        (c.vocab_size, c.rope_theta, c.tie_word_embeddings),
+        (49152, 100000.0, true)
+    );
 }
 
 #[test]
@@ -61,23 +79,38 @@ fn tokenizer_round_trips_text() {
     let ids = tok.encode("2024", false).unwrap();
     assert_eq!(ids.len(), 4, "{ids:?}");
     assert_eq!(tok.encode("<|im_end|>", false).unwrap().len(), 1);
-    assert!(tok.chat_template().is_some_and(|t| t.contains("<|im_start|>")));
+    assert!(tok
+        .chat_template()
+        .is_some_and(|t| t.contains("<|im_start|>")));
     assert!(!tok.eos_token_ids().is_empty());
 }
 
 #[test]
 #[ignore = "needs the SmolLM2 assets"]
 fn greedy_completion_names_paris() {
-    let Real { model, tokenizer, .. } = real();
+    let Real {
+        model, tokenizer, ..
+    } = real();
     let mut tokens = tokenizer.encode("The capital of France is", false).unwrap();
     let mut cache = model.new_cache();
     let mut generated = Vec::new();
     let mut input = tokens.clone();
     for _ in 0..6 {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let layout = SequenceLayout::Contiguous { offset: cache.len() };
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let layout = SequenceLayout::Contiguous {
+            offset: cache.len(),
+        };
         let logits = model.forward_last(&x, &layout, Some(&mut cache)).unwrap();
-        let next = logits.squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let next = logits
+            .squeeze(0)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
         generated.push(next);
         tokens.push(next);
         input = vec![next];
@@ -89,7 +122,11 @@ fn greedy_completion_names_paris() {
 #[test]
 #[ignore = "needs the SmolLM2 assets"]
 fn logits_match_candle_transformers_llama() {
-    let Real { model, tokenizer, tensors } = real();
+    let Real {
+        model,
+        tokenizer,
+        tensors,
+    } = real();
     let c = model.config();
     let cfg = ct::Config {
         hidden_size: c.hidden_size,
@@ -107,15 +144,50 @@ fn logits_match_candle_transformers_llama() {
         max_position_embeddings: 64,
         tie_word_embeddings: c.tie_word_embeddings,
     };
-    let theirs = ct::Llama::load(VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu), &cfg).unwrap();
-    let ids = tokenizer.encode("What is the capital of France? Answer in one word.", false).unwrap();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let theirs = ct::Llama::load(
+        VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
+    let ids = tokenizer
+        .encode("What is the capital of France? Answer in one word.", false)
+        .unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut cache = ct::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
-    let expected = theirs.forward(&x, 0, &mut cache).unwrap().squeeze(0).unwrap();
-    let ours = model.forward(&x, 0, None).unwrap().squeeze(0).unwrap().i(ids.len() - 1).unwrap();
-    let diff = (&ours - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff < 1e-3 * scale.max(1.0), "max |ours - candle-transformers| = {diff} (logit scale {scale})");
+    let expected = theirs
+        .forward(&x, 0, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let ours = model
+        .forward(&x, 0, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .i(ids.len() - 1)
+        .unwrap();
+    let diff = (&ours - &expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = expected
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff < 1e-3 * scale.max(1.0),
+        "max |ours - candle-transformers| = {diff} (logit scale {scale})"
+    );
     let argmax = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     assert_eq!(argmax(&ours), argmax(&expected));
 }

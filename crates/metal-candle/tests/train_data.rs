@@ -1,9 +1,9 @@
 //! Training data: masks, chat templates, packing, batches, bad input.
 
-mod common;
+mod train_common;
 
 use candle_core::{DType, Device};
-use common::ByteTokenizer;
+use train_common::ByteTokenizer;
 use metal_candle::train::data::{
     load_examples, pack_rows, split_validation, Batch, ChatTemplate, DataLoader, Example, Message,
 };
@@ -16,7 +16,7 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn prompt_completion_trains_on_the_completion_and_eos_only() {
-    let dir = common::temp_dir("pc");
+    let dir = train_common::temp_dir("pc");
     let p = write(
         &dir,
         "d.jsonl",
@@ -39,7 +39,7 @@ fn prompt_completion_trains_on_the_completion_and_eos_only() {
 
 #[test]
 fn text_records_train_on_everything() {
-    let dir = common::temp_dir("txt");
+    let dir = train_common::temp_dir("txt");
     let p = write(
         &dir,
         "d.jsonl",
@@ -116,7 +116,7 @@ fn chat_template_from_a_model_renders_with_system_default() {
 
 #[test]
 fn bad_jsonl_lines_are_reported_with_their_number() {
-    let dir = common::temp_dir("bad");
+    let dir = train_common::temp_dir("bad");
     let p = write(
         &dir,
         "d.jsonl",
@@ -157,7 +157,7 @@ fn bad_jsonl_lines_are_reported_with_their_number() {
 
 #[test]
 fn plain_text_is_chunked_into_sequences() {
-    let dir = common::temp_dir("plain");
+    let dir = train_common::temp_dir("plain");
     let p = write(&dir, "t.txt", &"x".repeat(25));
     let (ex, stats) = load_examples(&p, &ByteTokenizer, &ChatTemplate::chatml(), 10).unwrap();
     assert_eq!(

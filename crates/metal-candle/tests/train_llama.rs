@@ -1,9 +1,9 @@
 //! Training the llama family: a tiny random llama built here, no downloads.
 
-mod common;
+mod train_common;
 
 use candle_core::{DType, Device};
-use common::{temp_dir, tiny_llama};
+use train_common::{temp_dir, tiny_llama};
 use metal_candle::lora::{self, AdapterSpec, PeftAdapter};
 use metal_candle::train::data::{pack_rows, Batch, DataLoader, Example};
 use metal_candle::train::{
@@ -62,7 +62,7 @@ fn llama_lora_gradients_match_finite_differences_in_f64() {
     let mut model = tiny_llama(2, DType::F64);
     let rows = pack_rows(&examples(), 48, true).unwrap();
     let batch = Batch::from_rows(&rows.iter().collect::<Vec<_>>(), &Device::Cpu).unwrap();
-    let worst = common::lora_grad_fd_error(&mut model, &batch, &all_targets(2));
+    let worst = train_common::lora_grad_fd_error(&mut model, &batch, &all_targets(2));
     assert!(worst < 1e-3, "{worst}");
 }
 
@@ -176,7 +176,7 @@ fn an_adapter_for_another_llama_is_refused() {
     let mut model = tiny_llama(5, DType::F32);
     lora::attach_adapters(&mut model, &all_targets(2), 0).unwrap();
     lora::save_peft_adapter(&model, &all_targets(2), Some("tiny"), &dir).unwrap();
-    let mut toy = common::ToyLm::new(32, 1, DType::F32);
+    let mut toy = train_common::ToyLm::new(32, 1, DType::F32);
     let err = PeftAdapter::load(&dir, &Device::Cpu)
         .unwrap()
         .apply(&mut toy)

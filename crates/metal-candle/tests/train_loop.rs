@@ -1,9 +1,9 @@
 //! The training loop on a tiny model: learning, exact resume, divergence, PEFT files, merge.
 
-mod common;
+mod train_common;
 
 use candle_core::DType;
-use common::{temp_dir, ToyLm};
+use train_common::{temp_dir, ToyLm};
 use metal_candle::lora::{self, AdapterSpec, PeftAdapter};
 use metal_candle::train::data::{pack_rows, Batch, DataLoader, Example};
 use metal_candle::train::{self, CausalLm, LrSchedule, ScheduleKind, TrainConfig};
@@ -303,6 +303,6 @@ fn peft_keys_with_default_load() {
 fn lora_gradients_match_finite_differences_in_f64() {
     let mut model = ToyLm::new(12, 8, DType::F64);
     let batch = loader(8).next_batch(&candle_core::Device::Cpu).unwrap();
-    let worst = common::lora_grad_fd_error(&mut model, &batch, &spec());
+    let worst = train_common::lora_grad_fd_error(&mut model, &batch, &spec());
     assert!(worst < 1e-3, "{worst}");
 }

@@ -133,7 +133,7 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
         use_rslora: false,
         targets: parse_targets(&args.targets)?,
     };
-    lora::attach_adapters(&mut model, &spec)?;
+    lora::attach_adapters(&mut model, &spec, 0)?;
     lora::set_adapters_training(&model, true);
     let mut opt = AdamW::new(lora::adapter_vars(&model), AdamWConfig::default())?;
     let params = opt.params().to_vec();

@@ -29,6 +29,11 @@ pub fn run(args: ConvertArgs) -> Result<(), Box<dyn std::error::Error>> {
         _ => DType::F32,
     };
     convert_gguf_to_hf(&args.gguf, &args.out, dtype)?;
-    println!("wrote {} ({:?}) from {}", args.out.display(), dtype, args.gguf.display());
+    println!(
+        "wrote {} ({:?}) from {}",
+        args.out.display(),
+        dtype,
+        args.gguf.display()
+    );
     Ok(())
 }

@@ -30,7 +30,14 @@ impl LoRAConfig {
     /// A configuration with no dropout and standard scaling. Values are checked by
     /// [`LoRAConfig::validate`], which every constructor of a layer calls.
     pub fn new(in_features: usize, out_features: usize, rank: usize, alpha: f64) -> Self {
-        Self { in_features, out_features, rank, alpha, dropout: 0.0, use_rslora: false }
+        Self {
+            in_features,
+            out_features,
+            rank,
+            alpha,
+            dropout: 0.0,
+            use_rslora: false,
+        }
     }
 
     /// Sets the dropout probability on the LoRA input (training mode only).
@@ -57,13 +64,25 @@ impl LoRAConfig {
     /// Rejects rank 0, alpha ≤ 0 (or not finite), dropout outside [0, 1) and zero-sized layers.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            return Err(Error::InvalidConfig { name: "rank", value: "0".into(), expected: "a rank >= 1" });
+            return Err(Error::InvalidConfig {
+                name: "rank",
+                value: "0".into(),
+                expected: "a rank >= 1",
+            });
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::InvalidConfig { name: "alpha", value: self.alpha.to_string(), expected: "a finite number > 0" });
+            return Err(Error::InvalidConfig {
+                name: "alpha",
+                value: self.alpha.to_string(),
+                expected: "a finite number > 0",
+            });
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::InvalidConfig { name: "dropout", value: self.dropout.to_string(), expected: "a probability in [0, 1)" });
+            return Err(Error::InvalidConfig {
+                name: "dropout",
+                value: self.dropout.to_string(),
+                expected: "a probability in [0, 1)",
+            });
         }
         if self.in_features == 0 || self.out_features == 0 {
             return Err(Error::InvalidConfig {

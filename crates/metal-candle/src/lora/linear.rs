@@ -40,17 +40,28 @@ impl LoraLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let dims = weight.dims();
         if dims.len() != 2 {
-            return Err(Error::shape("LoraLinear::new", format!("weight must be (out, in), got {dims:?}")));
+            return Err(Error::shape(
+                "LoraLinear::new",
+                format!("weight must be (out, in), got {dims:?}"),
+            ));
         }
         if let Some(b) = &bias {
             if b.dims() != [dims[0]] {
                 return Err(Error::shape(
                     "LoraLinear::new",
-                    format!("bias has shape {:?} but weight {dims:?} needs [{}]", b.dims(), dims[0]),
+                    format!(
+                        "bias has shape {:?} but weight {dims:?} needs [{}]",
+                        b.dims(),
+                        dims[0]
+                    ),
                 ));
             }
         }
-        Ok(Self { weight, bias, adapter: None })
+        Ok(Self {
+            weight,
+            bias,
+            adapter: None,
+        })
     }
 
     /// Attaches (or replaces) the adapter; its shape must match the base layer.
@@ -108,10 +119,17 @@ impl LoraLinear {
     /// The same layer with the adapter folded into the weight (`W + scale·(A·B)ᵀ`) and no
     /// adapter left. A layer without an adapter is returned as it is.
     pub fn merged(&self) -> Result<Self> {
-        let Some(adapter) = &self.adapter else { return Ok(self.clone()) };
+        let Some(adapter) = &self.adapter else {
+            return Ok(self.clone());
+        };
         let delta = adapter.delta_weight(candle_core::DType::F32)?;
-        let w = (self.weight.to_dtype(candle_core::DType::F32)? + delta)?.to_dtype(self.weight.dtype())?;
-        Ok(Self { weight: w.detach(), bias: self.bias.clone(), adapter: None })
+        let w = (self.weight.to_dtype(candle_core::DType::F32)? + delta)?
+            .to_dtype(self.weight.dtype())?;
+        Ok(Self {
+            weight: w.detach(),
+            bias: self.bias.clone(),
+            adapter: None,
+        })
     }
 
     fn base(&self, x: &Tensor) -> Result<Tensor> {
@@ -126,12 +144,21 @@ impl LoraLinear {
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let forward = || -> Result<Tensor> {
-            let Some(adapter) = &self.adapter else { return self.base(x) };
+            let Some(adapter) = &self.adapter else {
+                return self.base(x);
+            };
             if adapter.dropout_active() {
                 return Ok((self.base(x)? + adapter.forward(x)?)?);
             }
             let (a, b) = adapter.factors(x.dtype())?;
-            ops::lora_linear(x, &self.weight, self.bias.as_ref(), &a, &b, adapter.config().scaling())
+            ops::lora_linear(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                &a,
+                &b,
+                adapter.config().scaling(),
+            )
         };
         forward().map_err(|e| match e {
             Error::Candle(c) => c,

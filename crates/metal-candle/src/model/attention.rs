@@ -49,7 +49,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
         let q = rope.apply(&heads(self.q_proj.forward(x)?, nh)?)?;
         let k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?)?;
         let v = heads(self.v_proj.forward(x)?, nkv)?;
@@ -67,13 +69,19 @@ impl Attention {
         let scores = match bias {
             Some(bias) => {
                 let bias = bias.unsqueeze(2)?; // (b|1, 1, 1, s, t) broadcasts over kv heads and rep
-                scores.reshape((b, nkv, rep, s, t))?.broadcast_add(&bias)?.reshape((b, nkv, rep * s, t))?
+                scores
+                    .reshape((b, nkv, rep, s, t))?
+                    .broadcast_add(&bias)?
+                    .reshape((b, nkv, rep * s, t))?
             }
             None => scores,
         };
         let probs = ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v)?; // (b, nkv, rep*s, d)
-        let y = y.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
+        let y = y
+            .reshape((b, nh, s, d))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * d))?;
         Ok(self.o_proj.forward(&y)?)
     }
 }

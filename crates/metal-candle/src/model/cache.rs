@@ -20,7 +20,9 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model with `num_layers` decoder layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self {
+            layers: vec![None; num_layers],
+        }
     }
 
     /// Number of cached positions (the offset of the next token).
@@ -59,12 +61,19 @@ impl KvCache {
     }
 
     /// Appends this step's keys and values for `layer` and returns all of them.
-    pub(crate) fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let n = self.layers.len();
-        let slot = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| Error::shape("KvCache::append", format!("layer {layer} but the cache has {n} layers")))?;
+        let slot = self.layers.get_mut(layer).ok_or_else(|| {
+            Error::shape(
+                "KvCache::append",
+                format!("layer {layer} but the cache has {n} layers"),
+            )
+        })?;
         let (k, v) = match slot.take() {
             None => (k, v),
             Some((ck, cv)) => {

@@ -120,17 +120,25 @@ impl LlamaConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     /// Parses and checks the text of a `config.json`; `origin` names it in errors.
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::file(origin, format!("not valid JSON: {e}")))?;
-        let obj = value.as_object().ok_or_else(|| Error::file(origin, "expected a JSON object"))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::file(origin, format!("not valid JSON: {e}")))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::file(origin, "expected a JSON object"))?;
         let field = Fields { obj, origin };
 
-        let model_type = field.string("model_type")?.unwrap_or_else(|| "llama".into());
+        let model_type = field
+            .string("model_type")?
+            .unwrap_or_else(|| "llama".into());
         let architecture = match model_type.as_str() {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
@@ -143,16 +151,26 @@ impl LlamaConfig {
         };
         if let Some(act) = field.string("hidden_act")? {
             if act != "silu" {
-                return Err(Error::file(origin, format!("hidden_act {act:?} is not supported; llama-family models use \"silu\"")));
+                return Err(Error::file(
+                    origin,
+                    format!(
+                        "hidden_act {act:?} is not supported; llama-family models use \"silu\""
+                    ),
+                ));
             }
         }
         if field.bool("use_sliding_window")? == Some(true) {
-            return Err(Error::file(origin, "use_sliding_window = true is not supported (full attention only)"));
+            return Err(Error::file(
+                origin,
+                "use_sliding_window = true is not supported (full attention only)",
+            ));
         }
 
         let hidden_size = field.usize_required("hidden_size")?;
         let num_attention_heads = field.usize_required("num_attention_heads")?;
-        let num_key_value_heads = field.usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = field
+            .usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         let head_dim = match field.usize("head_dim")? {
             Some(d) => d,
             None if num_attention_heads > 0 => hidden_size / num_attention_heads,
@@ -161,11 +179,16 @@ impl LlamaConfig {
 
         // Newer configs group RoPE settings under `rope_parameters`; older ones spread them out.
         let rope_params = obj.get("rope_parameters").filter(|v| !v.is_null());
-        let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
+        let rope_theta = match rope_params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+        {
             Some(t) => t,
             None => field.f64("rope_theta")?.unwrap_or(10_000.0),
         };
-        let scaling_value = rope_params.or(obj.get("rope_scaling")).filter(|v| !v.is_null());
+        let scaling_value = rope_params
+            .or(obj.get("rope_scaling"))
+            .filter(|v| !v.is_null());
         let rope_scaling = match scaling_value {
             Some(v) => parse_rope_scaling(v, origin)?,
             None => RopeScaling::None,
@@ -173,7 +196,10 @@ impl LlamaConfig {
 
         let attention_bias = field.bool("attention_bias")?;
         let (qkv_bias, o_bias) = match architecture {
-            Architecture::Llama => (attention_bias.unwrap_or(false), attention_bias.unwrap_or(false)),
+            Architecture::Llama => (
+                attention_bias.unwrap_or(false),
+                attention_bias.unwrap_or(false),
+            ),
             Architecture::Qwen2 => (true, false),
         };
         let config = Self {
@@ -196,7 +222,9 @@ impl LlamaConfig {
             bos_token_id: field.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: field.token_ids("eos_token_id")?,
         };
-        config.validate().map_err(|e| Error::file(origin, e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| Error::file(origin, e.to_string()))?;
         Ok(config)
     }
 
@@ -213,24 +241,46 @@ impl LlamaConfig {
         ];
         for (name, v) in sizes {
             if v == 0 {
-                return Err(Error::InvalidConfig { name, value: "0".into(), expected: "a size >= 1" });
+                return Err(Error::InvalidConfig {
+                    name,
+                    value: "0".into(),
+                    expected: "a size >= 1",
+                });
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::InvalidConfig {
                 name: "num_key_value_heads",
-                value: format!("{} (with {} attention heads)", self.num_key_value_heads, self.num_attention_heads),
+                value: format!(
+                    "{} (with {} attention heads)",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
                 expected: "a divisor of num_attention_heads",
             });
         }
-        if self.head_dim % 2 != 0 {
-            return Err(Error::InvalidConfig { name: "head_dim", value: self.head_dim.to_string(), expected: "an even number (RoPE rotates pairs)" });
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(Error::InvalidConfig {
+                name: "head_dim",
+                value: self.head_dim.to_string(),
+                expected: "an even number (RoPE rotates pairs)",
+            });
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(Error::InvalidConfig { name: "rope_theta", value: self.rope_theta.to_string(), expected: "a finite number > 0" });
+            return Err(Error::InvalidConfig {
+                name: "rope_theta",
+                value: self.rope_theta.to_string(),
+                expected: "a finite number > 0",
+            });
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(Error::InvalidConfig { name: "rms_norm_eps", value: self.rms_norm_eps.to_string(), expected: "a finite number > 0" });
+            return Err(Error::InvalidConfig {
+                name: "rms_norm_eps",
+                value: self.rms_norm_eps.to_string(),
+                expected: "a finite number > 0",
+            });
         }
         Ok(())
     }
@@ -239,8 +289,15 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> Value {
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => Value::Null,
-            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "type": "linear", "factor": factor}),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+            RopeScaling::Linear { factor } => {
+                json!({"rope_type": "linear", "type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => json!({
                 "rope_type": "llama3",
                 "factor": factor,
                 "low_freq_factor": low_freq_factor,
@@ -284,9 +341,18 @@ impl LlamaConfig {
 
 fn parse_rope_scaling(v: &Value, origin: &str) -> Result<RopeScaling> {
     let get = |k: &str| v.get(k).and_then(Value::as_f64);
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let need = |k: &'static str| {
-        get(k).ok_or_else(|| Error::file(origin, format!("rope scaling of type {kind:?} needs a numeric {k:?}")))
+        get(k).ok_or_else(|| {
+            Error::file(
+                origin,
+                format!("rope scaling of type {kind:?} needs a numeric {k:?}"),
+            )
+        })
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -316,35 +382,62 @@ impl Fields<'_> {
     }
 
     fn wrong(&self, key: &str, want: &str, got: &Value) -> Error {
-        Error::file(self.origin, format!("field {key:?} should be {want}, got {got}"))
+        Error::file(
+            self.origin,
+            format!("field {key:?} should be {want}, got {got}"),
+        )
     }
 
     fn usize(&self, key: &str) -> Result<Option<usize>> {
         self.present(key)
-            .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| self.wrong(key, "a non-negative integer", v)))
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
+            })
             .transpose()
     }
 
     fn usize_required(&self, key: &str) -> Result<usize> {
-        self.usize(key)?.ok_or_else(|| Error::file(self.origin, format!("missing required field {key:?}")))
+        self.usize(key)?
+            .ok_or_else(|| Error::file(self.origin, format!("missing required field {key:?}")))
     }
 
     fn f64(&self, key: &str) -> Result<Option<f64>> {
-        self.present(key).map(|v| v.as_f64().ok_or_else(|| self.wrong(key, "a number", v))).transpose()
+        self.present(key)
+            .map(|v| v.as_f64().ok_or_else(|| self.wrong(key, "a number", v)))
+            .transpose()
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
-        self.present(key).map(|v| v.as_bool().ok_or_else(|| self.wrong(key, "true or false", v))).transpose()
+        self.present(key)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.wrong(key, "true or false", v))
+            })
+            .transpose()
     }
 
     fn string(&self, key: &str) -> Result<Option<String>> {
-        self.present(key).map(|v| v.as_str().map(str::to_owned).ok_or_else(|| self.wrong(key, "a string", v))).transpose()
+        self.present(key)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| self.wrong(key, "a string", v))
+            })
+            .transpose()
     }
 
     /// A token id or a list of them.
     fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
-        let Some(v) = self.present(key) else { return Ok(Vec::new()) };
-        let one = |v: &Value| v.as_u64().map(|n| n as u32).ok_or_else(|| self.wrong(key, "a token id or a list of them", v));
+        let Some(v) = self.present(key) else {
+            return Ok(Vec::new());
+        };
+        let one = |v: &Value| {
+            v.as_u64()
+                .map(|n| n as u32)
+                .ok_or_else(|| self.wrong(key, "a token id or a list of them", v))
+        };
         match v {
             Value::Array(items) => items.iter().map(one).collect(),
             _ => Ok(vec![one(v)?]),

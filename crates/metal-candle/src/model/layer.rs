@@ -46,9 +46,18 @@ impl DecoderLayer {
         bias: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&ops::rms_norm(x, &self.input_layernorm, self.eps)?, rope, bias, cache)?;
+        let attn = self.self_attn.forward(
+            &ops::rms_norm(x, &self.input_layernorm, self.eps)?,
+            rope,
+            bias,
+            cache,
+        )?;
         let x = (x + attn)?;
-        let mlp = self.mlp.forward(&ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?;
+        let mlp = self.mlp.forward(&ops::rms_norm(
+            &x,
+            &self.post_attention_layernorm,
+            self.eps,
+        )?)?;
         Ok((x + mlp)?)
     }
 }

@@ -48,7 +48,14 @@ pub(crate) struct PreparedLayout {
 impl SequenceLayout {
     /// Positions and attention bias for a chunk of `batch × seq` tokens after `cached` cached
     /// ones.
-    pub(crate) fn prepare(&self, batch: usize, seq: usize, cached: usize, dtype: DType, device: &Device) -> Result<PreparedLayout> {
+    pub(crate) fn prepare(
+        &self,
+        batch: usize,
+        seq: usize,
+        cached: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<PreparedLayout> {
         match self {
             SequenceLayout::Contiguous { offset } => {
                 if *offset != cached {
@@ -78,23 +85,35 @@ impl SequenceLayout {
                         ),
                     ));
                 }
-                let mask: Vec<Vec<u32>> = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?
+                let mask: Vec<Vec<u32>> = attention_mask
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?
                     .into_iter()
                     .map(|row| row.into_iter().map(|m| u32::from(m != 0.0)).collect())
                     .collect();
                 // A token's position counts the real tokens before it (padding takes none).
-                let positions = Tensor::from_vec(fix_positions(&mask, cached, seq), (batch, seq), device)?;
+                let positions =
+                    Tensor::from_vec(fix_positions(&mask, cached, seq), (batch, seq), device)?;
                 let allowed = |row: usize, q: usize, k: usize| k <= cached + q && mask[row][k] == 1;
                 let bias = bias_tensor(batch, seq, cached + seq, allowed, dtype, device)?;
-                Ok(PreparedLayout { positions, bias: Some(bias) })
+                Ok(PreparedLayout {
+                    positions,
+                    bias: Some(bias),
+                })
             }
             SequenceLayout::Packed { segment_ids } => {
                 if cached != 0 {
-                    return Err(Error::shape("Llama::forward", "a packed batch cannot be used with a KV cache holding tokens"));
+                    return Err(Error::shape(
+                        "Llama::forward",
+                        "a packed batch cannot be used with a KV cache holding tokens",
+                    ));
                 }
                 let dims = segment_ids.dims();
                 if dims != [batch, seq] {
-                    return Err(Error::shape("Llama::forward", format!("segment_ids is {dims:?} but the input ids are [{batch}, {seq}]")));
+                    return Err(Error::shape(
+                        "Llama::forward",
+                        format!("segment_ids is {dims:?} but the input ids are [{batch}, {seq}]"),
+                    ));
                 }
                 let segs: Vec<Vec<i64>> = segment_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
                 // Position = distance from the start of the token's run of equal ids.
@@ -102,14 +121,21 @@ impl SequenceLayout {
                 let mut positions = Vec::with_capacity(batch * seq);
                 for (r, row) in segs.iter().enumerate() {
                     for i in 0..seq {
-                        starts[r][i] = if i > 0 && row[i] == row[i - 1] { starts[r][i - 1] } else { i };
+                        starts[r][i] = if i > 0 && row[i] == row[i - 1] {
+                            starts[r][i - 1]
+                        } else {
+                            i
+                        };
                         positions.push((i - starts[r][i]) as u32);
                     }
                 }
                 let positions = Tensor::from_vec(positions, (batch, seq), device)?;
                 let allowed = |row: usize, q: usize, k: usize| k <= q && k >= starts[row][q];
                 let bias = bias_tensor(batch, seq, seq, allowed, dtype, device)?;
-                Ok(PreparedLayout { positions, bias: Some(bias) })
+                Ok(PreparedLayout {
+                    positions,
+                    bias: Some(bias),
+                })
             }
         }
     }

@@ -6,8 +6,17 @@ use crate::lora::LoraLinear;
 use crate::Result;
 
 /// The projection `vb` points at: `weight` (out, in) and, when `bias` is set, `bias` (out).
-pub(crate) fn load_linear(vb: &VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<LoraLinear> {
+pub(crate) fn load_linear(
+    vb: &VarBuilder,
+    in_features: usize,
+    out_features: usize,
+    bias: bool,
+) -> Result<LoraLinear> {
     let weight = vb.get((out_features, in_features), "weight")?;
-    let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
+    let bias = if bias {
+        Some(vb.get(out_features, "bias")?)
+    } else {
+        None
+    };
     LoraLinear::new(weight, bias)
 }

@@ -37,7 +37,14 @@ pub struct LoraSpec {
 impl LoraSpec {
     /// Rank and alpha on q_proj and v_proj of every layer, no dropout.
     pub fn new(rank: usize, alpha: f64) -> Self {
-        Self { rank, alpha, dropout: 0.0, use_rslora: false, targets: vec![TargetModule::Q, TargetModule::V], layers: None }
+        Self {
+            rank,
+            alpha,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: vec![TargetModule::Q, TargetModule::V],
+            layers: None,
+        }
     }
 
     /// Chooses the target projections.
@@ -110,9 +117,20 @@ impl Llama {
             .map(|i| DecoderLayer::load(vb.pp(format!("model.layers.{i}")), config))
             .collect::<Result<Vec<_>>>()?;
         let norm = vb.pp("model.norm").get(h, "weight")?;
-        let lm_head = if config.tie_word_embeddings { embed_tokens.clone() } else { vb.pp("lm_head").get((vocab, h), "weight")? };
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head").get((vocab, h), "weight")?
+        };
         let rope = Rope::new(config, vb.device())?;
-        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, rope })
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
     }
 
     /// The configuration.
@@ -139,13 +157,29 @@ impl Llama {
     ///
     /// `seqlen_offset` is the number of tokens already in `cache` (0 for a prefill or without
     /// a cache); the new keys and values are appended to `cache`.
-    pub fn forward(&self, input_ids: &Tensor, seqlen_offset: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.forward_with_layout(input_ids, &SequenceLayout::Contiguous { offset: seqlen_offset }, cache)
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        seqlen_offset: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_with_layout(
+            input_ids,
+            &SequenceLayout::Contiguous {
+                offset: seqlen_offset,
+            },
+            cache,
+        )
     }
 
     /// Logits (batch, seq, vocab) in f32 for any [`SequenceLayout`]: padded rows (with an
     /// attention mask) or packed rows (with segment ids).
-    pub fn forward_with_layout(&self, input_ids: &Tensor, layout: &SequenceLayout, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_with_layout(
+        &self,
+        input_ids: &Tensor,
+        layout: &SequenceLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, layout, cache)?;
         self.logits(&hidden)
     }
@@ -157,19 +191,37 @@ impl Llama {
 
     /// Logits (batch, vocab) in f32 of the last position only (what decoding needs; skips the
     /// output head for the other positions).
-    pub fn forward_last(&self, input_ids: &Tensor, layout: &SequenceLayout, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        layout: &SequenceLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, layout, cache)?;
         let s = hidden.dim(1)?;
-        self.logits(&hidden.i((.., s - 1..s, ..))?)?.squeeze(1).map_err(Error::from)
+        self.logits(&hidden.i((.., s - 1..s, ..))?)?
+            .squeeze(1)
+            .map_err(Error::from)
     }
 
     /// The final hidden states (batch, seq, hidden) after the last norm, in the model dtype.
-    pub fn forward_hidden(&self, input_ids: &Tensor, layout: &SequenceLayout, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        layout: &SequenceLayout,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2().map_err(|_| {
-            Error::shape("Llama::forward", format!("input_ids must be (batch, seq), got {:?}", input_ids.dims()))
+            Error::shape(
+                "Llama::forward",
+                format!("input_ids must be (batch, seq), got {:?}", input_ids.dims()),
+            )
         })?;
         if s == 0 {
-            return Err(Error::shape("Llama::forward", "input_ids has no tokens (seq = 0)"));
+            return Err(Error::shape(
+                "Llama::forward",
+                "input_ids has no tokens (seq = 0)",
+            ));
         }
         if let Some(c) = cache.as_deref() {
             if c.num_layers() != self.layers.len() {
@@ -198,15 +250,23 @@ impl Llama {
         if max >= self.config.vocab_size {
             return Err(Error::shape(
                 "Llama::embed",
-                format!("token id {max} is outside the vocabulary of {} tokens", self.config.vocab_size),
+                format!(
+                    "token id {max} is outside the vocabulary of {} tokens",
+                    self.config.vocab_size
+                ),
             ));
         }
-        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, s, self.config.hidden_size))?)
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, s, self.config.hidden_size))?)
     }
 
     /// The output head: `hidden` (..., hidden) → logits (..., vocab) in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(hidden
+            .broadcast_matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Number of decoder layers.
@@ -229,9 +289,18 @@ impl Llama {
     }
 
     /// The projection `target` of layer `layer`, mutably (to set or swap its adapter).
-    pub fn projection_mut(&mut self, layer: usize, target: TargetModule) -> Result<&mut LoraLinear> {
+    pub fn projection_mut(
+        &mut self,
+        layer: usize,
+        target: TargetModule,
+    ) -> Result<&mut LoraLinear> {
         let n = self.layers.len();
-        let l = self.layers.get_mut(layer).ok_or_else(|| Error::shape("Llama::projection", format!("layer {layer} but the model has {n} layers")))?;
+        let l = self.layers.get_mut(layer).ok_or_else(|| {
+            Error::shape(
+                "Llama::projection",
+                format!("layer {layer} but the model has {n} layers"),
+            )
+        })?;
         Ok(match target {
             TargetModule::Q => &mut l.self_attn.q_proj,
             TargetModule::K => &mut l.self_attn.k_proj,
@@ -254,21 +323,35 @@ impl Llama {
     /// projection `spec` names. Existing adapters elsewhere are kept.
     pub fn add_lora(&mut self, spec: &LoraSpec) -> Result<()> {
         if spec.targets.is_empty() {
-            return Err(Error::InvalidConfig { name: "targets", value: "[]".into(), expected: "at least one of q_proj ... down_proj" });
+            return Err(Error::InvalidConfig {
+                name: "targets",
+                value: "[]".into(),
+                expected: "at least one of q_proj ... down_proj",
+            });
         }
         let n = self.layers.len();
         let layers: Vec<usize> = spec.layers.clone().unwrap_or_else(|| (0..n).collect());
         if let Some(&bad) = layers.iter().find(|&&l| l >= n) {
-            return Err(Error::InvalidConfig { name: "layers", value: bad.to_string(), expected: "layer indices below the model's layer count" });
+            return Err(Error::InvalidConfig {
+                name: "layers",
+                value: bad.to_string(),
+                expected: "layer indices below the model's layer count",
+            });
         }
         let device = self.device().clone();
         for layer in layers {
             for &target in &spec.targets {
                 let proj = self.projection_mut(layer, target)?;
-                let cfg = LoRAConfig::new(proj.in_features(), proj.out_features(), spec.rank, spec.alpha)
-                    .with_dropout(spec.dropout)
-                    .with_rslora(spec.use_rslora);
-                let adapter = LoRALayer::new(proj.in_features(), proj.out_features(), &cfg, &device)?;
+                let cfg = LoRAConfig::new(
+                    proj.in_features(),
+                    proj.out_features(),
+                    spec.rank,
+                    spec.alpha,
+                )
+                .with_dropout(spec.dropout)
+                .with_rslora(spec.use_rslora);
+                let adapter =
+                    LoRALayer::new(proj.in_features(), proj.out_features(), &cfg, &device)?;
                 proj.set_adapter(Some(adapter))?;
             }
         }
@@ -281,7 +364,11 @@ impl Llama {
         let mut out = Vec::new();
         for layer in 0..self.layers.len() {
             for target in TargetModule::ALL {
-                if let Some(adapter) = self.projection(layer, target).ok().and_then(LoraLinear::adapter) {
+                if let Some(adapter) = self
+                    .projection(layer, target)
+                    .ok()
+                    .and_then(LoraLinear::adapter)
+                {
                     out.push((target.peft_path(layer), adapter));
                 }
             }
@@ -291,7 +378,10 @@ impl Llama {
 
     /// The trainable variables (A then B of each adapter, in [`Llama::lora_adapters`] order).
     pub fn trainable_vars(&self) -> Vec<Var> {
-        self.lora_adapters().into_iter().flat_map(|(_, a)| a.vars().map(Var::clone)).collect()
+        self.lora_adapters()
+            .into_iter()
+            .flat_map(|(_, a)| a.vars().map(Var::clone))
+            .collect()
     }
 
     /// Switches every adapter's dropout on (training) or off (inference).
@@ -326,7 +416,10 @@ impl Llama {
     /// The base weights under their Hugging Face names (what a `model.safetensors` holds);
     /// adapters are not included (merge first to bake them in). A tied head is not repeated.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         for (i, layer) in self.layers.iter().enumerate() {
             for target in TargetModule::ALL {
                 let proj = self.projection(i, target)?;
@@ -336,8 +429,14 @@ impl Llama {
                     out.push((format!("{path}.bias"), b.clone()));
                 }
             }
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), layer.input_layernorm().clone()));
-            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), layer.post_attention_layernorm().clone()));
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                layer.input_layernorm().clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm().clone(),
+            ));
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if !self.config.tie_word_embeddings {
@@ -348,6 +447,11 @@ impl Llama {
 
     fn layer(&self, layer: usize) -> Result<&DecoderLayer> {
         let n = self.layers.len();
-        self.layers.get(layer).ok_or_else(|| Error::shape("Llama::projection", format!("layer {layer} but the model has {n} layers")))
+        self.layers.get(layer).ok_or_else(|| {
+            Error::shape(
+                "Llama::projection",
+                format!("layer {layer} but the model has {n} layers"),
+            )
+        })
     }
 }

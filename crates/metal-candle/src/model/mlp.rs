@@ -18,7 +18,11 @@ pub struct Mlp {
 
 impl Mlp {
     pub(crate) fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
-        let (h, i, bias) = (config.hidden_size, config.intermediate_size, config.mlp_bias);
+        let (h, i, bias) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.mlp_bias,
+        );
         Ok(Self {
             gate_proj: load_linear(&vb.pp("gate_proj"), h, i, bias)?,
             up_proj: load_linear(&vb.pp("up_proj"), h, i, bias)?,

@@ -27,7 +27,9 @@ impl Rope {
     pub fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
         let inv_freq = inverse_frequencies(config);
         let inv_freq: Vec<f32> = inv_freq.into_iter().map(|f| f as f32).collect();
-        Ok(Self { inv_freq: Tensor::new(inv_freq, device)? })
+        Ok(Self {
+            inv_freq: Tensor::new(inv_freq, device)?,
+        })
     }
 
     /// Tables for `positions` (batch, seq) of integer positions, in `dtype`.
@@ -37,7 +39,10 @@ impl Rope {
         // Angles in f32 as Hugging Face computes them, then cast.
         let pos = positions.to_dtype(DType::F32)?.reshape((b, s, 1))?;
         let angles = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
-        Ok(RopeTables { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)? })
+        Ok(RopeTables {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
     }
 }
 
@@ -50,7 +55,11 @@ impl RopeTables {
         if x.track_op() {
             self.apply_composed(x)
         } else {
-            Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?)
+            Ok(candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                &self.cos,
+                &self.sin,
+            )?)
         }
     }
 
@@ -69,11 +78,18 @@ impl RopeTables {
 /// `1 / theta^(2i/d)`, rescaled as the config asks.
 fn inverse_frequencies(config: &LlamaConfig) -> Vec<f64> {
     let d = config.head_dim;
-    let base = (0..d).step_by(2).map(|i| 1.0 / config.rope_theta.powf(i as f64 / d as f64));
+    let base = (0..d)
+        .step_by(2)
+        .map(|i| 1.0 / config.rope_theta.powf(i as f64 / d as f64));
     match &config.rope_scaling {
         RopeScaling::None => base.collect(),
         RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let original = *original_max_position_embeddings as f64;
             let low_freq_wavelen = original / low_freq_factor;
             let high_freq_wavelen = original / high_freq_factor;
@@ -84,7 +100,8 @@ fn inverse_frequencies(config: &LlamaConfig) -> Vec<f64> {
                 } else if wavelen > low_freq_wavelen {
                     freq / factor
                 } else {
-                    let smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let smooth = (original / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
                     (1.0 - smooth) * freq / factor + smooth * freq
                 }
             })

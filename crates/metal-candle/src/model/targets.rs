@@ -29,7 +29,15 @@ pub enum TargetModule {
 
 impl TargetModule {
     /// All seven, in checkpoint order.
-    pub const ALL: [TargetModule; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+    pub const ALL: [TargetModule; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
     /// The attention projections q, k, v, o.
     pub const ATTENTION: [TargetModule; 4] = [Self::Q, Self::K, Self::V, Self::O];
 
@@ -73,7 +81,11 @@ impl TargetModule {
     /// # Ok::<(), metal_candle::Error>(())
     /// ```
     pub fn parse_path(path: &str) -> crate::Result<(usize, TargetModule)> {
-        let bad = || Error::Msg(format!("{path:?} is not a projection path like \"model.layers.0.self_attn.q_proj\""));
+        let bad = || {
+            Error::Msg(format!(
+                "{path:?} is not a projection path like \"model.layers.0.self_attn.q_proj\""
+            ))
+        };
         let rest = path.strip_prefix(PEFT_PREFIX).unwrap_or(path);
         let rest = rest.strip_suffix(".weight").unwrap_or(rest);
         let rest = rest.strip_prefix("model.layers.").ok_or_else(bad)?;

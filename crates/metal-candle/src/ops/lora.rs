@@ -69,7 +69,11 @@ pub fn lora_linear(
     let frozen = !w.track_op() && !bias.is_some_and(|b| b.track_op());
     Ok(match kernel_path(x.device(), x.dtype()) {
         KernelPath::Fused if frozen => {
-            let op = LoraLinear { w: w.clone(), bias: bias.cloned(), scale };
+            let op = LoraLinear {
+                w: w.clone(),
+                bias: bias.cloned(),
+                scale,
+            };
             x.apply_op3(a, b, op)?
         }
         KernelPath::Fused => {
@@ -99,20 +103,33 @@ fn check_lora_args(op: &'static str, x: &Tensor, a: &Tensor, b: &Tensor, scale: 
     if a_dims[0] != k {
         return Err(Error::shape(
             op,
-            format!("x has shape {:?} (in = {k}) but A has shape {a_dims:?}; A must be ({k}, r)", x.dims()),
+            format!(
+                "x has shape {:?} (in = {k}) but A has shape {a_dims:?}; A must be ({k}, r)",
+                x.dims()
+            ),
         ));
     }
     if a_dims[1] != b_dims[0] {
         return Err(Error::shape(
             op,
-            format!("A {a_dims:?} and B {b_dims:?} do not chain: A's rank {} != B's rows {}", a_dims[1], b_dims[0]),
+            format!(
+                "A {a_dims:?} and B {b_dims:?} do not chain: A's rank {} != B's rows {}",
+                a_dims[1], b_dims[0]
+            ),
         ));
     }
     if a_dims[1] == 0 {
-        return Err(Error::shape(op, "rank 0: A and B must have at least one rank dimension"));
+        return Err(Error::shape(
+            op,
+            "rank 0: A and B must have at least one rank dimension",
+        ));
     }
     if !scale.is_finite() {
-        return Err(Error::InvalidConfig { name: "scale", value: scale.to_string(), expected: "a finite number" });
+        return Err(Error::InvalidConfig {
+            name: "scale",
+            value: scale.to_string(),
+            expected: "a finite number",
+        });
     }
     check_same(op, &[("x", x), ("A", a), ("B", b)])
 }
@@ -123,23 +140,37 @@ fn check_base_args(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, b: &Tensor) ->
     if w.dims() != [n, k] {
         return Err(Error::shape(
             op,
-            format!("W has shape {:?} but must be (out, in) = ({n}, {k}) to match x {:?} and B {:?}", w.dims(), x.dims(), b.dims()),
+            format!(
+                "W has shape {:?} but must be (out, in) = ({n}, {k}) to match x {:?} and B {:?}",
+                w.dims(),
+                x.dims(),
+                b.dims()
+            ),
         ));
     }
     if let Some(bias) = bias {
         if bias.dims() != [n] {
-            return Err(Error::shape(op, format!("bias has shape {:?}; expected [{n}]", bias.dims())));
+            return Err(Error::shape(
+                op,
+                format!("bias has shape {:?}; expected [{n}]", bias.dims()),
+            ));
         }
         check_same(op, &[("x", x), ("bias", bias)])?;
     }
     check_same(op, &[("x", x), ("W", w)])
 }
 
+/// The number of rows of a (..., k) tensor: the product of all but the last dim.
+fn leading_rows(dims: &[usize]) -> usize {
+    dims.split_last()
+        .map_or(1, |(_, lead)| lead.iter().product())
+}
+
 /// Rows of x, its inner dim, and the output shape `(..., out)`.
 fn row_shape(xl: &Layout, out: usize) -> (usize, usize, Shape) {
     let dims = xl.dims();
     let k = dims.last().copied().unwrap_or(1);
-    let m = if k == 0 { dims[..dims.len() - 1].iter().product() } else { xl.shape().elem_count() / k };
+    let m = leading_rows(dims);
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = out;
@@ -199,7 +230,10 @@ impl CustomOp3 for LoraDelta {
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (_, _, out_shape) = row_shape(xl, bl.dims()[1]);
-        Ok((super::cuda::lora_delta_forward(xs, xl, as_, al, bs, bl, self.scale)?, out_shape))
+        Ok((
+            super::cuda::lora_delta_forward(xs, xl, as_, al, bs, bl, self.scale)?,
+            out_shape,
+        ))
     }
 
     fn bwd(
@@ -231,15 +265,17 @@ fn lora_backward(
             let (as_, al) = a.storage_and_layout();
             let (bs, bl) = b.storage_and_layout();
             let (gs, gl) = dy.storage_and_layout();
-            let (Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs), Storage::Cpu(gs)) = (&*xs, &*as_, &*bs, &*gs) else {
+            let (Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs), Storage::Cpu(gs)) =
+                (&*xs, &*as_, &*bs, &*gs)
+            else {
                 candle_core::bail!("lora backward: all tensors must be on the CPU")
             };
             with_float_type!(x.dtype(), "lora backward", T => {
                 let f = cpu_factors::<T>((as_, al), (bs, bl), scale)?;
                 let xv = cpu::contiguous::<T>(xs, xl)?;
                 let gv = cpu::contiguous::<T>(gs, gl)?;
-                let init = dx_base.map(cpu::tensor_data::<T>).transpose()?;
-                let (dx, dat, db) = cpu::lora::backward(&xv, &gv, &f, init.as_deref());
+                let init = dx_base.map(<<T as Elem>::A as Acc>::read_tensor).transpose()?;
+                let (dx, dat, db) = cpu::lora::backward(&xv, &gv, &f, init.as_deref(), leading_rows(x.dims()));
                 Ok((
                     cpu::to_tensor(dx, x.dims())?,
                     cpu::to_tensor(dat, &[f.rank, f.k])?.t()?,
@@ -249,7 +285,10 @@ fn lora_backward(
         }
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(_) => super::cuda::lora_backward(x, a, b, dy, scale, dx_base),
-        _ => candle_core::bail!("lora backward: no fused kernel for {:?}", x.device().location()),
+        _ => candle_core::bail!(
+            "lora backward: no fused kernel for {:?}",
+            x.device().location()
+        ),
     }
 }
 
@@ -277,19 +316,13 @@ impl CustomOp3 for LoraLinear {
         let n = bl.dims()[1];
         let (m, k, out_shape) = row_shape(xl, n);
         let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else { candle_core::bail!("lora_linear: W is not on the CPU") };
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("lora_linear: W is not on the CPU")
+        };
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
         with_float_type!(xs.dtype(), "lora_linear", T => {
             let f = cpu_factors::<T>((as_, al), (bs, bl), self.scale)?;
             let x = cpu::contiguous::<T>(xs, xl)?;
-            // The base GEMM through candle's CPU matmul writes the output buffer...
-            let wt = wl.transpose(0, 1)?;
-            let base = match xl.contiguous_offsets() {
-                Some((start, _)) => xs.matmul(ws, (1, m, n, k), &Layout::contiguous_with_offset((m, k), start), &wt)?,
-                None => T::to_cpu_storage(&x).matmul(ws, (1, m, n, k), &Layout::contiguous((m, k)), &wt)?,
-            };
-            let Some(mut out) = T::take(base) else { candle_core::bail!("lora_linear: base GEMM returned another dtype") };
-            // ...and one pass adds the bias and the low-rank term into it.
             let bias = match &bias_guard {
                 Some((s, l)) => match &**s {
                     Storage::Cpu(s) => Some(cpu::contiguous::<T>(s, l)?),
@@ -297,7 +330,29 @@ impl CustomOp3 for LoraLinear {
                 },
                 None => None,
             };
-            cpu::lora::forward_into(&x, &f, bias.as_deref(), &mut out, true);
+            let wt = wl.transpose(0, 1)?;
+            let out = if <T as WithDType>::DTYPE == <<T as Elem>::A as Acc>::DTYPE {
+                // f32/f64: the base GEMM through candle's CPU matmul writes the output buffer,
+                // and one pass adds the bias and the low-rank term into it.
+                let base = match xl.contiguous_offsets() {
+                    Some((start, _)) => xs.matmul(ws, (1, m, n, k), &Layout::contiguous_with_offset((m, k), start), &wt)?,
+                    None => T::to_cpu_storage(&x).matmul(ws, (1, m, n, k), &Layout::contiguous((m, k)), &wt)?,
+                };
+                let Some(mut out) = T::take(base) else { candle_core::bail!("lora_linear: base GEMM returned another dtype") };
+                cpu::lora::forward_into(&x, &f, bias.as_deref(), &mut out, true);
+                out
+            } else {
+                // bf16/f16: candle's CPU GEMM widens to f32 anyway; keep its f32 output, add
+                // the bias and the low-rank term in f32, and round once.
+                let x32 = cpu::to_f32_vec(&x);
+                let w32 = cpu::to_f32_vec(&cpu::contiguous::<T>(ws, wl)?);
+                let bias32 = bias.as_deref().map(cpu::to_f32_vec);
+                let base = CpuStorage::F32(x32.clone()).matmul(&CpuStorage::F32(w32), (1, m, n, k), &Layout::contiguous((m, k)), &Layout::contiguous((n, k)).transpose(0, 1)?)?;
+                let Some(mut out32) = f32::take(base) else { candle_core::bail!("lora_linear: base GEMM returned another dtype") };
+                let f32_factors = cpu::lora::Factors { at: cpu::to_f32_vec(&f.at), b: cpu::to_f32_vec(&f.b), rank: f.rank, k: f.k, n: f.n, scale: self.scale as f32 };
+                cpu::lora::forward_into(&x32, &f32_factors, bias32.as_deref(), &mut out32, true);
+                out32.iter().map(|&v| <T as WithDType>::from_f64(v as f64)).collect()
+            };
             Ok((cpu::to_storage(out), out_shape))
         })
     }
@@ -313,7 +368,17 @@ impl CustomOp3 for LoraLinear {
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (_, _, out_shape) = row_shape(xl, bl.dims()[1]);
-        let out = super::cuda::lora_linear_forward(xs, xl, as_, al, bs, bl, &self.w, self.bias.as_ref(), self.scale)?;
+        let out = super::cuda::lora_linear_forward(
+            xs,
+            xl,
+            as_,
+            al,
+            bs,
+            bl,
+            &self.w,
+            self.bias.as_ref(),
+            self.scale,
+        )?;
         Ok((out, out_shape))
     }
 
@@ -325,10 +390,26 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // On CUDA the low-rank part of dx is written first and the base GEMM dy·W accumulates
+        // into it (beta = 1), so no separate (tokens × in) base gradient is materialised.
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, da, db) = super::cuda::lora_linear_backward(x, a, b, dy, &self.w, self.scale)?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
         // dx = dy·W + scale·(dy·Bᵀ)·Aᵀ: the base part through the device GEMM, the low-rank
-        // part added into it by the fused backward pass.
+        // part added into it by the fused backward pass. On the CPU the base part stays in
+        // accumulation precision (f32 for half types) so that dx is rounded once.
         let n = self.w.dim(0)?;
-        let dx_base = dy.reshape(((), n))?.matmul(&self.w)?.reshape(x.shape())?;
+        let base_dtype = match x.device() {
+            candle_core::Device::Cpu => cpu::acc_dtype(x.dtype()),
+            _ => x.dtype(),
+        };
+        let dx_base = dy
+            .to_dtype(base_dtype)?
+            .reshape(((), n))?
+            .matmul(&self.w.to_dtype(base_dtype)?)?
+            .reshape(x.shape())?;
         let (dx, da, db) = lora_backward(x, a, b, dy, self.scale, Some(&dx_base))?;
         Ok((Some(dx), Some(da), Some(db)))
     }
@@ -373,16 +454,31 @@ impl FusedLoRAOp {
         let probe_in = lora_a.dims().first().copied().unwrap_or(0);
         let probe = Tensor::zeros((1, probe_in), lora_a.dtype(), lora_a.device())?;
         check_lora_args("FusedLoRAOp", &probe, &lora_a, &lora_b, scaling)?;
-        Ok(Self { lora_a, lora_b, scaling })
+        Ok(Self {
+            lora_a,
+            lora_b,
+            scaling,
+        })
     }
 
     fn check_input(&self, xl: &Layout, dtype: candle_core::DType) -> candle_core::Result<()> {
         let k = self.lora_a.dim(0)?;
         if xl.dims().last() != Some(&k) {
-            return Err(Error::shape("FusedLoRAOp", format!("input has shape {:?}; its last dim must be {k} (lora_a's rows)", xl.dims())).into_candle());
+            return Err(Error::shape(
+                "FusedLoRAOp",
+                format!(
+                    "input has shape {:?}; its last dim must be {k} (lora_a's rows)",
+                    xl.dims()
+                ),
+            )
+            .into_candle());
         }
         if dtype != self.lora_a.dtype() {
-            return Err(Error::dtype("FusedLoRAOp", format!("input is {dtype:?} but lora_a is {:?}", self.lora_a.dtype())).into_candle());
+            return Err(Error::dtype(
+                "FusedLoRAOp",
+                format!("input is {dtype:?} but lora_a is {:?}", self.lora_a.dtype()),
+            )
+            .into_candle());
         }
         Ok(())
     }
@@ -400,7 +496,10 @@ impl CustomOp1 for FusedLoRAOp {
         let (Storage::Cpu(as_), Storage::Cpu(bs)) = (&*as_, &*bs) else {
             candle_core::bail!("FusedLoRAOp: lora_a and lora_b must be on the input's device (CPU)")
         };
-        LoraDelta { scale: self.scaling }.cpu_fwd(xs, xl, as_, al, bs, bl)
+        LoraDelta {
+            scale: self.scaling,
+        }
+        .cpu_fwd(xs, xl, as_, al, bs, bl)
     }
 
     #[cfg(feature = "cuda")]
@@ -414,9 +513,14 @@ impl CustomOp1 for FusedLoRAOp {
         let (as_, al) = self.lora_a.storage_and_layout();
         let (bs, bl) = self.lora_b.storage_and_layout();
         let (Storage::Cuda(as_), Storage::Cuda(bs)) = (&*as_, &*bs) else {
-            candle_core::bail!("FusedLoRAOp: lora_a and lora_b must be on the input's device (CUDA)")
+            candle_core::bail!(
+                "FusedLoRAOp: lora_a and lora_b must be on the input's device (CUDA)"
+            )
         };
-        LoraDelta { scale: self.scaling }.cuda_fwd(xs, xl, as_, al, bs, bl)
+        LoraDelta {
+            scale: self.scaling,
+        }
+        .cuda_fwd(xs, xl, as_, al, bs, bl)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {

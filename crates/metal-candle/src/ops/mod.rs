@@ -58,16 +58,32 @@ pub fn kernel_path(device: &Device, dtype: DType) -> KernelPath {
 }
 
 pub(crate) fn unsupported_dtype(op: &'static str, dtype: DType) -> candle_core::Error {
-    crate::Error::dtype(op, format!("{dtype:?} is not supported; use f32, f64, bf16 or f16"))
-        .into_candle()
+    crate::Error::dtype(
+        op,
+        format!("{dtype:?} is not supported; use f32, f64, bf16 or f16"),
+    )
+    .into_candle()
 }
 
-/// Checks that every tensor shares the dtype and device of the first.
+/// Checks that every tensor shares the dtype and device of the first, and that the dtype is a
+/// float type the ops support.
 pub(crate) fn check_same(
     op: &'static str,
     tensors: &[(&str, &candle_core::Tensor)],
 ) -> crate::Result<()> {
     let (first_name, first) = tensors[0];
+    if !matches!(
+        first.dtype(),
+        DType::F32 | DType::F64 | DType::BF16 | DType::F16
+    ) {
+        return Err(crate::Error::dtype(
+            op,
+            format!(
+                "{first_name} is {:?}; the op supports f32, f64, bf16 and f16",
+                first.dtype()
+            ),
+        ));
+    }
     for &(name, t) in &tensors[1..] {
         if t.dtype() != first.dtype() {
             return Err(crate::Error::dtype(

@@ -53,10 +53,20 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     })
 }
 
-fn check_norm_args(op: &'static str, x: &Tensor, params: &[(&str, &Tensor)], eps: f64) -> Result<()> {
+fn check_norm_args(
+    op: &'static str,
+    x: &Tensor,
+    params: &[(&str, &Tensor)],
+    eps: f64,
+) -> Result<()> {
     let n = match x.dims().last() {
         Some(&n) => n,
-        None => return Err(Error::shape(op, "x is a scalar; expected at least one dimension")),
+        None => {
+            return Err(Error::shape(
+                op,
+                "x is a scalar; expected at least one dimension",
+            ))
+        }
     };
     for &(name, p) in params {
         if p.dims() != [n] {
@@ -70,7 +80,11 @@ fn check_norm_args(op: &'static str, x: &Tensor, params: &[(&str, &Tensor)], eps
     all.extend_from_slice(params);
     check_same(op, &all)?;
     if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::InvalidConfig { name: "eps", value: eps.to_string(), expected: "a finite number >= 0" });
+        return Err(Error::InvalidConfig {
+            name: "eps",
+            value: eps.to_string(),
+            expected: "a finite number >= 0",
+        });
     }
     Ok(())
 }
@@ -107,7 +121,10 @@ impl CustomOp2 for RmsNorm {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::rms_norm_forward(xs, xl, ws, wl, self.eps)?, xl.shape().clone()))
+        Ok((
+            super::cuda::rms_norm_forward(xs, xl, ws, wl, self.eps)?,
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -123,7 +140,8 @@ impl CustomOp2 for RmsNorm {
                 let (xs, xl) = x.storage_and_layout();
                 let (ws, wl) = w.storage_and_layout();
                 let (gs, gl) = dy.storage_and_layout();
-                let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs) else {
+                let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs)
+                else {
                     candle_core::bail!("rms_norm backward: all tensors must be on the CPU")
                 };
                 with_float_type!(x.dtype(), "rms_norm backward", T => {
@@ -137,7 +155,10 @@ impl CustomOp2 for RmsNorm {
                 let (dx, dw) = super::cuda::rms_norm_backward(x, w, dy, self.eps)?;
                 Ok((Some(dx), Some(dw)))
             }
-            _ => candle_core::bail!("rms_norm backward: no fused kernel for {:?}", x.device().location()),
+            _ => candle_core::bail!(
+                "rms_norm backward: no fused kernel for {:?}",
+                x.device().location()
+            ),
         }
     }
 }
@@ -179,7 +200,10 @@ impl CustomOp3 for LayerNorm {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::layer_norm_forward(xs, xl, ws, wl, bs, bl, self.eps)?, xl.shape().clone()))
+        Ok((
+            super::cuda::layer_norm_forward(xs, xl, ws, wl, bs, bl, self.eps)?,
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -196,7 +220,8 @@ impl CustomOp3 for LayerNorm {
                 let (xs, xl) = x.storage_and_layout();
                 let (ws, wl) = w.storage_and_layout();
                 let (gs, gl) = dy.storage_and_layout();
-                let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs) else {
+                let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs)
+                else {
                     candle_core::bail!("layer_norm backward: all tensors must be on the CPU")
                 };
                 with_float_type!(x.dtype(), "layer_norm backward", T => {
@@ -210,7 +235,10 @@ impl CustomOp3 for LayerNorm {
                 let (dx, dw, db) = super::cuda::layer_norm_backward(x, w, dy, self.eps)?;
                 Ok((Some(dx), Some(dw), Some(db)))
             }
-            _ => candle_core::bail!("layer_norm backward: no fused kernel for {:?}", x.device().location()),
+            _ => candle_core::bail!(
+                "layer_norm backward: no fused kernel for {:?}",
+                x.device().location()
+            ),
         }
     }
 }

@@ -21,8 +21,12 @@ use crate::{Error, Result};
 /// ```
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
-        return Err(Error::shape("softmax_last_dim", "x is a scalar; expected at least one dimension"));
+        return Err(Error::shape(
+            "softmax_last_dim",
+            "x is a scalar; expected at least one dimension",
+        ));
     }
+    super::check_same("softmax_last_dim", &[("x", x)])?;
     Ok(match kernel_path(x.device(), x.dtype()) {
         KernelPath::Fused => x.apply_op1(SoftmaxLastDim)?,
         KernelPath::Reference => reference::softmax_last_dim(x)?,
@@ -53,29 +57,36 @@ impl CustomOp1 for SoftmaxLastDim {
         Ok((super::cuda::softmax_forward(s, l)?, l.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(softmax_backward(y, dy)?))
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(softmax_backward(x, y, dy)?))
     }
 }
 
-/// `dx = y ⊙ (dy − Σ dy ⊙ y)` through the device's kernel.
-fn softmax_backward(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+/// `dx = y ⊙ (dy − Σ dy ⊙ y)` through the device's kernel. The CPU kernel recomputes `y`
+/// from `x` in f32 (see `cpu::softmax::backward`).
+fn softmax_backward(x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
     let n = y.dim(candle_core::D::Minus1)?;
     match y.device() {
         candle_core::Device::Cpu => {
-            let (ys, yl) = y.storage_and_layout();
+            let (xs, xl) = x.storage_and_layout();
             let (gs, gl) = dy.storage_and_layout();
-            let (Storage::Cpu(ys), Storage::Cpu(gs)) = (&*ys, &*gs) else {
-                candle_core::bail!("softmax backward: y and dy must both be on the CPU")
+            let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
+                candle_core::bail!("softmax backward: x and dy must both be on the CPU")
             };
             with_float_type!(y.dtype(), "softmax_last_dim backward", T => {
-                let yv = cpu::contiguous::<T>(ys, yl)?;
+                let xv = cpu::contiguous::<T>(xs, xl)?;
                 let gv = cpu::contiguous::<T>(gs, gl)?;
-                cpu::to_tensor(cpu::softmax::backward(&yv, &gv, n), y.dims())
+                cpu::to_tensor(cpu::softmax::backward(&xv, &gv, n), y.dims())
             })
         }
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) => super::cuda::softmax_backward(y, dy),
-        _ => candle_core::bail!("softmax backward: no fused kernel for {:?}", y.device().location()),
+        candle_core::Device::Cuda(_) => {
+            let _ = x;
+            super::cuda::softmax_backward(y, dy)
+        }
+        _ => candle_core::bail!(
+            "softmax backward: no fused kernel for {:?}",
+            y.device().location()
+        ),
     }
 }

@@ -43,14 +43,27 @@ pub fn random_tensor(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
 /// from uniform).
 pub fn random_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let (h, i, v, d) = (config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim);
-    let (q, kv) = (config.num_attention_heads * d, config.num_key_value_heads * d);
+    let (h, i, v, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+        config.head_dim,
+    );
+    let (q, kv) = (
+        config.num_attention_heads * d,
+        config.num_key_value_heads * d,
+    );
     let mut w = HashMap::new();
-    let mut put = |rng: &mut StdRng, name: String, shape: &[usize]| {
+    let put = |w: &mut HashMap<String, Tensor>, rng: &mut StdRng, name: String, shape: &[usize]| {
         let scale = 1.5 * (3.0f32 / *shape.last().unwrap() as f32).sqrt();
         w.insert(name, random_tensor(rng, shape, scale));
     };
-    put(&mut rng, "model.embed_tokens.weight".into(), &[v, h]);
+    put(
+        &mut w,
+        &mut rng,
+        "model.embed_tokens.weight".into(),
+        &[v, h],
+    );
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for (name, rows, cols, bias) in [
@@ -62,9 +75,14 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
             ("mlp.up_proj", i, h, config.mlp_bias),
             ("mlp.down_proj", h, i, config.mlp_bias),
         ] {
-            put(&mut rng, format!("{p}.{name}.weight"), &[rows, cols]);
+            put(
+                &mut w,
+                &mut rng,
+                format!("{p}.{name}.weight"),
+                &[rows, cols],
+            );
             if bias {
-                put(&mut rng, format!("{p}.{name}.bias"), &[rows]);
+                put(&mut w, &mut rng, format!("{p}.{name}.bias"), &[rows]);
             }
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
@@ -75,7 +93,7 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
     let t = (random_tensor(&mut rng, &[h], 0.2) + 1.0).unwrap();
     w.insert("model.norm.weight".into(), t);
     if !config.tie_word_embeddings {
-        put(&mut rng, "lm_head.weight".into(), &[v, h]);
+        put(&mut w, &mut rng, "lm_head.weight".into(), &[v, h]);
     }
     w
 }
@@ -83,12 +101,19 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
 /// Writes `config.json` and `model.safetensors` into `dir`.
 pub fn write_hf_dir(dir: &Path, config: &LlamaConfig, weights: &HashMap<String, Tensor>) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config.to_hf_json()).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config.to_hf_json()).unwrap(),
+    )
+    .unwrap();
     candle_core::safetensors::save(weights, dir.join("model.safetensors")).unwrap();
 }
 
 /// A temporary HF folder with a random model; returns the folder guard and the weights.
-pub fn random_hf_dir(config: &LlamaConfig, seed: u64) -> (tempfile::TempDir, HashMap<String, Tensor>) {
+pub fn random_hf_dir(
+    config: &LlamaConfig,
+    seed: u64,
+) -> (tempfile::TempDir, HashMap<String, Tensor>) {
     let dir = tempfile::tempdir().unwrap();
     let weights = random_weights(config, seed);
     write_hf_dir(dir.path(), config, &weights);
@@ -98,10 +123,29 @@ pub fn random_hf_dir(config: &LlamaConfig, seed: u64) -> (tempfile::TempDir, Has
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Token ids (1, n) from a slice.
 pub fn ids(tokens: &[u32]) -> Tensor {
-    Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+/// A (rows, len) u32 tensor from equal-length rows.
+pub fn batch(rows: &[Vec<u32>]) -> Tensor {
+    let len = rows[0].len();
+    assert!(rows.iter().all(|r| r.len() == len), "rows differ in length");
+    Tensor::from_vec(rows.concat(), (rows.len(), len), &Device::Cpu).unwrap()
 }

@@ -14,7 +14,8 @@ fn adapters_get_peft_names_and_start_as_identity() {
     let x = ids(&[3, 1, 4, 1, 5, 9]);
     let before = m.forward(&x, 0, None).unwrap();
 
-    m.add_lora(&LoraSpec::new(4, 8.0).with_targets(&TargetModule::ALL)).unwrap();
+    m.add_lora(&LoraSpec::new(4, 8.0).with_targets(&TargetModule::ALL))
+        .unwrap();
     let names: Vec<String> = m.lora_adapters().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names.len(), 7 * config.num_hidden_layers);
     assert_eq!(names[0], "base_model.model.model.layers.0.self_attn.q_proj");
@@ -26,7 +27,10 @@ fn adapters_get_peft_names_and_start_as_identity() {
     assert_eq!((k.a().dims(), k.b().dims()), (&[32, 4][..], &[4, 16][..]));
 
     let after = m.forward(&x, 0, None).unwrap();
-    assert!(max_diff(&before, &after) < 1e-5, "a fresh adapter (B = 0) must not change the output");
+    assert!(
+        max_diff(&before, &after) < 1e-5,
+        "a fresh adapter (B = 0) must not change the output"
+    );
 }
 
 #[test]
@@ -35,10 +39,25 @@ fn chosen_layers_and_targets_only() {
     let (dir, _) = random_hf_dir(&config, 21);
     let mut m = load_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let targets: Vec<TargetModule> = ["q", "v_proj"].iter().map(|s| s.parse().unwrap()).collect();
-    m.add_lora(&LoraSpec::new(2, 4.0).with_targets(&targets).with_layers(&[1])).unwrap();
+    m.add_lora(
+        &LoraSpec::new(2, 4.0)
+            .with_targets(&targets)
+            .with_layers(&[1]),
+    )
+    .unwrap();
     let names: Vec<String> = m.lora_adapters().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, ["base_model.model.model.layers.1.self_attn.q_proj", "base_model.model.model.layers.1.self_attn.v_proj"]);
-    assert!(m.add_lora(&LoraSpec::new(2, 4.0).with_layers(&[2])).is_err(), "layer 2 of 2 must be rejected");
+    assert_eq!(
+        names,
+        [
+            "base_model.model.model.layers.1.self_attn.q_proj",
+            "base_model.model.model.layers.1.self_attn.v_proj"
+        ]
+    );
+    assert!(
+        m.add_lora(&LoraSpec::new(2, 4.0).with_layers(&[2]))
+            .is_err(),
+        "layer 2 of 2 must be rejected"
+    );
     assert!("qkv".parse::<TargetModule>().is_err());
     m.clear_lora().unwrap();
     assert!(m.lora_adapters().is_empty());
@@ -49,7 +68,8 @@ fn gradients_reach_every_adapter_and_merge_matches() {
     let config = tiny_config(Architecture::Llama, 2, false);
     let (dir, _) = random_hf_dir(&config, 22);
     let mut m = load_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    m.add_lora(&LoraSpec::new(4, 8.0).with_targets(&TargetModule::ALL)).unwrap();
+    m.add_lora(&LoraSpec::new(4, 8.0).with_targets(&TargetModule::ALL))
+        .unwrap();
     // Give B non-zero values so the adapters matter.
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
     for (_, adapter) in m.lora_adapters() {
@@ -59,11 +79,23 @@ fn gradients_reach_every_adapter_and_merge_matches() {
     m.set_training(true);
     let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6]);
     let logits = m.forward(&x, 0, None).unwrap();
-    let loss = candle_nn::loss::cross_entropy(&logits.squeeze(0).unwrap().narrow(0, 0, 7).unwrap(), &x.squeeze(0).unwrap().narrow(0, 1, 7).unwrap()).unwrap();
+    let loss = candle_nn::loss::cross_entropy(
+        &logits.squeeze(0).unwrap().narrow(0, 0, 7).unwrap(),
+        &x.squeeze(0).unwrap().narrow(0, 1, 7).unwrap(),
+    )
+    .unwrap();
     let grads = loss.backward().unwrap();
     for (i, var) in m.trainable_vars().iter().enumerate() {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for trainable var {i}"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for trainable var {i}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm > 0.0, "zero gradient for trainable var {i}");
     }
     m.set_training(false);
@@ -79,6 +111,12 @@ fn gradients_reach_every_adapter_and_merge_matches() {
 fn projection_paths_parse_in_hf_and_peft_form() {
     let (l, t) = TargetModule::parse_path("model.layers.3.self_attn.k_proj.weight").unwrap();
     assert_eq!((l, t), (3, TargetModule::K));
-    assert!(TargetModule::parse_path("model.layers.3.mlp.q_proj").is_err(), "q_proj is not in mlp");
-    assert_eq!(TargetModule::Gate.peft_path(0), "base_model.model.model.layers.0.mlp.gate_proj");
+    assert!(
+        TargetModule::parse_path("model.layers.3.mlp.q_proj").is_err(),
+        "q_proj is not in mlp"
+    );
+    assert_eq!(
+        TargetModule::Gate.peft_path(0),
+        "base_model.model.model.layers.0.mlp.gate_proj"
+    );
 }

@@ -38,11 +38,15 @@ pub fn save_hf_dir(model: &Llama, tokenizer: Option<&TextTokenizer>, dir: &Path)
             }
         }
     }
-    let weights: HashMap<String, candle_core::Tensor> =
-        model.named_weights()?.into_iter().map(|(name, t)| t.contiguous().map(|t| (name, t))).collect::<candle_core::Result<_>>()?;
+    let weights: HashMap<String, candle_core::Tensor> = model
+        .named_weights()?
+        .into_iter()
+        .map(|(name, t)| t.contiguous().map(|t| (name, t)))
+        .collect::<candle_core::Result<_>>()?;
     let weights_path = dir.join("model.safetensors");
     write_atomic_with(&weights_path, |tmp| {
-        candle_core::safetensors::save(&weights, tmp).map_err(|e| Error::file(weights_path.display(), format!("cannot write: {e}")))
+        candle_core::safetensors::save(&weights, tmp)
+            .map_err(|e| Error::file(weights_path.display(), format!("cannot write: {e}")))
     })?;
     write_json_atomic(&dir.join("config.json"), &config)?;
     write_json_atomic(&dir.join("generation_config.json"), &generation)?;

@@ -25,8 +25,13 @@ impl GgufFile {
     /// Opens `path` and reads its header, metadata and tensor index.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut file).map_err(|e| Error::file(path.display(), format!("not a readable GGUF file: {e}")))?;
-        Ok(Self { path: path.to_path_buf(), file, content })
+        let content = Content::read(&mut file)
+            .map_err(|e| Error::file(path.display(), format!("not a readable GGUF file: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            content,
+        })
     }
 
     /// The file's path.
@@ -48,13 +53,18 @@ impl GgufFile {
     pub fn meta_str(&self, key: &str) -> Result<Option<&str>> {
         match self.meta(key) {
             None => Ok(None),
-            Some(v) => v.to_string().map(|s| Some(s.as_str())).map_err(|_| self.bad_meta(key, "a string", v)),
+            Some(v) => v
+                .to_string()
+                .map(|s| Some(s.as_str()))
+                .map_err(|_| self.bad_meta(key, "a string", v)),
         }
     }
 
     /// A non-negative integer metadata value of any integer width.
     pub fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
-        let Some(v) = self.meta(key) else { return Ok(None) };
+        let Some(v) = self.meta(key) else {
+            return Ok(None);
+        };
         let n = match v {
             Value::U8(x) => Some(*x as u64),
             Value::U16(x) => Some(*x as u64),
@@ -66,30 +76,43 @@ impl GgufFile {
             Value::I64(x) => u64::try_from(*x).ok(),
             _ => None,
         };
-        n.map(|n| Some(n as usize)).ok_or_else(|| self.bad_meta(key, "a non-negative integer", v))
+        n.map(|n| Some(n as usize))
+            .ok_or_else(|| self.bad_meta(key, "a non-negative integer", v))
     }
 
     /// A floating-point (or integer) metadata value.
     pub fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
-        let Some(v) = self.meta(key) else { return Ok(None) };
+        let Some(v) = self.meta(key) else {
+            return Ok(None);
+        };
         match v {
             Value::F32(x) => Ok(Some(*x as f64)),
             Value::F64(x) => Ok(Some(*x)),
-            _ => self.meta_usize(key).map(|n| n.map(|n| n as f64)).map_err(|_| self.bad_meta(key, "a number", v)),
+            _ => self
+                .meta_usize(key)
+                .map(|n| n.map(|n| n as f64))
+                .map_err(|_| self.bad_meta(key, "a number", v)),
         }
     }
 
     fn bad_meta(&self, key: &str, want: &str, got: &Value) -> Error {
-        Error::file(self.path.display(), format!("metadata {key:?} should be {want}, got {got:?}"))
+        Error::file(
+            self.path.display(),
+            format!("metadata {key:?} should be {want}, got {got:?}"),
+        )
     }
 
     fn require_usize(&self, key: &str) -> Result<usize> {
-        self.meta_usize(key)?.ok_or_else(|| Error::file(self.path.display(), format!("missing metadata {key:?}")))
+        self.meta_usize(key)?
+            .ok_or_else(|| Error::file(self.path.display(), format!("missing metadata {key:?}")))
     }
 
     /// The model configuration described by the metadata.
     pub fn config(&self) -> Result<LlamaConfig> {
-        let arch_name = self.meta_str("general.architecture")?.unwrap_or("llama").to_string();
+        let arch_name = self
+            .meta_str("general.architecture")?
+            .unwrap_or("llama")
+            .to_string();
         let architecture = match arch_name.as_str() {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
@@ -103,23 +126,42 @@ impl GgufFile {
         let key = |k: &str| format!("{arch_name}.{k}");
         let hidden_size = self.require_usize(&key("embedding_length"))?;
         let num_attention_heads = self.require_usize(&key("attention.head_count"))?;
-        let num_key_value_heads = self.meta_usize(&key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = self
+            .meta_usize(&key("attention.head_count_kv"))?
+            .unwrap_or(num_attention_heads);
         let head_dim = match self.meta_usize(&key("attention.key_length"))? {
             Some(d) => d,
-            None => self.meta_usize(&key("rope.dimension_count"))?.unwrap_or(hidden_size / num_attention_heads.max(1)),
+            None => self
+                .meta_usize(&key("rope.dimension_count"))?
+                .unwrap_or(hidden_size / num_attention_heads.max(1)),
         };
-        let embed_rows = self.content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]);
+        let embed_rows = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0]);
         let vocab_size = match self.meta_usize(&key("vocab_size"))? {
             Some(v) => v,
-            None => embed_rows.ok_or_else(|| Error::file(self.path.display(), "no token_embd.weight tensor"))?,
+            None => embed_rows
+                .ok_or_else(|| Error::file(self.path.display(), "no token_embd.weight tensor"))?,
         };
         let rope_theta = self.meta_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let rope_scaling = match self.meta_str(&key("rope.scaling.type"))? {
             None | Some("none") => RopeScaling::None,
             Some("linear") => RopeScaling::Linear {
-                factor: self.meta_f64(&key("rope.scaling.factor"))?.ok_or_else(|| Error::file(self.path.display(), "linear rope scaling without rope.scaling.factor"))?,
+                factor: self.meta_f64(&key("rope.scaling.factor"))?.ok_or_else(|| {
+                    Error::file(
+                        self.path.display(),
+                        "linear rope scaling without rope.scaling.factor",
+                    )
+                })?,
             },
-            Some(other) => return Err(Error::file(self.path.display(), format!("rope scaling type {other:?} is not supported"))),
+            Some(other) => {
+                return Err(Error::file(
+                    self.path.display(),
+                    format!("rope scaling type {other:?} is not supported"),
+                ))
+            }
         };
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
             return Err(Error::file(
@@ -132,7 +174,8 @@ impl GgufFile {
             Architecture::Qwen2 => true,
             Architecture::Llama => has("blk.0.attn_q.bias"),
         };
-        let token_id = |k: &str| -> Result<Option<u32>> { Ok(self.meta_usize(k)?.map(|v| v as u32)) };
+        let token_id =
+            |k: &str| -> Result<Option<u32>> { Ok(self.meta_usize(k)?.map(|v| v as u32)) };
         let config = LlamaConfig {
             architecture,
             hidden_size,
@@ -142,7 +185,9 @@ impl GgufFile {
             num_key_value_heads,
             head_dim,
             vocab_size,
-            rms_norm_eps: self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
+            rms_norm_eps: self
+                .meta_f64(&key("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             max_position_embeddings: self.meta_usize(&key("context_length"))?.unwrap_or(4096),
@@ -151,15 +196,27 @@ impl GgufFile {
             o_bias: has("blk.0.attn_output.bias"),
             mlp_bias: has("blk.0.ffn_up.bias"),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?
+                .into_iter()
+                .collect(),
         };
-        config.validate().map_err(|e| Error::file(self.path.display(), format!("metadata describes an invalid model: {e}")))?;
+        config.validate().map_err(|e| {
+            Error::file(
+                self.path.display(),
+                format!("metadata describes an invalid model: {e}"),
+            )
+        })?;
         Ok(config)
     }
 
     /// Every tensor dequantised to `dtype` under its Hugging Face name, with the Q/K rows of
     /// llama models un-permuted.
-    pub fn hf_tensors(&mut self, config: &LlamaConfig, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    pub fn hf_tensors(
+        &mut self,
+        config: &LlamaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>> {
         let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         names.sort();
         let mut out = HashMap::with_capacity(names.len());
@@ -170,7 +227,12 @@ impl GgufFile {
             let q = self
                 .content
                 .tensor(&mut self.file, &name, device)
-                .map_err(|e| Error::file(self.path.display(), format!("tensor {name:?}: {e} (truncated or corrupt file?)")))?;
+                .map_err(|e| {
+                    Error::file(
+                        self.path.display(),
+                        format!("tensor {name:?}: {e} (truncated or corrupt file?)"),
+                    )
+                })?;
             let mut t = q.dequantize(device)?;
             // llama.cpp's converter permutes the Q and K rows of llama models (not Qwen2) for
             // its interleaved RoPE; the Hugging Face layout rotates halves.
@@ -191,7 +253,12 @@ impl GgufFile {
         let config = self.config()?;
         let tensors = self.hf_tensors(&config, dtype, device)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        Llama::load(vb, &config).map_err(|e| Error::file(self.path.display(), format!("tensors do not fit the metadata: {e}")))
+        Llama::load(vb, &config).map_err(|e| {
+            Error::file(
+                self.path.display(),
+                format!("tensors do not fit the metadata: {e}"),
+            )
+        })
     }
 }
 
@@ -211,11 +278,21 @@ pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
 fn regroup_rows(t: &Tensor, heads: usize, undo: bool) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
-        return Err(Error::shape("unpermute_rows", format!("{rows} rows cannot be split into {heads} heads of pairs")));
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(Error::shape(
+            "unpermute_rows",
+            format!("{rows} rows cannot be split into {heads} heads of pairs"),
+        ));
     }
     let half = rows / heads / 2;
     let cols: usize = dims[1..].iter().product();
-    let grouped = if undo { (heads, half, 2, cols) } else { (heads, 2, half, cols) };
-    Ok(t.reshape(grouped)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    let grouped = if undo {
+        (heads, half, 2, cols)
+    } else {
+        (heads, 2, half, cols)
+    };
+    Ok(t.reshape(grouped)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }

@@ -14,7 +14,11 @@ const LAYER_PARTS: [(&str, &str); 9] = [
 ];
 
 /// Whole-model pieces: (llama.cpp name, Hugging Face name) without the `.weight` suffix.
-const MODEL_PARTS: [(&str, &str); 3] = [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+const MODEL_PARTS: [(&str, &str); 3] = [
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
 
 /// The Hugging Face name of a llama.cpp tensor (`blk.3.attn_q.weight` →
 /// `model.layers.3.self_attn.q_proj.weight`), or `None` for a name outside the llama family.

@@ -30,7 +30,9 @@ const SPECIAL_TOKEN_TYPES: [u64; 3] = [3, 4, 5];
 pub(crate) fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
     let path = gguf.path().display().to_string();
     let err = |msg: String| Error::file(&path, msg);
-    let kind = gguf.meta_str("tokenizer.ggml.model")?.ok_or_else(|| err("no tokenizer in the metadata (tokenizer.ggml.model)".into()))?;
+    let kind = gguf
+        .meta_str("tokenizer.ggml.model")?
+        .ok_or_else(|| err("no tokenizer in the metadata (tokenizer.ggml.model)".into()))?;
     if kind != "gpt2" {
         return Err(err(format!(
             "tokenizer.ggml.model is {kind:?}; only byte-level BPE (\"gpt2\": Llama 3, SmolLM2, Qwen2) can be rebuilt, use the model's tokenizer.json"
@@ -42,11 +44,20 @@ pub(crate) fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         .enumerate()
         .map(|(i, m)| match m.split_once(' ') {
             Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => Err(err(format!("tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by a space"))),
+            None => Err(err(format!(
+                "tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by a space"
+            ))),
         })
         .collect::<Result<Vec<_>>>()?;
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let pre = gguf.meta_str("tokenizer.ggml.pre")?.unwrap_or("default").to_string();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let pre = gguf
+        .meta_str("tokenizer.ggml.pre")?
+        .unwrap_or("default")
+        .to_string();
 
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
@@ -56,9 +67,17 @@ pub(crate) fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(bpe);
 
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| Error::Msg(format!("split pattern: {e}")))?;
-        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+        let split = Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Msg(format!("split pattern: {e}")))?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into())
     };
     let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
         // SmolLM2: every digit on its own, then GPT-2's byte-level split.
@@ -78,10 +97,18 @@ pub(crate) fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
 
-    let mut processors: Vec<PostProcessorWrapper> = vec![ByteLevelProcessor::new(false, true, false).into()];
-    if gguf.meta("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()) == Some(true) {
+    let mut processors: Vec<PostProcessorWrapper> =
+        vec![ByteLevelProcessor::new(false, true, false).into()];
+    if gguf
+        .meta("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        == Some(true)
+    {
         if let Some(bos_id) = gguf.meta_usize("tokenizer.ggml.bos_token_id")? {
-            let bos = tokens.get(bos_id).ok_or_else(|| err(format!("bos_token_id {bos_id} is outside the vocabulary")))?.clone();
+            let bos = tokens
+                .get(bos_id)
+                .ok_or_else(|| err(format!("bos_token_id {bos_id} is outside the vocabulary")))?
+                .clone();
             let template = TemplateProcessing::builder()
                 .try_single(vec![bos.clone(), "$0".into()])
                 .and_then(|b| b.try_pair(vec![bos.clone(), "$A".into(), bos.clone(), "$B".into()]))
@@ -92,19 +119,28 @@ pub(crate) fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
             processors.push(template.into());
         }
     }
-    let processor: PostProcessorWrapper =
-        if processors.len() == 1 { processors.remove(0) } else { ProcessorSequence::new(processors).into() };
+    let processor: PostProcessorWrapper = if processors.len() == 1 {
+        processors.remove(0)
+    } else {
+        ProcessorSequence::new(processors).into()
+    };
     tokenizer.with_post_processor(Some(processor));
 
     // Special tokens are matched whole before BPE runs, and skipped by decode(skip = true).
     let mut specials: Vec<AddedToken> = Vec::new();
     if let Some(types) = gguf.meta("tokenizer.ggml.token_type") {
-        let types = types.to_vec().map_err(|_| err("tokenizer.ggml.token_type is not an array".into()))?;
+        let types = types
+            .to_vec()
+            .map_err(|_| err("tokenizer.ggml.token_type is not an array".into()))?;
         for (i, t) in types.iter().enumerate() {
             let t = match t {
                 candle_core::quantized::gguf_file::Value::I32(v) => *v as u64,
                 candle_core::quantized::gguf_file::Value::U32(v) => *v as u64,
-                other => return Err(err(format!("tokenizer.ggml.token_type[{i}] = {other:?} is not an integer"))),
+                other => {
+                    return Err(err(format!(
+                        "tokenizer.ggml.token_type[{i}] = {other:?} is not an integer"
+                    )))
+                }
             };
             if SPECIAL_TOKEN_TYPES.contains(&t) {
                 if let Some(tok) = tokens.get(i) {
@@ -113,24 +149,39 @@ pub(crate) fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
             }
         }
     }
-    for key in ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id"] {
+    for key in [
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.unknown_token_id",
+    ] {
         if let Some(id) = gguf.meta_usize(key)? {
             if let Some(tok) = tokens.get(id) {
                 specials.push(AddedToken::from(tok.clone(), true));
             }
         }
     }
-    tokenizer.add_special_tokens(&specials);
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| err(format!("special tokens: {e}")))?;
     Ok(tokenizer)
 }
 
 fn string_array(gguf: &GgufFile, key: &str) -> Result<Vec<String>> {
     let path = gguf.path().display().to_string();
-    let v = gguf.meta(key).ok_or_else(|| Error::file(&path, format!("missing metadata {key:?}")))?;
-    let items = v.to_vec().map_err(|_| Error::file(&path, format!("metadata {key:?} is not an array")))?;
+    let v = gguf
+        .meta(key)
+        .ok_or_else(|| Error::file(&path, format!("missing metadata {key:?}")))?;
+    let items = v
+        .to_vec()
+        .map_err(|_| Error::file(&path, format!("metadata {key:?} is not an array")))?;
     items
         .iter()
         .enumerate()
-        .map(|(i, s)| s.to_string().cloned().map_err(|_| Error::file(&path, format!("{key}[{i}] is not a string"))))
+        .map(|(i, s)| {
+            s.to_string()
+                .cloned()
+                .map_err(|_| Error::file(&path, format!("{key}[{i}] is not a string")))
+        })
         .collect()
 }

@@ -26,21 +26,30 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(index.display(), format!("not valid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(index.display(), format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::file(index.display(), "no \"weight_map\" object"))?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| Error::file(index.display(), format!("weight_map[{tensor:?}] is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::file(
+                index.display(),
+                format!("weight_map[{tensor:?}] is not a file name"),
+            )
+        })?;
         shards.insert(file.to_string());
     }
     let mut files = Vec::new();
     for shard in shards {
         let path = dir.join(&shard);
         if !path.is_file() {
-            return Err(Error::file(index.display(), format!("lists shard {shard:?}, which is not in {}", dir.display())));
+            return Err(Error::file(
+                index.display(),
+                format!("lists shard {shard:?}, which is not in {}", dir.display()),
+            ));
         }
         files.push(path);
     }
@@ -56,10 +65,13 @@ pub fn mmap_safetensors(files: &[PathBuf]) -> Result<MmapedSafetensors> {
     for f in files {
         // SAFETY: the file is only read; a file changed on disk while mapped is the usual
         // caveat of mmap, accepted by every safetensors loader.
-        unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::file(f.display(), format!("not a readable safetensors file: {e}")))?;
+        unsafe { MmapedSafetensors::new(f) }.map_err(|e| {
+            Error::file(f.display(), format!("not a readable safetensors file: {e}"))
+        })?;
     }
     // SAFETY: as above.
-    unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Msg(format!("reading safetensors files: {e}")))
+    unsafe { MmapedSafetensors::multi(files) }
+        .map_err(|e| Error::Msg(format!("reading safetensors files: {e}")))
 }
 
 /// Loads a llama-family model from a Hugging Face folder in `dtype` on `device`.
@@ -76,5 +88,10 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Llama> {
     let files = safetensors_files(dir)?;
     let weights = mmap_safetensors(&files)?;
     let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-    Llama::load(vb, &config).map_err(|e| Error::file(dir.display(), format!("weights do not fit config.json: {e}")))
+    Llama::load(vb, &config).map_err(|e| {
+        Error::file(
+            dir.display(),
+            format!("weights do not fit config.json: {e}"),
+        )
+    })
 }

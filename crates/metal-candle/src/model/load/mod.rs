@@ -58,13 +58,21 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
         ModelSource::HfDir(dir) => {
             let model = load_hf_dir(&dir, dtype, device)?;
             let tokenizer = TextTokenizer::from_hf_dir(&dir, Some(model.config()))?;
-            Ok(LoadedModel { model, tokenizer, path: dir })
+            Ok(LoadedModel {
+                model,
+                tokenizer,
+                path: dir,
+            })
         }
         ModelSource::Gguf(path) => {
             let mut gguf = GgufFile::open(&path)?;
             let tokenizer = TextTokenizer::from_gguf(&gguf)?;
             let model = gguf.load_model(dtype, device)?;
-            Ok(LoadedModel { model, tokenizer, path })
+            Ok(LoadedModel {
+                model,
+                tokenizer,
+                path,
+            })
         }
         ModelSource::Hub { .. } => unreachable_hub(),
     }
@@ -72,5 +80,7 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
 
 /// `resolve` always returns a local source; this keeps the match exhaustive without a panic.
 fn unreachable_hub() -> Result<LoadedModel> {
-    Err(crate::Error::Msg("internal: a Hub id was not resolved to a local folder".into()))
+    Err(crate::Error::Msg(
+        "internal: a Hub id was not resolved to a local folder".into(),
+    ))
 }

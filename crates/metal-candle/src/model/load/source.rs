@@ -39,7 +39,9 @@ impl ModelSource {
             return Ok(Self::HfDir(path.to_path_buf()));
         }
         if path.is_file() {
-            let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+            let is_gguf = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
             return if is_gguf {
                 Ok(Self::Gguf(path.to_path_buf()))
             } else {
@@ -52,7 +54,10 @@ impl ModelSource {
             None => (spec, "main"),
         };
         if is_hub_id(repo) {
-            return Ok(Self::Hub { repo: repo.to_string(), revision: revision.to_string() });
+            return Ok(Self::Hub {
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+            });
         }
         Err(Error::Msg(format!(
             "{spec:?} is neither an existing folder or .gguf file nor a Hugging Face Hub id (owner/name)"
@@ -84,18 +89,38 @@ impl ModelSource {
 
 /// `owner/name` with the characters the Hub allows.
 fn is_hub_id(s: &str) -> bool {
-    let ok = |part: &str| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !part.starts_with('.');
+    let ok = |part: &str| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !part.starts_with('.')
+    };
     matches!(s.split_once('/'), Some((owner, name)) if ok(owner) && ok(name))
 }
 
 #[cfg(feature = "hub")]
 fn download(repo: &str, revision: &str, cache: &Cache) -> Result<PathBuf> {
     use hf_hub::api::sync::ApiBuilder;
-    let api = ApiBuilder::from_cache(cache.clone()).build().map_err(|e| Error::Msg(format!("Hugging Face Hub client: {e}")))?;
-    let hub = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
-    let get = |file: &str| hub.get(file).map_err(|e| Error::Msg(format!("downloading {file} of {repo}@{revision}: {e}")));
+    let api = ApiBuilder::from_cache(cache.clone())
+        .build()
+        .map_err(|e| Error::Msg(format!("Hugging Face Hub client: {e}")))?;
+    let hub = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
+    let get = |file: &str| {
+        hub.get(file)
+            .map_err(|e| Error::Msg(format!("downloading {file} of {repo}@{revision}: {e}")))
+    };
     let config = get("config.json")?;
-    for optional in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"] {
+    for optional in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
         let _ = get(optional); // not every repository has every one of these
     }
     match get("model.safetensors") {
@@ -103,9 +128,15 @@ fn download(repo: &str, revision: &str, cache: &Cache) -> Result<PathBuf> {
         Err(single_err) => {
             let index = get("model.safetensors.index.json").map_err(|_| single_err)?;
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(index.display(), e.to_string()))?;
-            let shards: std::collections::BTreeSet<&str> =
-                json.get("weight_map").and_then(|m| m.as_object()).into_iter().flatten().filter_map(|(_, f)| f.as_str()).collect();
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::file(index.display(), e.to_string()))?;
+            let shards: std::collections::BTreeSet<&str> = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, f)| f.as_str())
+                .collect();
             for shard in shards {
                 get(shard)?;
             }

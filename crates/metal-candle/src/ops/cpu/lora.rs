@@ -32,12 +32,26 @@ impl<A: Acc> Factors<A> {
 }
 
 /// Converts factor storage to accumulation precision.
-pub(crate) fn factors<T: Elem>(at: &[T], b: &[T], rank: usize, k: usize, n: usize, scale: f64) -> Factors<T::A> {
+pub(crate) fn factors<T: Elem>(
+    at: &[T],
+    b: &[T],
+    rank: usize,
+    k: usize,
+    n: usize,
+    scale: f64,
+) -> Factors<T::A> {
     let mut at_a = vec![T::A::ZERO; at.len()];
     T::load(at, &mut at_a);
     let mut b_a = vec![T::A::ZERO; b.len()];
     T::load(b, &mut b_a);
-    Factors { at: at_a, b: b_a, rank, k, n, scale: T::A::from_f64(scale) }
+    Factors {
+        at: at_a,
+        b: b_a,
+        rank,
+        k,
+        n,
+        scale: T::A::from_f64(scale),
+    }
 }
 
 /// For every row: `out_row = init_row + bias + scale·(x_row·A)·B`, where `init` is the base
@@ -85,15 +99,16 @@ pub(crate) fn forward_into<T: Elem>(
 }
 
 /// Gradients of `scale·(x·A)·B` given `dy`: returns `(dx, dAᵀ, dB)` with dx (M, K),
-/// dAᵀ (r, K), dB (r, N). `dx_init`, when given, is added into dx (the base layer's dx).
+/// dAᵀ (r, K), dB (r, N). `dx_init`, when given, is added into dx before its single rounding
+/// to `T` (the base layer's dx, kept in accumulation precision).
 pub(crate) fn backward<T: Elem>(
     x: &[T],
     dy: &[T],
     f: &Factors<T::A>,
-    dx_init: Option<&[T]>,
+    dx_init: Option<&[T::A]>,
+    rows: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
-    let rows = if k > 0 { x.len() / k } else if n > 0 { dy.len() / n } else { 0 };
     let mut dx = vec![T::from_acc(T::A::ZERO); rows * k];
     let blocks = row_blocks(rows, k.max(n).max(1));
     let mut dx_blocks: Vec<&mut [T]> = Vec::with_capacity(blocks.len());
@@ -103,18 +118,24 @@ pub(crate) fn backward<T: Elem>(
         dx_blocks.push(head);
         rest = tail;
     }
-    let partials: Vec<(Vec<T::A>, Vec<T::A>)> = blocks
+    // Each task's private (dAᵀ, dB) sums.
+    type Partial<A> = (Vec<A>, Vec<A>);
+    let partials: Vec<Partial<T::A>> = blocks
         .into_par_iter()
         .zip(dx_blocks)
         .map(|(range, dx_block)| {
             let mut dat = vec![T::A::ZERO; rank * k];
             let mut db = vec![T::A::ZERO; rank * n];
-            let (mut xb, mut gb, mut dxb) = (vec![T::A::ZERO; k], vec![T::A::ZERO; n], vec![T::A::ZERO; k]);
+            let (mut xb, mut gb, mut dxb) = (
+                vec![T::A::ZERO; k],
+                vec![T::A::ZERO; n],
+                vec![T::A::ZERO; k],
+            );
             for (i, r) in range.enumerate() {
                 T::load(&x[r * k..(r + 1) * k], &mut xb);
                 T::load(&dy[r * n..(r + 1) * n], &mut gb);
                 match dx_init {
-                    Some(init) => T::load(&init[r * k..(r + 1) * k], &mut dxb),
+                    Some(init) => dxb.copy_from_slice(&init[r * k..(r + 1) * k]),
                     None => dxb.fill(T::A::ZERO),
                 }
                 for j in 0..rank {

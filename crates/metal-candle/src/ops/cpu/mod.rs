@@ -7,8 +7,8 @@
 
 pub(crate) mod lora;
 pub(crate) mod norm;
-pub(crate) mod softmax;
 mod simd;
+pub(crate) mod softmax;
 
 use std::borrow::Cow;
 
@@ -181,12 +181,8 @@ fn gather<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
     let mut index = vec![0usize; rank];
     let (inner_dim, inner_stride) = (dims[rank - 1], stride[rank - 1]);
     loop {
-        let base: usize = layout.start_offset()
-            + index
-                .iter()
-                .zip(stride)
-                .map(|(i, s)| i * s)
-                .sum::<usize>();
+        let base: usize =
+            layout.start_offset() + index.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
         out.extend((0..inner_dim).map(|i| data[base + i * inner_stride]));
         let mut d = rank - 1;
         loop {
@@ -250,6 +246,19 @@ pub(crate) fn map_rows<T: Elem>(
     out
 }
 
+/// The dtype the kernels accumulate `dtype` in.
+pub(crate) fn acc_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// Widens any float slice to f32.
+pub(crate) fn to_f32_vec<T: WithDType>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f64() as f32).collect()
+}
+
 /// Wraps a result vector into a tensor on the CPU.
 pub(crate) fn to_tensor<T: Elem>(data: Vec<T>, shape: &[usize]) -> candle_core::Result<Tensor> {
     Tensor::from_vec(data, shape, &candle_core::Device::Cpu)
@@ -270,9 +279,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gather_matches_candle_contiguous_for_transposed_and_narrowed_views() -> candle_core::Result<()> {
+    fn gather_matches_candle_contiguous_for_transposed_and_narrowed_views(
+    ) -> candle_core::Result<()> {
         let t = Tensor::arange(0f32, 60., &candle_core::Device::Cpu)?.reshape((3, 4, 5))?;
-        for view in [t.transpose(0, 2)?, t.narrow(1, 1, 2)?, t.transpose(1, 2)?.narrow(0, 1, 2)?] {
+        for view in [
+            t.transpose(0, 2)?,
+            t.narrow(1, 1, 2)?,
+            t.transpose(1, 2)?.narrow(0, 1, 2)?,
+        ] {
             let (s, l) = view.storage_and_layout();
             let candle_core::Storage::Cpu(cpu) = &*s else {
                 unreachable!()

@@ -146,7 +146,7 @@ fn backward_rows<T: Elem>(
     n_params: usize,
     row: impl Fn(&mut [T::A], &mut [T::A], &mut [T::A]) + Sync,
 ) -> (Vec<T>, Vec<T>) {
-    let rows = if n == 0 { 0 } else { x.len() / n };
+    let rows = x.len().checked_div(n).unwrap_or(0);
     let mut dx = vec![T::from_acc(T::A::ZERO); x.len()];
     let blocks = row_blocks(rows, n);
     let mut dx_blocks: Vec<&mut [T]> = Vec::with_capacity(blocks.len());

@@ -26,6 +26,10 @@ pub(crate) trait Acc:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INFINITY: Self;
+    /// The candle dtype of this accumulator.
+    const DTYPE: candle_core::DType;
+    /// The elements of a tensor of dtype [`Acc::DTYPE`] on the CPU, in row-major order.
+    fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<Self>>;
     fn from_f64(v: f64) -> Self;
     fn from_usize(v: usize) -> Self;
     fn sqrt(self) -> Self;
@@ -37,6 +41,10 @@ impl Acc for f32 {
     const ZERO: f32 = 0.0;
     const ONE: f32 = 1.0;
     const NEG_INFINITY: f32 = f32::NEG_INFINITY;
+    const DTYPE: candle_core::DType = candle_core::DType::F32;
+    fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
+        super::tensor_data::<f32>(t)
+    }
     #[inline(always)]
     fn from_f64(v: f64) -> f32 {
         v as f32
@@ -68,6 +76,10 @@ impl Acc for f64 {
     const ZERO: f64 = 0.0;
     const ONE: f64 = 1.0;
     const NEG_INFINITY: f64 = f64::NEG_INFINITY;
+    const DTYPE: candle_core::DType = candle_core::DType::F64;
+    fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<f64>> {
+        super::tensor_data::<f64>(t)
+    }
     #[inline(always)]
     fn from_f64(v: f64) -> f64 {
         v
@@ -114,7 +126,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     // 2^n as two factors so that n = 128 (x just under ln(f32::MAX)) stays finite.
     let n1 = ni >> 1;
@@ -229,7 +242,10 @@ mod tests {
             let a: Vec<f64> = (0..n).map(|i| ((i * 7919) % 113) as f64 - 50.0).collect();
             let b: Vec<f64> = (0..n).map(|i| ((i * 31) % 17) as f64 * 0.5).collect();
             assert_eq!(sum(&a), a.iter().sum::<f64>());
-            assert_eq!(dot(&a, &b), a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>());
+            assert_eq!(
+                dot(&a, &b),
+                a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>()
+            );
             let m = a.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             assert_eq!(max(&a), m);
         }

@@ -1,0 +1,524 @@
+//! Self-test of the CUDA kernels: every fused op on CUDA against the plain-candle reference
+//! ([`crate::ops::reference`]) computed on the CPU in f64, on fresh random inputs (never
+//! zeros), forward and gradients (candle autograd), f32 / bf16 / f16, many shapes (odd sizes,
+//! one row, wide rows, batch dims, transposed and narrowed views). Output buffers are poisoned
+//! with NaN before every kernel ([`super::set_poison_outputs`]), so an element a kernel fails
+//! to write fails the check.
+//!
+//! Run by `crates/metal-candle/tests/gpu.rs` and by `metal-candle gpu-test` (one binary that
+//! can be carried to a GPU machine). Every check returns an error naming the op, shape, dtype
+//! and the error it measured; without a usable GPU [`device`] fails.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::ops::{self, kernel_path, reference, KernelPath};
+
+fn mc<T>(r: crate::Result<T>) -> Result<T> {
+    r.map_err(crate::Error::into_candle)
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            candle_core::bail!($($arg)*)
+        }
+    };
+}
+
+/// CUDA device 0, with output poisoning switched on; an error (never a skip) without a GPU.
+pub fn device() -> Result<Device> {
+    super::set_poison_outputs(true);
+    Device::new_cuda(0).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "CUDA device 0 could not be opened ({e}); the GPU checks need an NVIDIA GPU and its driver (libcuda.so.1)"
+        ))
+    })
+}
+
+/// One check: runs on the given CUDA device, an error describes the failure.
+pub type Check = fn(&Device) -> Result<()>;
+
+/// Every check, by name, in the order [`run_all`] runs them.
+pub const CHECKS: &[(&str, Check)] = &[
+    ("dispatch_picks_cuda_kernels", dispatch_picks_cuda_kernels),
+    ("softmax_matches_reference", softmax_matches_reference),
+    ("rms_norm_matches_reference", rms_norm_matches_reference),
+    ("layer_norm_matches_reference", layer_norm_matches_reference),
+    ("lora_delta_matches_reference", lora_delta_matches_reference),
+    (
+        "lora_linear_matches_reference",
+        lora_linear_matches_reference,
+    ),
+    (
+        "fused_lora_op_matches_reference",
+        fused_lora_op_matches_reference,
+    ),
+    ("backward_is_deterministic", backward_is_deterministic),
+];
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// Relative tolerance on ‖got − want‖ / ‖want‖ for results computed in `dtype` (f32 arithmetic
+/// inside every kernel; bf16/f16 round inputs, intermediates and outputs).
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        // f32: sums that nearly cancel (one output of 16 products) land near 2e-5.
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+        _ => 2e-2,
+    }
+}
+
+/// Gradients in bf16/f16 are computed from the saved output and the upstream gradient as
+/// stored (rounded), as every framework does; on short rows the softmax gradient
+/// `y ⊙ (dy − Σ y ⊙ dy)` cancels and amplifies that rounding, hence a wider tolerance.
+fn grad_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 1e-2,
+        _ => 6e-2,
+    }
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let g: Vec<f64> = got
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let w: Vec<f64> = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    ensure!(
+        g.len() == w.len(),
+        "element counts differ: {:?} vs {:?}",
+        got.dims(),
+        want.dims()
+    );
+    if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+        candle_core::bail!(
+            "element {i} of {:?} is {} (unwritten output or overflow)",
+            got.dims(),
+            g[i]
+        );
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in g.iter().zip(&w) {
+        num += (a - b) * (a - b);
+        den += b * b;
+    }
+    // Results that are exactly zero in exact arithmetic (softmax over one element, the
+    // LayerNorm input gradient of a one-element row) are compared in absolute terms.
+    Ok(num.sqrt() / den.sqrt().max(1e-6))
+}
+
+fn check(what: &str, t: f64, got: &Tensor, want: &Tensor) -> Result<()> {
+    ensure!(
+        got.dims() == want.dims(),
+        "{what}: shape {:?}, expected {:?}",
+        got.dims(),
+        want.dims()
+    );
+    let e = rel_err(got, want)?;
+    if e.is_nan() || e > t {
+        candle_core::bail!(
+            "{what} ({:?}): relative error {e:.3e} exceeds {t:.1e}",
+            got.dtype()
+        )
+    }
+    Ok(())
+}
+
+/// Random CPU f32 tensor, rounded once through `dtype` so that the GPU and the f64 reference
+/// see exactly the same values.
+fn rand(shape: &[usize], std: f32, dtype: DType) -> Result<Tensor> {
+    Tensor::randn(0f32, std, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_dtype(DType::F32)
+}
+
+type View = fn(&Tensor) -> Result<Tensor>;
+
+fn plain(t: &Tensor) -> Result<Tensor> {
+    Ok(t.clone())
+}
+/// Stored transposed: the base is (.., n, m) and the view (.., m, n) is strided.
+fn transposed(t: &Tensor) -> Result<Tensor> {
+    let r = t.rank();
+    t.transpose(r - 2, r - 1)
+}
+/// The base has 3 extra columns; the view takes the middle ones (offset, strided rows).
+fn narrowed(t: &Tensor) -> Result<Tensor> {
+    let last = t.dim(candle_core::D::Minus1)?;
+    t.narrow(t.rank() - 1, 1, last - 3)
+}
+
+/// Evaluates `f` on `bases` (CPU f32) viewed through `views`, on `dev` in `dtype`, and returns
+/// the output and the gradients of `sum(y ⊙ r)` w.r.t. every base, all as CPU f64.
+fn eval(
+    dev: &Device,
+    dtype: DType,
+    bases: &[Tensor],
+    views: &[View],
+    r: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = bases
+        .iter()
+        .map(|b| Var::from_tensor(&b.to_dtype(dtype)?.to_device(dev)?))
+        .collect::<Result<_>>()?;
+    let inputs: Vec<Tensor> = vars
+        .iter()
+        .zip(views)
+        .map(|(v, view)| view(v.as_tensor()))
+        .collect::<Result<_>>()?;
+    let y = f(&inputs)?;
+    let acc = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let loss = (y.to_dtype(acc)? * r.to_dtype(acc)?.to_device(dev)?)?.sum_all()?;
+    let grads = loss.backward()?;
+    let mut out = Vec::new();
+    for v in &vars {
+        let Some(g) = grads.get(v.as_tensor()) else {
+            candle_core::bail!("no gradient for an input of shape {:?}", v.dims())
+        };
+        out.push(g.to_device(&Device::Cpu)?.to_dtype(DType::F64)?);
+    }
+    Ok((y.to_device(&Device::Cpu)?.to_dtype(DType::F64)?, out))
+}
+
+/// Runs `fused` on the GPU and `reference` on the CPU in f64 and compares output and grads.
+fn compare(
+    dev: &Device,
+    what: &str,
+    dtype: DType,
+    bases: &[Tensor],
+    views: &[View],
+    fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    reference: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    ensure!(
+        kernel_path(dev, dtype) == KernelPath::Fused,
+        "{what}: CUDA must take the fused kernels for {dtype:?}"
+    );
+    // The loss weights: random, rounded through dtype like the inputs.
+    let probe: Vec<Tensor> = bases
+        .iter()
+        .zip(views)
+        .map(|(b, v)| v(&b.to_dtype(DType::F64)?))
+        .collect::<Result<_>>()?;
+    let y_shape = reference(&probe)?.dims().to_vec();
+    let r = rand(&y_shape, 1.0, dtype)?;
+    let (y, g) = eval(dev, dtype, bases, views, &r, fused)?;
+    let (y_ref, g_ref) = eval(&Device::Cpu, DType::F64, bases, views, &r, reference)?;
+    check(&format!("{what} forward"), tol(dtype), &y, &y_ref)?;
+    for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+        check(
+            &format!("{what} gradient of input {i}"),
+            grad_tol(dtype),
+            a,
+            b,
+        )?;
+    }
+    Ok(())
+}
+
+/// Row shapes: odd sizes, one row, batch dims, wide rows (beyond the register-cached length,
+/// so the looping path runs too), vector-friendly sizes.
+const ROW_SHAPES: &[&[usize]] = &[
+    &[1, 1],
+    &[1, 3],
+    &[5, 17],
+    &[2, 3, 1000],
+    &[1, 4099],
+    &[7, 4096],
+    &[3, 2, 4, 512],
+    &[2, 40000],
+    &[33, 768],
+];
+
+/// Rows of at least `min_len` elements. The norms start at 3: over one or two elements their
+/// output is ±w whatever x (the x-gradient is an O(eps) cancellation, ill-conditioned in f32
+/// and meaningless to compare); softmax starts at 1.
+fn row_cases(min_len: usize) -> Vec<(Vec<usize>, View, &'static str)> {
+    let mut cases: Vec<(Vec<usize>, View, &'static str)> = ROW_SHAPES
+        .iter()
+        .filter(|s| s.last().is_some_and(|&n| n >= min_len))
+        .map(|s| (s.to_vec(), plain as View, "contiguous"))
+        .collect();
+    // Non-contiguous x: a transposed (6, 17)ᵀ and (64, 40)ᵀ, narrowed rows of 1003 and 4096.
+    cases.push((vec![17, 6], transposed, "transposed"));
+    cases.push((vec![2, 40, 64], transposed, "transposed"));
+    cases.push((vec![9, 1006], narrowed, "narrowed"));
+    cases.push((vec![3, 4099], narrowed, "narrowed"));
+    cases
+}
+
+fn view_dims(shape: &[usize], view: View) -> Result<Vec<usize>> {
+    Ok(view(&Tensor::zeros(shape, DType::F32, &Device::Cpu)?)?
+        .dims()
+        .to_vec())
+}
+
+/// See the module docs.
+pub fn softmax_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for (shape, view, kind) in row_cases(1) {
+            let x = rand(&shape, 3.0, dtype)?;
+            compare(
+                dev,
+                &format!("softmax {shape:?} {kind}"),
+                dtype,
+                &[x],
+                &[view],
+                &|t| mc(ops::softmax_last_dim(&t[0])),
+                &|t| reference::softmax_last_dim(&t[0]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// See the module docs.
+pub fn rms_norm_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for (shape, view, kind) in row_cases(3) {
+            let n = *view_dims(&shape, view)?.last().unwrap_or(&1);
+            let x = rand(&shape, 1.5, dtype)?;
+            let w = (rand(&[n], 0.5, dtype)? + 1.0)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            compare(
+                dev,
+                &format!("rms_norm {shape:?} {kind}"),
+                dtype,
+                &[x, w],
+                &[view, plain],
+                &|t| mc(ops::rms_norm(&t[0], &t[1], 1e-5)),
+                &|t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// See the module docs.
+pub fn layer_norm_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for (shape, view, kind) in row_cases(3) {
+            let n = *view_dims(&shape, view)?.last().unwrap_or(&1);
+            // A non-zero mean exercises the centring.
+            let x = (rand(&shape, 1.5, dtype)? + 0.7)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            let w = (rand(&[n], 0.5, dtype)? + 1.0)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            let b = rand(&[n], 0.5, dtype)?;
+            compare(
+                dev,
+                &format!("layer_norm {shape:?} {kind}"),
+                dtype,
+                &[x, w, b],
+                &[view, plain, plain],
+                &|t| mc(ops::layer_norm(&t[0], &t[1], &t[2], 1e-5)),
+                &|t| reference::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// (x dims ending in `in`, rank, out)
+const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
+    (&[1, 1], 1, 1),
+    (&[3, 17], 2, 5),
+    (&[1, 128, 512], 8, 512),
+    (&[2, 7, 1000], 4, 17),
+    (&[5, 4099], 3, 33),
+    (&[1, 1, 64], 16, 1),
+    (&[4, 33, 256], 16, 384),
+    // Large enough for the cuBLAS path (the small one-launch kernel takes the others) ...
+    (&[2, 700, 512], 16, 96),
+    // ... and a rank above the small kernel's limit of 16.
+    (&[1, 50, 96], 24, 40),
+];
+
+/// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor; x
+/// either contiguous or narrowed.
+/// (name, [x, A, B] bases, their views, out, in)
+type LoraCase = (String, Vec<Tensor>, Vec<View>, usize, usize);
+
+fn lora_cases(dtype: DType) -> Result<Vec<LoraCase>> {
+    let mut cases = Vec::new();
+    for (i, &(x_dims, rank, out)) in LORA_SHAPES.iter().enumerate() {
+        let k = *x_dims.last().unwrap_or(&1);
+        let x = rand(x_dims, 1.0, dtype)?;
+        let std_a = 1.0 / (k as f32).sqrt();
+        let (a, a_view): (Tensor, View) = if i % 2 == 1 {
+            (rand(&[rank, k], std_a, dtype)?, transposed)
+        } else {
+            (rand(&[k, rank], std_a, dtype)?, plain)
+        };
+        let b = rand(&[rank, out], 0.5, dtype)?;
+        cases.push((
+            format!("x {x_dims:?} r {rank} out {out}"),
+            vec![x, a, b],
+            vec![plain as View, a_view, plain],
+            out,
+            k,
+        ));
+    }
+    // Narrowed x: rows of 515 taken from rows of 518.
+    let x = rand(&[6, 518], 1.0, dtype)?;
+    let a = rand(&[515, 8], 0.05, dtype)?;
+    let b = rand(&[8, 40], 0.5, dtype)?;
+    cases.push((
+        "narrowed x (6, 515) r 8 out 40".into(),
+        vec![x, a, b],
+        vec![narrowed as View, plain, plain],
+        40,
+        515,
+    ));
+    Ok(cases)
+}
+
+/// See the module docs.
+pub fn lora_delta_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for (name, bases, views, _, _) in lora_cases(dtype)? {
+            compare(
+                dev,
+                &format!("lora_delta {name}"),
+                dtype,
+                &bases,
+                &views,
+                &|t| mc(ops::lora_delta(&t[0], &t[1], &t[2], 2.0)),
+                &|t| reference::lora_delta(&t[0], &t[1], &t[2], 2.0),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// See the module docs.
+pub fn lora_linear_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for (name, bases, views, out, k) in lora_cases(dtype)? {
+            // W and the bias are frozen constants (the fused path); built in dtype.
+            let w = rand(&[out, k], 1.0 / (k as f32).sqrt(), dtype)?;
+            let bias = rand(&[out], 0.5, dtype)?;
+            for with_bias in [false, true] {
+                let (wg, bg) = (
+                    w.to_dtype(dtype)?.to_device(dev)?,
+                    bias.to_dtype(dtype)?.to_device(dev)?,
+                );
+                let (wc, bc) = (w.to_dtype(DType::F64)?, bias.to_dtype(DType::F64)?);
+                compare(
+                    dev,
+                    &format!("lora_linear {name} bias {with_bias}"),
+                    dtype,
+                    &bases,
+                    &views,
+                    &|t| {
+                        mc(ops::lora_linear(
+                            &t[0],
+                            &wg,
+                            with_bias.then_some(&bg),
+                            &t[1],
+                            &t[2],
+                            0.5,
+                        ))
+                    },
+                    &|t| {
+                        reference::lora_linear(
+                            &t[0],
+                            &wc,
+                            with_bias.then_some(&bc),
+                            &t[1],
+                            &t[2],
+                            0.5,
+                        )
+                    },
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `FusedLoRAOp` (the seed's API) on CUDA against the reference.
+pub fn fused_lora_op_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        let x = rand(&[1, 128, 512], 1.0, dtype)?;
+        let a = rand(&[512, 8], 0.05, dtype)?;
+        let b = rand(&[8, 512], 0.5, dtype)?;
+        let op = ops::FusedLoRAOp::new(
+            a.to_dtype(dtype)?.to_device(dev)?,
+            b.to_dtype(dtype)?.to_device(dev)?,
+            2.0,
+        );
+        let op = mc(op)?;
+        let y = x.to_dtype(dtype)?.to_device(dev)?.apply_op1(op)?;
+        let want = reference::lora_delta(
+            &x.to_dtype(DType::F64)?,
+            &a.to_dtype(DType::F64)?,
+            &b.to_dtype(DType::F64)?,
+            2.0,
+        )?;
+        check("FusedLoRAOp", tol(dtype), &y, &want)?;
+    }
+    Ok(())
+}
+
+/// f32/bf16/f16 take the CUDA kernels, f64 candle's composed ops.
+pub fn dispatch_picks_cuda_kernels(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        ensure!(
+            kernel_path(dev, dtype) == KernelPath::Fused,
+            "{dtype:?} does not take the fused kernels on CUDA"
+        );
+    }
+    ensure!(
+        kernel_path(dev, DType::F64) == KernelPath::Reference,
+        "f64 must take the reference path on CUDA"
+    );
+    Ok(())
+}
+
+/// The same inputs twice give bit-identical results (no race in the reductions).
+pub fn backward_is_deterministic(dev: &Device) -> Result<()> {
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1., (4096, 1024), dev)?)?;
+    let w = Var::from_tensor(&(Tensor::randn(0f32, 0.2, 1024, dev)? + 1.0)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 1024, dev)?)?;
+    let r = Tensor::randn(0f32, 1., (4096, 1024), dev)?;
+    let run = || -> Result<Vec<Vec<f32>>> {
+        let y = mc(ops::layer_norm(
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            1e-5,
+        ))?;
+        let g = (y * &r)?.sum_all()?.backward()?;
+        [x.as_tensor(), w.as_tensor(), b.as_tensor()]
+            .iter()
+            .map(|t| {
+                g.get(t).map_or_else(
+                    || candle_core::bail!("missing grad"),
+                    |g| g.flatten_all()?.to_vec1::<f32>(),
+                )
+            })
+            .collect()
+    };
+    ensure!(
+        run()? == run()?,
+        "layer_norm backward differs between two identical runs"
+    );
+    Ok(())
+}
+
+/// Runs every check in [`CHECKS`]; returns each name with its outcome.
+pub fn run_all(dev: &Device) -> Vec<(&'static str, Result<()>)> {
+    CHECKS.iter().map(|&(name, f)| (name, f(dev))).collect()
+}

@@ -1,0 +1,374 @@
+// RMSNorm and LayerNorm over the last dimension, forward and backward.
+//
+// Forward: one block per row (grid-stride), the row in registers, f32 statistics, one read of
+// x and one write of y (the weight and bias rows come from L1/L2).
+// Backward: a grid of G blocks strides over the rows; each thread keeps the weight-gradient
+// partial sums of its own columns in registers across all the rows it visits and writes them
+// once to a per-block partial row (no atomics); `reduce_cols` then sums the G partial rows.
+// The row statistics are recomputed from x (nothing is saved by the forward pass).
+#include "common.cuh"
+
+constexpr int RF = 4;  // packs per thread held in registers, forward
+constexpr int RB = 2;  // backward (x, dy and the gradient accumulators all live in registers)
+
+template <typename T, int V>
+__device__ void rms_fwd_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n, float eps, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= RF * (int)blockDim.x;
+    float v[RF][V];
+    float ss = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < RF; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+                load<T, V>(x + (size_t)i * V, v[r]);
+#pragma unroll
+                for (int k = 0; k < V; k++) ss += v[r][k] * v[r][k];
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V];
+            load<T, V>(x + (size_t)i * V, t);
+#pragma unroll
+            for (int k = 0; k < V; k++) ss += t[k] * t[k];
+        }
+    }
+    ss = block_reduce1(ss, SumOp(), 0.f, shm);
+    const float rstd = rsqrtf(ss / (float)n + eps);
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < RF; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+                float wv[V];
+                load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                for (int k = 0; k < V; k++) v[r][k] = v[r][k] * rstd * wv[k];
+                store<T, V>(y + (size_t)i * V, v[r]);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V], wv[V];
+            load<T, V>(x + (size_t)i * V, t);
+            load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+            for (int k = 0; k < V; k++) t[k] = t[k] * rstd * wv[k];
+            store<T, V>(y + (size_t)i * V, t);
+        }
+    }
+}
+
+template <typename T, int V>
+__device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
+                              int n, float eps, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= RF * (int)blockDim.x;
+    float v[RF][V];
+    float s = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < RF; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+                load<T, V>(x + (size_t)i * V, v[r]);
+#pragma unroll
+                for (int k = 0; k < V; k++) s += v[r][k];
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V];
+            load<T, V>(x + (size_t)i * V, t);
+#pragma unroll
+            for (int k = 0; k < V; k++) s += t[k];
+        }
+    }
+    const float mean = block_reduce1(s, SumOp(), 0.f, shm) / (float)n;
+    // Variance from the centred values (two passes over registers): no cancellation.
+    float q = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < RF; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) { const float d = v[r][k] - mean; q += d * d; }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V];
+            load<T, V>(x + (size_t)i * V, t);
+#pragma unroll
+            for (int k = 0; k < V; k++) { const float d = t[k] - mean; q += d * d; }
+        }
+    }
+    const float rstd = rsqrtf(block_reduce1(q, SumOp(), 0.f, shm) / (float)n + eps);
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < RF; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+                float wv[V], bv[V];
+                load<T, V>(w + (size_t)i * V, wv);
+                load<T, V>(b + (size_t)i * V, bv);
+#pragma unroll
+                for (int k = 0; k < V; k++) v[r][k] = (v[r][k] - mean) * rstd * wv[k] + bv[k];
+                store<T, V>(y + (size_t)i * V, v[r]);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V], wv[V], bv[V];
+            load<T, V>(x + (size_t)i * V, t);
+            load<T, V>(w + (size_t)i * V, wv);
+            load<T, V>(b + (size_t)i * V, bv);
+#pragma unroll
+            for (int k = 0; k < V; k++) t[k] = (t[k] - mean) * rstd * wv[k] + bv[k];
+            store<T, V>(y + (size_t)i * V, t);
+        }
+    }
+}
+
+// RMSNorm backward. With r = rsqrt(mean(x²) + eps), x̂ = x·r, g = dy ⊙ w:
+//   dx = r · (g − x̂ · mean(g ⊙ x̂)),   dw = Σ_rows dy ⊙ x̂.
+// Both row sums (Σx², Σg·x) come from one block reduction.
+template <typename T, int V>
+__device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ dx,
+                        float* __restrict__ part_dw, int rows, int n, float eps) {
+    __shared__ float shm[2 * 32];
+    const int nv = n / V;
+    const bool cached = nv <= RB * (int)blockDim.x;
+    float acc[RB][V];
+#pragma unroll
+    for (int r = 0; r < RB; r++)
+#pragma unroll
+        for (int k = 0; k < V; k++) acc[r][k] = 0.f;
+    float* prow = part_dw + (size_t)blockIdx.x * n;
+    bool first = true;
+    for (int row = blockIdx.x; row < rows; row += gridDim.x, first = false) {
+        const T* xr = x + (size_t)row * n;
+        const T* gr = dy + (size_t)row * n;
+        T* dr = dx + (size_t)row * n;
+        float xv[RB][V], gv[RB][V];
+        float s[2] = {0.f, 0.f};  // Σx², Σ(dy·w)·x
+        if (cached) {
+#pragma unroll
+            for (int r = 0; r < RB; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    float wv[V];
+                    load<T, V>(xr + (size_t)i * V, xv[r]);
+                    load<T, V>(gr + (size_t)i * V, gv[r]);
+                    load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                    for (int k = 0; k < V; k++) { s[0] += xv[r][k] * xv[r][k]; s[1] += gv[r][k] * wv[k] * xv[r][k]; }
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                float a[V], g[V], wv[V];
+                load<T, V>(xr + (size_t)i * V, a);
+                load<T, V>(gr + (size_t)i * V, g);
+                load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                for (int k = 0; k < V; k++) { s[0] += a[k] * a[k]; s[1] += g[k] * wv[k] * a[k]; }
+            }
+        }
+        block_reduce<2>(s, SumOp(), 0.f, shm);
+        const float rstd = rsqrtf(s[0] / (float)n + eps);
+        const float c = s[1] * rstd * rstd / (float)n;  // mean(g·x̂) · r⁻¹ folded: x̂·mean(g·x̂) = x·r²·Σ(g·x)/n
+        if (cached) {
+#pragma unroll
+            for (int r = 0; r < RB; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    float wv[V], o[V];
+                    load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                    for (int k = 0; k < V; k++) {
+                        o[k] = rstd * (gv[r][k] * wv[k] - xv[r][k] * c);
+                        acc[r][k] += gv[r][k] * xv[r][k] * rstd;
+                    }
+                    store<T, V>(dr + (size_t)i * V, o);
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                float a[V], g[V], wv[V], o[V];
+                load<T, V>(xr + (size_t)i * V, a);
+                load<T, V>(gr + (size_t)i * V, g);
+                load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    o[k] = rstd * (g[k] * wv[k] - a[k] * c);
+                    const float d = g[k] * a[k] * rstd;
+                    prow[(size_t)i * V + k] = first ? d : prow[(size_t)i * V + k] + d;
+                }
+                store<T, V>(dr + (size_t)i * V, o);
+            }
+        }
+    }
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < RB; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) prow[(size_t)i * V + k] = acc[r][k];
+        }
+    }
+}
+
+// LayerNorm backward. With x̂ = (x − mean)·r, g = dy ⊙ w:
+//   dx = r · (g − mean(g) − x̂ · mean(g ⊙ x̂)),   dw = Σ_rows dy ⊙ x̂,   db = Σ_rows dy.
+template <typename T, int V>
+__device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ dx,
+                          float* __restrict__ part_dw, float* __restrict__ part_db, int rows, int n, float eps) {
+    __shared__ float shm[4 * 32];  // [0, 32): the mean; [32, 128): the three row sums
+    const int nv = n / V;
+    const bool cached = nv <= RB * (int)blockDim.x;
+    float accw[RB][V], accb[RB][V];
+#pragma unroll
+    for (int r = 0; r < RB; r++)
+#pragma unroll
+        for (int k = 0; k < V; k++) { accw[r][k] = 0.f; accb[r][k] = 0.f; }
+    float* pw = part_dw + (size_t)blockIdx.x * n;
+    float* pb = part_db + (size_t)blockIdx.x * n;
+    bool first = true;
+    for (int row = blockIdx.x; row < rows; row += gridDim.x, first = false) {
+        const T* xr = x + (size_t)row * n;
+        const T* gr = dy + (size_t)row * n;
+        T* dr = dx + (size_t)row * n;
+        float xv[RB][V], gv[RB][V];
+        float s1 = 0.f;
+        if (cached) {
+#pragma unroll
+            for (int r = 0; r < RB; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    load<T, V>(xr + (size_t)i * V, xv[r]);
+                    load<T, V>(gr + (size_t)i * V, gv[r]);
+#pragma unroll
+                    for (int k = 0; k < V; k++) s1 += xv[r][k];
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                float a[V];
+                load<T, V>(xr + (size_t)i * V, a);
+#pragma unroll
+                for (int k = 0; k < V; k++) s1 += a[k];
+            }
+        }
+        const float mean = block_reduce1(s1, SumOp(), 0.f, shm) / (float)n;
+        float s[3] = {0.f, 0.f, 0.f};  // Σ(x−mean)², Σg, Σg·(x−mean)
+        if (cached) {
+#pragma unroll
+            for (int r = 0; r < RB; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    float wv[V];
+                    load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                    for (int k = 0; k < V; k++) {
+                        const float d = xv[r][k] - mean, g = gv[r][k] * wv[k];
+                        s[0] += d * d; s[1] += g; s[2] += g * d;
+                    }
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                float a[V], b[V], wv[V];
+                load<T, V>(xr + (size_t)i * V, a);
+                load<T, V>(gr + (size_t)i * V, b);
+                load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    const float d = a[k] - mean, g = b[k] * wv[k];
+                    s[0] += d * d; s[1] += g; s[2] += g * d;
+                }
+            }
+        }
+        block_reduce<3>(s, SumOp(), 0.f, shm + 32);
+        const float rstd = rsqrtf(s[0] / (float)n + eps);
+        const float mg = s[1] / (float)n;
+        const float mgx = s[2] * rstd / (float)n;  // mean(g·x̂)
+        if (cached) {
+#pragma unroll
+            for (int r = 0; r < RB; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    float wv[V], o[V];
+                    load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                    for (int k = 0; k < V; k++) {
+                        const float xh = (xv[r][k] - mean) * rstd;
+                        o[k] = rstd * (gv[r][k] * wv[k] - mg - xh * mgx);
+                        accw[r][k] += gv[r][k] * xh;
+                        accb[r][k] += gv[r][k];
+                    }
+                    store<T, V>(dr + (size_t)i * V, o);
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                float a[V], b[V], wv[V], o[V];
+                load<T, V>(xr + (size_t)i * V, a);
+                load<T, V>(gr + (size_t)i * V, b);
+                load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    const float xh = (a[k] - mean) * rstd;
+                    o[k] = rstd * (b[k] * wv[k] - mg - xh * mgx);
+                    const size_t c = (size_t)i * V + k;
+                    pw[c] = first ? b[k] * xh : pw[c] + b[k] * xh;
+                    pb[c] = first ? b[k] : pb[c] + b[k];
+                }
+                store<T, V>(dr + (size_t)i * V, o);
+            }
+        }
+    }
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < RB; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    pw[(size_t)i * V + k] = accw[r][k];
+                    pb[(size_t)i * V + k] = accb[r][k];
+                }
+        }
+    }
+}
+
+#define NORM_KERNELS_V(NAME, T, V, SUF)                                                                       \
+    extern "C" __global__ void rms_fwd_##NAME##_##SUF(const T* x, const T* w, T* y, int rows, int n, float eps) { \
+        __shared__ float shm[32];                                                                             \
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)                                              \
+            rms_fwd_row<T, V>(x + (size_t)row * n, w, y + (size_t)row * n, n, eps, shm);                      \
+    }                                                                                                         \
+    extern "C" __global__ void layer_fwd_##NAME##_##SUF(const T* x, const T* w, const T* b, T* y, int rows, int n, \
+                                                        float eps) {                                          \
+        __shared__ float shm[32];                                                                             \
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)                                              \
+            layer_fwd_row<T, V>(x + (size_t)row * n, w, b, y + (size_t)row * n, n, eps, shm);                 \
+    }                                                                                                         \
+    extern "C" __global__ void rms_bwd_##NAME##_##SUF(const T* x, const T* w, const T* dy, T* dx, float* part_dw, \
+                                                      int rows, int n, float eps) {                           \
+        rms_bwd<T, V>(x, w, dy, dx, part_dw, rows, n, eps);                                                   \
+    }                                                                                                         \
+    extern "C" __global__ void layer_bwd_##NAME##_##SUF(const T* x, const T* w, const T* dy, T* dx, float* part_dw, \
+                                                        float* part_db, int rows, int n, float eps) {         \
+        layer_bwd<T, V>(x, w, dy, dx, part_dw, part_db, rows, n, eps);                                        \
+    }
+#define NORM_KERNELS(NAME, T, V)                                                                   \
+    NORM_KERNELS_V(NAME, T, V, v)                                                                  \
+    NORM_KERNELS_V(NAME, T, 1, s)                                                                  \
+    extern "C" __global__ void reduce_cols_##NAME(const float* part, int groups, int n, T* out) { \
+        reduce_partials<T>(part, groups, n, out);                                                  \
+    }
+MC_FOR_TYPES(NORM_KERNELS)

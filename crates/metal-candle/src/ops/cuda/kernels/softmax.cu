@@ -1,0 +1,134 @@
+// Softmax over the last dimension, forward and backward: one block per row (grid-stride over
+// rows), the row held in registers, f32 arithmetic, one read and one write of the data.
+#include "common.cuh"
+
+constexpr int R = 4;  // packs per thread held in registers
+
+template <typename T, int V>
+__device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int n, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= R * (int)blockDim.x;
+    float v[R][V];
+    float mx = -INFINITY;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+                load<T, V>(x + (size_t)i * V, v[r]);
+#pragma unroll
+                for (int k = 0; k < V; k++) mx = fmaxf(mx, v[r][k]);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V];
+            load<T, V>(x + (size_t)i * V, t);
+#pragma unroll
+            for (int k = 0; k < V; k++) mx = fmaxf(mx, t[k]);
+        }
+    }
+    mx = block_reduce1(mx, MaxOp(), -INFINITY, shm);
+    float s = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) { v[r][k] = __expf(v[r][k] - mx); s += v[r][k]; }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V];
+            load<T, V>(x + (size_t)i * V, t);
+#pragma unroll
+            for (int k = 0; k < V; k++) s += __expf(t[k] - mx);
+        }
+    }
+    s = block_reduce1(s, SumOp(), 0.f, shm);
+    const float inv = 1.f / s;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+#pragma unroll
+                for (int k = 0; k < V; k++) v[r][k] *= inv;
+                store<T, V>(y + (size_t)i * V, v[r]);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V];
+            load<T, V>(x + (size_t)i * V, t);
+#pragma unroll
+            for (int k = 0; k < V; k++) t[k] = __expf(t[k] - mx) * inv;
+            store<T, V>(y + (size_t)i * V, t);
+        }
+    }
+}
+
+// dx = y * (dy - sum(dy * y))
+template <typename T, int V>
+__device__ void softmax_bwd_row(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx, int n, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= R * (int)blockDim.x;
+    float yv[R][V], gv[R][V];
+    float s = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+                load<T, V>(y + (size_t)i * V, yv[r]);
+                load<T, V>(dy + (size_t)i * V, gv[r]);
+#pragma unroll
+                for (int k = 0; k < V; k++) s += yv[r][k] * gv[r][k];
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V], b[V];
+            load<T, V>(y + (size_t)i * V, a);
+            load<T, V>(dy + (size_t)i * V, b);
+#pragma unroll
+            for (int k = 0; k < V; k++) s += a[k] * b[k];
+        }
+    }
+    s = block_reduce1(s, SumOp(), 0.f, shm);
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+#pragma unroll
+                for (int k = 0; k < V; k++) yv[r][k] = yv[r][k] * (gv[r][k] - s);
+                store<T, V>(dx + (size_t)i * V, yv[r]);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V], b[V];
+            load<T, V>(y + (size_t)i * V, a);
+            load<T, V>(dy + (size_t)i * V, b);
+#pragma unroll
+            for (int k = 0; k < V; k++) a[k] = a[k] * (b[k] - s);
+            store<T, V>(dx + (size_t)i * V, a);
+        }
+    }
+}
+
+#define SOFTMAX_KERNELS_V(NAME, T, V, SUF)                                                              \
+    extern "C" __global__ void softmax_fwd_##NAME##_##SUF(const T* x, T* y, int rows, int n) {          \
+        __shared__ float shm[32];                                                                      \
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
+            softmax_fwd_row<T, V>(x + (size_t)row * n, y + (size_t)row * n, n, shm);                   \
+    }                                                                                                  \
+    extern "C" __global__ void softmax_bwd_##NAME##_##SUF(const T* y, const T* dy, T* dx, int rows, int n) { \
+        __shared__ float shm[32];                                                                      \
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
+            softmax_bwd_row<T, V>(y + (size_t)row * n, dy + (size_t)row * n, dx + (size_t)row * n, n, shm); \
+    }
+#define SOFTMAX_KERNELS(NAME, T, V) SOFTMAX_KERNELS_V(NAME, T, V, v) SOFTMAX_KERNELS_V(NAME, T, 1, s)
+MC_FOR_TYPES(SOFTMAX_KERNELS)

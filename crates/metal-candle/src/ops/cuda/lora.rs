@@ -1,0 +1,397 @@
+//! The LoRA term and the LoRA linear layer on CUDA, through cuBLAS.
+//!
+//! Small problems (the seed's shapes) take one custom kernel for the whole LoRA term
+//! (`lora_small` in kernels/lora.cu); for `lora_linear` the base GEMM then accumulates into
+//! its output.
+//!
+//! Forward, `lora_linear` (frozen W): `T = scale·(x·A)` (m × r, one small GEMM reading x),
+//! then `y = T·B` written straight into the output, then the base GEMM `y = x·Wᵀ + 1·y`
+//! accumulating into it (beta = 1). A bias rides as one more row of B against a column of ones
+//! in T, so it costs no pass of its own. No (tokens × out) temporary exists besides `y`.
+//!
+//! Backward: `x·A` is recomputed (the forward pass saves nothing); `G = dy·Bᵀ`;
+//! `dB = scale·(x·A)ᵀ·dy`, `dA = scale·xᵀ·G`, `dx = scale·G·Aᵀ` (+ `dy·W` for the linear
+//! layer, accumulated by the base GEMM with beta = 1). W never gets a gradient here: the fused
+//! linear op is only used when W and the bias are frozen.
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
+
+use super::common::{
+    alloc_out, cuda_storage, input, load, matrix, rows_and_len, to_tensor, with_elem, Elem, Input,
+    Matrix, LORA_PTX,
+};
+use super::gemm::{gemm, Operand};
+
+const MODULE: &str = "metal_candle_lora";
+
+/// `scale · (x·A)·B` with `a` (in, r) and `b` (r, out); the output has x's leading dims and
+/// `out` as its last dim.
+pub fn lora_delta_forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    as_: &CudaStorage,
+    al: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    scale: f64,
+) -> Result<CudaStorage> {
+    forward(xs, xl, as_, al, bs, bl, None, None, scale)
+}
+
+/// `x·Wᵀ + bias + scale · (x·A)·B` with `w` (out, in) frozen; see the module docs for how the
+/// base GEMM and the low-rank term share one output.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    as_: &CudaStorage,
+    al: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<CudaStorage> {
+    forward(xs, xl, as_, al, bs, bl, Some(w), bias, scale)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    as_: &CudaStorage,
+    al: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    w: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<CudaStorage> {
+    let dev = xs.device().clone();
+    let (m, k) = rows_and_len("lora", xl.shape())?;
+    let (r, n) = (al.dims()[1], bl.dims()[1]);
+    let x = input(xs, xl)?;
+    let a = matrix(as_, al)?;
+    let w_guard = w.map(|w| w.storage_and_layout());
+    let wm = match &w_guard {
+        Some((s, l)) => Some(matrix(cuda_storage(s, "lora_linear: W")?, l)?),
+        None => None,
+    };
+    let bias_guard = bias.map(|b| b.storage_and_layout());
+    let bias_s = match &bias_guard {
+        Some((s, l)) => Some((cuda_storage(s, "lora_linear: bias")?, *l)),
+        None => None,
+    };
+    if use_small_kernel(m, k, r, n) {
+        let bm = matrix(bs, bl)?;
+        let bias_in = bias_s.map(|(s, l)| input(s, l)).transpose()?;
+        return with_elem!(xs.dtype(), "lora", T => {
+            let (xv, av, bv) = (x.view::<T>()?, a.data.view::<T>()?, bm.data.view::<T>()?);
+            let mut y = alloc_out::<T>(&dev, m * n)?;
+            let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
+            launch_small::<T>(&dev, (&xv, &a, &av, &bm, &bv, bias_v.as_ref()), &mut y, (m, k, r, n), scale as f32)?;
+            if let Some(wm) = &wm {
+                let wv = wm.data.view::<T>()?;
+                gemm::<T>(
+                    &dev,
+                    (m, n, k),
+                    1.0,
+                    Operand { data: &xv, trans: false, ld: k.max(1) },
+                    Operand { data: &wv, trans: !wm.trans, ld: wm.ld },
+                    1.0,
+                    &mut y,
+                    0,
+                    n,
+                )?;
+            }
+            Ok(T::wrap_cuda_slice(y, dev.clone()))
+        });
+    }
+    // B, or [B; bias] (r + 1 rows) when there is a bias.
+    let (bm, rp) = match bias_s {
+        None => (matrix(bs, bl)?, r),
+        Some((bias_s, l)) => {
+            // SAFETY: both copies below together write all (r + 1) · n elements.
+            let mut ext = unsafe { dev.alloc_uninit(&Shape::from((r + 1, n)), bs.dtype()) }?;
+            bs.copy_strided_src(&mut ext, 0, bl)?;
+            bias_s.copy_strided_src(&mut ext, r * n, l)?;
+            (
+                Matrix {
+                    data: Input::owned(ext, bs, (r + 1) * n),
+                    trans: false,
+                    ld: n.max(1),
+                },
+                r + 1,
+            )
+        }
+    };
+    with_elem!(xs.dtype(), "lora", T => {
+        let (xv, av, bv) = (x.view::<T>()?, a.data.view::<T>()?, bm.data.view::<T>()?);
+        let mut t = alloc_out::<T>(&dev, m * rp)?;
+        gemm::<T>(
+            &dev,
+            (m, r, k),
+            scale as f32,
+            Operand { data: &xv, trans: false, ld: k.max(1) },
+            Operand { data: &av, trans: a.trans, ld: a.ld },
+            0.0,
+            &mut t,
+            0,
+            rp,
+        )?;
+        if rp > r {
+            set_column::<T>(&dev, &mut t, m, rp, r, 1.0)?;
+        }
+        let mut y = alloc_out::<T>(&dev, m * n)?;
+        gemm::<T>(
+            &dev,
+            (m, n, rp),
+            1.0,
+            Operand { data: &t.slice(..), trans: false, ld: rp },
+            Operand { data: &bv, trans: bm.trans, ld: bm.ld },
+            0.0,
+            &mut y,
+            0,
+            n,
+        )?;
+        if let Some(wm) = &wm {
+            let wv = wm.data.view::<T>()?;
+            // W is (out, in): the base term needs Wᵀ.
+            gemm::<T>(
+                &dev,
+                (m, n, k),
+                1.0,
+                Operand { data: &xv, trans: false, ld: k.max(1) },
+                Operand { data: &wv, trans: !wm.trans, ld: wm.ld },
+                1.0,
+                &mut y,
+                0,
+                n,
+            )?;
+        }
+        Ok(T::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// Rows per block of `lora_small` (one warp per row).
+const SMALL_ROWS: usize = 4;
+/// `lora_small` keeps r partial sums per lane in registers.
+const SMALL_MAX_RANK: usize = 16;
+
+/// Whether the one-launch kernel serves this problem: small enough that launch overhead, not
+/// the arithmetic, dominates (the seed's shapes: 128 × 2048 × 8 is 2 M multiply-adds).
+fn use_small_kernel(m: usize, k: usize, r: usize, n: usize) -> bool {
+    m > 0
+        && r <= SMALL_MAX_RANK
+        && m * k * r <= 1 << 22
+        && m * n * r <= 1 << 22
+        && k < i32::MAX as usize
+}
+
+type SmallArgs<'a, 'b, T> = (
+    &'a CudaView<'b, T>,
+    &'a Matrix<'a>,
+    &'a CudaView<'b, T>,
+    &'a Matrix<'a>,
+    &'a CudaView<'b, T>,
+    Option<&'a CudaView<'b, T>>,
+);
+
+/// `y = scale·(x·A)·B (+ bias)` in one launch (`lora_small` in lora.cu).
+fn launch_small<T: Elem>(
+    dev: &CudaDevice,
+    (xv, a, av, b, bv, bias): SmallArgs<'_, '_, T>,
+    y: &mut CudaSlice<T>,
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    // Element (i, j) of a stored matrix operand sits at i·s0 + j·s1.
+    let strides = |mat: &Matrix<'_>| {
+        if mat.trans {
+            (1i64, mat.ld as i64)
+        } else {
+            (mat.ld as i64, 1i64)
+        }
+    };
+    let ((sa0, sa1), (sb0, sb1)) = (strides(a), strides(b));
+    let f = load(dev, &format!("lora_small_{}", T::NAME), MODULE, LORA_PTX)?;
+    let (m_i, k_i, r_i, n_i) = (m as i32, k as i32, r as i32, n as i32);
+    let null = 0u64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(xv).arg(av).arg(bv);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(y)
+        .arg(&m_i)
+        .arg(&k_i)
+        .arg(&r_i)
+        .arg(&n_i)
+        .arg(&sa0)
+        .arg(&sa1)
+        .arg(&sb0)
+        .arg(&sb1)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (m.div_ceil(SMALL_ROWS) as u32, 1, 1),
+        block_dim: (32 * SMALL_ROWS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, addressed by the
+    // strides above; r ≤ 16 as the kernel requires.
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Sets column `col` of the row-major (rows, ld) matrix `buf` to `value`.
+fn set_column<T: Elem>(
+    dev: &CudaDevice,
+    buf: &mut CudaSlice<T>,
+    rows: usize,
+    ld: usize,
+    col: usize,
+    value: f32,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = load(dev, &format!("set_col_{}", T::NAME), MODULE, LORA_PTX)?;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    let (rows_i, ld_i, col_i) = (rows as i32, ld as i32, col as i32);
+    l.arg(buf).arg(&rows_i).arg(&ld_i).arg(&col_i).arg(&value);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(256).min(65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: buf holds rows * ld elements and col < ld.
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// What the input gradient gets besides the LoRA term.
+#[derive(Clone, Copy)]
+enum Base<'a> {
+    None,
+    /// A precomputed gradient added into dx.
+    Add(&'a Tensor),
+    /// The frozen base weight W (out, in): `dy·W` accumulated into dx by the base GEMM.
+    Weight(&'a Tensor),
+}
+
+/// Gradients of `scale·(x·A)·B` for x, A and B: `(dx, dA (in, r), dB (r, out))`; `dx_base`
+/// (x's shape) is added into dx when given.
+pub fn lora_backward(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+    dx_base: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward(x, a, b, dy, scale, dx_base.map_or(Base::None, Base::Add))
+}
+
+/// Gradients of the LoRA linear layer `x·Wᵀ + bias + scale·(x·A)·B` with W and the bias
+/// frozen: `(dx, dA, dB)`, where `dx = scale·(dy·Bᵀ)·Aᵀ + dy·W` (the base GEMM accumulates
+/// into the low-rank part with beta = 1).
+pub fn lora_linear_backward(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    w: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward(x, a, b, dy, scale, Base::Weight(w))
+}
+
+fn backward(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+    base: Base<'_>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    let (m, k) = rows_and_len("lora backward", x.shape())?;
+    let (r, n) = (a.dim(1)?, b.dim(1)?);
+    if dy.elem_count() != m * n {
+        candle_core::bail!(
+            "lora backward: dy has shape {:?}, expected {m} rows of {n}",
+            dy.dims()
+        )
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (gs, gl) = dy.storage_and_layout();
+    let (as_, al) = a.storage_and_layout();
+    let (bs, bl) = b.storage_and_layout();
+    let xs = cuda_storage(&xs, "lora backward: x")?;
+    let dev = xs.device().clone();
+    let xi = input(xs, xl)?;
+    let gi = input(cuda_storage(&gs, "lora backward: dy")?, gl)?;
+    let am = matrix(cuda_storage(&as_, "lora backward: A")?, al)?;
+    let bm = matrix(cuda_storage(&bs, "lora backward: B")?, bl)?;
+    let base_t = match base {
+        Base::None => None,
+        Base::Add(t) => Some(t.contiguous()?),
+        Base::Weight(w) => Some(w.clone()),
+    };
+    let base_guard = base_t.as_ref().map(|t| t.storage_and_layout());
+    let base_in = match &base_guard {
+        Some((s, l)) if matches!(base, Base::Add(_)) => {
+            Some(input(cuda_storage(s, "lora backward: dx_base")?, l)?)
+        }
+        _ => None,
+    };
+    let base_w = match &base_guard {
+        Some((s, l)) if matches!(base, Base::Weight(_)) => {
+            Some(matrix(cuda_storage(s, "lora_linear backward: W")?, l)?)
+        }
+        _ => None,
+    };
+    let alpha = scale as f32;
+    with_elem!(x.dtype(), "lora backward", T => {
+        let (xv, gv, av, bv) = (xi.view::<T>()?, gi.view::<T>()?, am.data.view::<T>()?, bm.data.view::<T>()?);
+        let x_op = || Operand { data: &xv, trans: false, ld: k.max(1) };
+        let dy_op = || Operand { data: &gv, trans: false, ld: n.max(1) };
+        // T = x·A and G = dy·Bᵀ, both (m, r).
+        let mut t = alloc_out::<T>(&dev, m * r)?;
+        gemm::<T>(&dev, (m, r, k), 1.0, x_op(), Operand { data: &av, trans: am.trans, ld: am.ld }, 0.0, &mut t, 0, r)?;
+        let mut g = alloc_out::<T>(&dev, m * r)?;
+        gemm::<T>(&dev, (m, r, n), 1.0, dy_op(), Operand { data: &bv, trans: !bm.trans, ld: bm.ld }, 0.0, &mut g, 0, r)?;
+        let (tv, g_view) = (t.slice(..), g.slice(..));
+        // dB = scale·Tᵀ·dy (r, n); dA = scale·xᵀ·G (k, r).
+        let mut db = alloc_out::<T>(&dev, r * n)?;
+        gemm::<T>(&dev, (r, n, m), alpha, Operand { data: &tv, trans: true, ld: r }, dy_op(), 0.0, &mut db, 0, n)?;
+        let mut da = alloc_out::<T>(&dev, k * r)?;
+        gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g_view, trans: false, ld: r }, 0.0, &mut da, 0, r)?;
+        // dx = scale·G·Aᵀ (+ base).
+        let mut dx = alloc_out::<T>(&dev, m * k)?;
+        let beta = match &base_in {
+            Some(bi) => {
+                let bv = bi.view::<T>()?;
+                if bv.len() != m * k {
+                    candle_core::bail!("lora backward: dx_base has {} elements, expected {}", bv.len(), m * k)
+                }
+                dev.memcpy_dtod(&bv, &mut dx)?;
+                1.0
+            }
+            None => 0.0,
+        };
+        gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: r }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
+        if let Some(wm) = &base_w {
+            let wv = wm.data.view::<T>()?;
+            gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &wv, trans: wm.trans, ld: wm.ld }, 1.0, &mut dx, 0, k.max(1))?;
+        }
+        Ok((to_tensor(dx, &dev, x.shape().clone()), to_tensor(da, &dev, (k, r)), to_tensor(db, &dev, (r, n))))
+    })
+}

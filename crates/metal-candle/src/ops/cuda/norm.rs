@@ -1,0 +1,202 @@
+//! RMSNorm and LayerNorm over the last dimension on CUDA.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Layout, Result, Tensor};
+
+use super::common::{
+    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_threads,
+    rows_and_len, sm_count, to_tensor, with_elem, Elem, NORM_PTX,
+};
+
+const MODULE: &str = "metal_candle_norm";
+/// Packs per thread held in registers: `RF` (forward) and `RB` (backward) in norm.cu.
+const PER_THREAD_FWD: usize = 4;
+const PER_THREAD_BWD: usize = 2;
+
+/// `x / sqrt(mean(x²) + eps) ⊙ w` over the last dimension.
+pub fn rms_norm_forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    forward("rms", xs, xl, ws, wl, None, eps)
+}
+
+/// `(x − mean) / sqrt(var + eps) ⊙ w + b` over the last dimension (biased variance).
+pub fn layer_norm_forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    forward("layer", xs, xl, ws, wl, Some((bs, bl)), eps)
+}
+
+fn forward(
+    kind: &str,
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let op = if kind == "rms" {
+        "rms_norm"
+    } else {
+        "layer_norm"
+    };
+    let dev = xs.device().clone();
+    let (rows, n) = rows_and_len(op, xl.shape())?;
+    let (x, w) = (input(xs, xl)?, input(ws, wl)?);
+    let b = bias.map(|(s, l)| input(s, l)).transpose()?;
+    with_elem!(xs.dtype(), op, T => {
+        let (xv, wv) = (x.view::<T>()?, w.view::<T>()?);
+        let bv = b.as_ref().map(|b| b.view::<T>()).transpose()?;
+        let mut y = alloc_out::<T>(&dev, rows * n)?;
+        if rows > 0 {
+            let vec = n % T::VEC == 0
+                && aligned16(&xv, &dev)
+                && aligned16(&wv, &dev)
+                && bv.as_ref().is_none_or(|b| aligned16(b, &dev));
+            let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+            let f = load(&dev, &format!("{kind}_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD_FWD))?);
+            let stream = dev.cuda_stream();
+            let (rows_i, n_i, eps_f) = (rows as i32, n as i32, eps as f32);
+            let mut l = stream.launch_builder(&f);
+            l.arg(&xv).arg(&wv);
+            if let Some(bv) = &bv {
+                l.arg(bv);
+            }
+            l.arg(&mut y).arg(&rows_i).arg(&n_i).arg(&eps_f);
+            // SAFETY: argument types match the kernel signature; x and y hold rows * n elements,
+            // w (and b) n elements.
+            unsafe { l.launch(cfg) }.w()?;
+        }
+        Ok(T::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// Gradients of RMSNorm: `(dx, dw)`.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (dx, mut grads) = backward("rms", x, w, dy, eps)?;
+    match grads.pop() {
+        Some(dw) => Ok((dx, dw)),
+        None => candle_core::bail!("rms_norm backward: missing weight gradient"),
+    }
+}
+
+/// Gradients of LayerNorm: `(dx, dw, db)`.
+pub fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dx, grads) = backward("layer", x, w, dy, eps)?;
+    match <[Tensor; 2]>::try_from(grads) {
+        Ok([dw, db]) => Ok((dx, dw, db)),
+        Err(_) => candle_core::bail!("layer_norm backward: missing weight or bias gradient"),
+    }
+}
+
+/// Runs the backward kernel of `kind` and the column reductions of its partial gradients:
+/// returns dx and the parameter gradients (dw for rms; dw, db for layer).
+fn backward(
+    kind: &str,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let op = if kind == "rms" {
+        "rms_norm backward"
+    } else {
+        "layer_norm backward"
+    };
+    let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (gs, gl) = dy.storage_and_layout();
+    let (xs, ws, gs) = (
+        cuda_storage(&xs, "x")?,
+        cuda_storage(&ws, "weight")?,
+        cuda_storage(&gs, "dy")?,
+    );
+    let dev = xs.device().clone();
+    let (rows, n) = rows_and_len(op, xl.shape())?;
+    let n_params = if kind == "rms" { 1 } else { 2 };
+    let (xi, wi, gi) = (input(xs, xl)?, input(ws, wl)?, input(gs, gl)?);
+    with_elem!(xs.dtype(), op, T => {
+        let (xv, wv, gv) = (xi.view::<T>()?, wi.view::<T>()?, gi.view::<T>()?);
+        let mut dx = alloc_out::<T>(&dev, rows * n)?;
+        let mut grads = Vec::with_capacity(n_params);
+        if rows == 0 {
+            // No rows: the parameter gradients are zero.
+            for _ in 0..n_params {
+                grads.push(Tensor::zeros(n, w.dtype(), w.device())?);
+            }
+            return Ok((to_tensor(dx, &dev, xl.shape().clone()), grads));
+        }
+        let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&wv, &dev) && aligned16(&gv, &dev);
+        let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+        let f = load(&dev, &format!("{kind}_bwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
+        let threads = fit_threads(&f, row_threads(n / width, PER_THREAD_BWD))?;
+        let groups = backward_groups(&f, &dev, threads, rows)?;
+        // One partial row per block and parameter, fully written by the kernel.
+        let mut parts: Vec<CudaSlice<f32>> = Vec::with_capacity(n_params);
+        for _ in 0..n_params {
+            // SAFETY: every block writes its whole partial row before the reduction reads it.
+            parts.push(unsafe { dev.alloc::<f32>(groups * n) }?);
+        }
+        let stream = dev.cuda_stream();
+        let (rows_i, n_i, eps_f, groups_i) = (rows as i32, n as i32, eps as f32, groups as i32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&xv).arg(&wv).arg(&gv).arg(&mut dx);
+        for p in parts.iter_mut() {
+            l.arg(p);
+        }
+        l.arg(&rows_i).arg(&n_i).arg(&eps_f);
+        let cfg = LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types match the kernel signature; x, dy, dx hold rows * n elements,
+        // w n elements, each partial buffer groups * n floats; the grid has `groups` blocks.
+        unsafe { l.launch(cfg) }.w()?;
+        let reduce = load(&dev, &format!("reduce_cols_{}", T::NAME), MODULE, NORM_PTX)?;
+        for p in &parts {
+            let mut out = alloc_out::<T>(&dev, n)?;
+            let mut l = stream.launch_builder(&reduce);
+            l.arg(p).arg(&groups_i).arg(&n_i).arg(&mut out);
+            let cfg = LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
+            // SAFETY: `p` holds groups * n floats, `out` n elements.
+            unsafe { l.launch(cfg) }.w()?;
+            grads.push(to_tensor(out, &dev, n));
+        }
+        Ok((to_tensor(dx, &dev, xl.shape().clone()), grads))
+    })
+}
+
+/// Blocks of the backward grid: as many as fit on the GPU at once (each keeps its partial
+/// sums in registers across rows), never more than there are rows.
+fn backward_groups(f: &CudaFunction, dev: &CudaDevice, threads: u32, rows: usize) -> Result<usize> {
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        .w()?
+        .max(1);
+    Ok(((sm_count(dev)? * per_sm) as usize).min(rows).max(1))
+}

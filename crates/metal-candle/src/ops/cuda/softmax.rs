@@ -1,0 +1,71 @@
+//! Softmax over the last dimension on CUDA.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::CudaDType;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, Layout, Result, Tensor};
+
+use super::common::{
+    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_threads,
+    rows_and_len, to_tensor, with_elem, Elem, SOFTMAX_PTX,
+};
+
+const MODULE: &str = "metal_candle_softmax";
+/// Packs each thread keeps in registers (`R` in softmax.cu).
+const PER_THREAD: usize = 4;
+
+/// `softmax(x)` over the last dimension of `x` (storage `s` under layout `l`).
+pub fn softmax_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = s.device().clone();
+    let (rows, n) = rows_and_len("softmax_last_dim", l.shape())?;
+    let x = input(s, l)?;
+    with_elem!(s.dtype(), "softmax_last_dim", T => {
+        let xv = x.view::<T>()?;
+        let mut y = alloc_out::<T>(&dev, rows * n)?;
+        if rows > 0 {
+            let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
+            let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+            let f = load(&dev, &format!("softmax_fwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let stream = dev.cuda_stream();
+            let (rows_i, n_i) = (rows as i32, n as i32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&mut y).arg(&rows_i).arg(&n_i);
+            // SAFETY: argument types match the kernel signature; buffers hold rows * n elements.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(T::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// `dx = y ⊙ (dy − Σ dy ⊙ y)` for the softmax output `y` and its gradient `dy`.
+pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let (y, dy) = (y.contiguous()?, dy.contiguous()?);
+    let (ys, yl) = y.storage_and_layout();
+    let (gs, gl) = dy.storage_and_layout();
+    let (ys, gs) = (
+        cuda_storage(&ys, "softmax backward: y")?,
+        cuda_storage(&gs, "softmax backward: dy")?,
+    );
+    let dev = ys.device().clone();
+    let (rows, n) = rows_and_len("softmax_last_dim backward", yl.shape())?;
+    let (yi, gi) = (input(ys, yl)?, input(gs, gl)?);
+    with_elem!(ys.dtype(), "softmax_last_dim backward", T => {
+        let (yv, gv) = (yi.view::<T>()?, gi.view::<T>()?);
+        let mut dx = alloc_out::<T>(&dev, rows * n)?;
+        if rows > 0 {
+            let vec = n % T::VEC == 0 && aligned16(&yv, &dev) && aligned16(&gv, &dev);
+            let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+            let f = load(&dev, &format!("softmax_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let stream = dev.cuda_stream();
+            let (rows_i, n_i) = (rows as i32, n as i32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&yv).arg(&gv).arg(&mut dx).arg(&rows_i).arg(&n_i);
+            // SAFETY: argument types match the kernel signature; buffers hold rows * n elements.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(to_tensor(dx, &dev, yl.shape().clone()))
+    })
+}

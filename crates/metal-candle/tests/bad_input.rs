@@ -1,0 +1,145 @@
+//! Bad input gets a clear error that names what is wrong.
+
+use candle_core::{DType, Device, Tensor};
+use metal_candle::backend::custom_ops::FusedLoRAOp;
+use metal_candle::ops;
+use metal_candle::training::{LoRAConfig, LoRALayer, LoraLinear};
+
+fn t(dims: &[usize], dtype: DType) -> Tensor {
+    Tensor::zeros(dims, dtype, &Device::Cpu).unwrap()
+}
+
+fn err_text<T: std::fmt::Debug>(r: metal_candle::Result<T>) -> String {
+    r.expect_err("expected an error").to_string()
+}
+
+#[test]
+fn norm_weight_length_must_match_last_dim() {
+    let e = err_text(ops::rms_norm(
+        &t(&[2, 8], DType::F32),
+        &t(&[7], DType::F32),
+        1e-5,
+    ));
+    assert!(
+        e.contains("[7]") && e.contains("[2, 8]") && e.contains("rms_norm"),
+        "{e}"
+    );
+    let e = err_text(ops::layer_norm(
+        &t(&[2, 8], DType::F32),
+        &t(&[8], DType::F32),
+        &t(&[9], DType::F32),
+        1e-5,
+    ));
+    assert!(e.contains("bias") && e.contains("[9]"), "{e}");
+    let e = err_text(ops::rms_norm(
+        &t(&[2, 8], DType::F32),
+        &t(&[8], DType::F32),
+        -1.0,
+    ));
+    assert!(e.contains("eps"), "{e}");
+}
+
+#[test]
+fn lora_factors_must_chain() {
+    let x = t(&[4, 16], DType::F32);
+    let e = err_text(ops::lora_delta(
+        &x,
+        &t(&[15, 4], DType::F32),
+        &t(&[4, 8], DType::F32),
+        1.0,
+    ));
+    assert!(e.contains("[15, 4]") && e.contains("[4, 16]"), "{e}");
+    let e = err_text(ops::lora_delta(
+        &x,
+        &t(&[16, 4], DType::F32),
+        &t(&[3, 8], DType::F32),
+        1.0,
+    ));
+    assert!(e.contains("do not chain") && e.contains("[3, 8]"), "{e}");
+    let e = err_text(ops::lora_linear(
+        &x,
+        &t(&[9, 16], DType::F32),
+        None,
+        &t(&[16, 4], DType::F32),
+        &t(&[4, 8], DType::F32),
+        1.0,
+    ));
+    assert!(
+        e.contains("W has shape [9, 16]") && e.contains("(8, 16)"),
+        "{e}"
+    );
+    let e = err_text(FusedLoRAOp::new(
+        t(&[16, 4], DType::F32),
+        t(&[5, 8], DType::F32),
+        1.0,
+    ));
+    assert!(e.contains("do not chain"), "{e}");
+}
+
+#[test]
+fn dtypes_must_match() {
+    let e = err_text(ops::rms_norm(
+        &t(&[2, 8], DType::F32),
+        &t(&[8], DType::BF16),
+        1e-5,
+    ));
+    assert!(
+        e.contains("dtype") && e.contains("BF16") && e.contains("F32"),
+        "{e}"
+    );
+    let e = err_text(ops::lora_delta(
+        &t(&[2, 8], DType::F16),
+        &t(&[8, 2], DType::F16),
+        &t(&[2, 8], DType::F32),
+        1.0,
+    ));
+    assert!(e.contains("B is F32"), "{e}");
+}
+
+#[test]
+fn integer_inputs_are_rejected_by_name() {
+    let x = Tensor::zeros((2, 8), DType::U32, &Device::Cpu).unwrap();
+    let e = err_text(ops::softmax_last_dim(&x));
+    assert!(e.contains("U32"), "{e}");
+}
+
+#[test]
+fn config_values_are_checked() {
+    let dev = Device::Cpu;
+    let e = err_text(LoRALayer::new(8, 8, &LoRAConfig::new(8, 8, 0, 16.0), &dev));
+    assert!(e.contains("rank"), "{e}");
+    let e = err_text(LoRALayer::new(8, 8, &LoRAConfig::new(8, 8, 4, 0.0), &dev));
+    assert!(e.contains("alpha = 0"), "{e}");
+    let e = err_text(LoRALayer::new(8, 8, &LoRAConfig::new(8, 8, 4, -2.0), &dev));
+    assert!(e.contains("alpha = -2"), "{e}");
+    for p in [1.0, -0.1, 1.5] {
+        let e = err_text(LoRALayer::new(
+            8,
+            8,
+            &LoRAConfig::new(8, 8, 4, 8.0).with_dropout(p),
+            &dev,
+        ));
+        assert!(e.contains("dropout"), "{e}");
+    }
+    let e = err_text(LoRALayer::new(8, 9, &LoRAConfig::new(8, 8, 4, 8.0), &dev));
+    assert!(e.contains("8x9") && e.contains("8x8"), "{e}");
+    let e = err_text(ops::lora_delta(
+        &t(&[2, 8], DType::F32),
+        &t(&[8, 0], DType::F32),
+        &t(&[0, 8], DType::F32),
+        1.0,
+    ));
+    assert!(e.contains("rank 0"), "{e}");
+}
+
+#[test]
+fn adapter_must_fit_its_layer() {
+    let dev = Device::Cpu;
+    let layer = LoraLinear::new(t(&[8, 16], DType::F32), None).unwrap();
+    let adapter = LoRALayer::new(8, 16, &LoRAConfig::new(8, 16, 2, 4.0), &dev).unwrap();
+    let e = err_text(layer.with_adapter(adapter));
+    assert!(
+        e.contains("adapter is 8x16") && e.contains("layer is 16x8"),
+        "{e}"
+    );
+}

@@ -1,0 +1,259 @@
+//! Every fused op against the plain-candle reference: random inputs of many shapes, every
+//! dtype, contiguous and strided views, forward and gradients.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::{as_view, forward_backward, randn, rel_err, tol, OpFn, View};
+use metal_candle::ops::{self, reference};
+
+const DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::BF16, DType::F16];
+const HIDDEN: [usize; 5] = [1, 3, 17, 1000, 4099];
+const LEADING: [&[usize]; 3] = [&[1], &[7], &[2, 3]];
+const VIEWS: [View; 3] = [View::Contiguous, View::Transposed, View::Narrowed];
+
+/// Compares fused and reference on `inputs` (x is input 0 and gets `view`): the output and
+/// the gradient of every input, each against the truth (the reference evaluated in f64 on the
+/// same values). The fused result must be within the dtype's tolerance of the truth, or within
+/// 10x of the reference's own error where the maths cancels so badly that the reference in the
+/// same dtype comes near that tolerance too (the gradient of a 1-wide norm is `eps/(x²+eps)`
+/// times its input, computed as a difference of near-equal terms).
+fn compare(
+    name: &str,
+    fused: OpFn,
+    refr: OpFn,
+    inputs: &[Tensor],
+    view: View,
+    grad_tol_factor: f64,
+) {
+    let dtype = inputs[0].dtype();
+    let ctx = format!("{name} {dtype:?} x{:?} {view:?}", inputs[0].dims());
+    let mut viewed = inputs.to_vec();
+    viewed[0] = as_view(&inputs[0], view).unwrap();
+    let inputs64: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_dtype(DType::F64).unwrap())
+        .collect();
+    let out_dims = refr(inputs).unwrap().dims().to_vec();
+    let upstream = randn(&out_dims, 0.0, 1.0, DType::F64).unwrap();
+    let (y_f, g_f) =
+        forward_backward(fused, &viewed, &upstream).unwrap_or_else(|e| panic!("{ctx}: fused: {e}"));
+    let (y_r, g_r) = forward_backward(refr, inputs, &upstream)
+        .unwrap_or_else(|e| panic!("{ctx}: reference: {e}"));
+    let (y_t, g_t) = forward_backward(refr, &inputs64, &upstream)
+        .unwrap_or_else(|e| panic!("{ctx}: truth: {e}"));
+    assert_eq!(y_f.dtype(), dtype, "{ctx}: output dtype");
+    let check = |what: String, f: &Tensor, r: &Tensor, t: &Tensor, tolerance: f64| {
+        let (ef, er) = (rel_err(f, t).unwrap(), rel_err(r, t).unwrap());
+        // Where even the reference misses the tolerance the case is ill-conditioned in this
+        // dtype: only the order of magnitude is meaningful.
+        let bound = if er > tolerance {
+            1.0
+        } else {
+            tolerance.max(10.0 * er)
+        };
+        assert!(
+            ef <= bound,
+            "{ctx}: {what}: fused rel err {ef:e} vs truth; tolerance {tolerance:e}, reference's own error {er:e}"
+        );
+    };
+    check("forward".into(), &y_f, &y_r, &y_t, tol(dtype));
+    // The x-gradient of a norm over a 1-wide row is eps/(x²+eps) times its input: a difference
+    // of near-equal terms that no f32/bf16 implementation (the reference included) gets to
+    // tolerance, so it is checked in f64 only (here and by finite differences).
+    let one_wide_norm =
+        name.ends_with("norm") && inputs[0].dims().last() == Some(&1) && dtype != DType::F64;
+    for (i, ((gf, gr), gt)) in g_f.iter().zip(&g_r).zip(&g_t).enumerate() {
+        if one_wide_norm && i == 0 {
+            continue;
+        }
+        check(
+            format!("gradient of input {i}"),
+            gf,
+            gr,
+            gt,
+            tol(dtype) * grad_tol_factor,
+        );
+    }
+}
+
+fn shape(lead: &[usize], last: usize) -> Vec<usize> {
+    let mut s = lead.to_vec();
+    s.push(last);
+    s
+}
+
+#[test]
+fn softmax_matches_reference() {
+    let fused = |t: &[Tensor]| ops::softmax_last_dim(&t[0]);
+    let refr = |t: &[Tensor]| Ok(reference::softmax_last_dim(&t[0])?);
+    for dtype in DTYPES {
+        for n in HIDDEN {
+            for lead in LEADING {
+                for view in VIEWS {
+                    let x = randn(&shape(lead, n), 0.0, 3.0, dtype).unwrap();
+                    compare("softmax", &fused, &refr, &[x], view, 2.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    let fused = |t: &[Tensor]| ops::rms_norm(&t[0], &t[1], 1e-5);
+    let refr = |t: &[Tensor]| Ok(reference::rms_norm(&t[0], &t[1], 1e-5)?);
+    for dtype in DTYPES {
+        for n in HIDDEN {
+            for lead in LEADING {
+                for view in VIEWS {
+                    let x = randn(&shape(lead, n), 0.5, 2.0, dtype).unwrap();
+                    let w = randn(&[n], 1.0, 0.5, dtype).unwrap();
+                    compare("rms_norm", &fused, &refr, &[x, w], view, 2.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_reference() {
+    let fused = |t: &[Tensor]| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5);
+    let refr = |t: &[Tensor]| Ok(reference::layer_norm(&t[0], &t[1], &t[2], 1e-5)?);
+    for dtype in DTYPES {
+        for n in HIDDEN {
+            for lead in LEADING {
+                for view in VIEWS {
+                    // A large mean checks that the variance is computed stably.
+                    let x = randn(&shape(lead, n), 3.0, 2.0, dtype).unwrap();
+                    let w = randn(&[n], 1.0, 0.5, dtype).unwrap();
+                    let b = randn(&[n], 0.0, 0.5, dtype).unwrap();
+                    compare("layer_norm", &fused, &refr, &[x, w, b], view, 4.0);
+                }
+            }
+        }
+    }
+}
+
+/// (in, out, rank) triples: degenerate, odd, wide and tall.
+const LORA_SHAPES: [(usize, usize, usize); 6] = [
+    (1, 1, 1),
+    (3, 17, 2),
+    (17, 3, 4),
+    (1000, 64, 8),
+    (64, 4099, 16),
+    (4099, 17, 3),
+];
+
+#[test]
+fn lora_delta_matches_reference() {
+    let fused = |t: &[Tensor]| ops::lora_delta(&t[0], &t[1], &t[2], 1.7);
+    let refr = |t: &[Tensor]| Ok(reference::lora_delta(&t[0], &t[1], &t[2], 1.7)?);
+    for dtype in DTYPES {
+        for (k, n, r) in LORA_SHAPES {
+            for lead in LEADING {
+                for view in VIEWS {
+                    let x = randn(&shape(lead, k), 0.0, 1.0, dtype).unwrap();
+                    let a = randn(&[k, r], 0.0, 1.0 / (k as f64).sqrt(), dtype).unwrap();
+                    let b = randn(&[r, n], 0.0, 0.5, dtype).unwrap();
+                    compare("lora_delta", &fused, &refr, &[x, a, b], view, 2.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_linear_matches_reference_with_and_without_bias() {
+    for with_bias in [false, true] {
+        for dtype in DTYPES {
+            for (k, n, r) in LORA_SHAPES {
+                for lead in LEADING {
+                    for view in [View::Contiguous, View::Transposed] {
+                        let x = randn(&shape(lead, k), 0.0, 1.0, dtype).unwrap();
+                        let a = randn(&[k, r], 0.0, 1.0 / (k as f64).sqrt(), dtype).unwrap();
+                        let b = randn(&[r, n], 0.0, 0.5, dtype).unwrap();
+                        // The base layer is frozen: W and bias are captured, not inputs.
+                        let w = randn(&[n, k], 0.0, 1.0 / (k as f64).sqrt(), dtype).unwrap();
+                        let bias = with_bias.then(|| randn(&[n], 0.0, 1.0, dtype).unwrap());
+                        // Cast to the inputs' dtype so that the f64 truth uses the same values.
+                        let base = |t: &[Tensor]| {
+                            let d = t[0].dtype();
+                            (
+                                w.to_dtype(d).unwrap(),
+                                bias.as_ref().map(|b| b.to_dtype(d).unwrap()),
+                            )
+                        };
+                        let fused = |t: &[Tensor]| {
+                            let (w, bias) = base(t);
+                            ops::lora_linear(&t[0], &w, bias.as_ref(), &t[1], &t[2], 0.9)
+                        };
+                        let refr = |t: &[Tensor]| {
+                            let (w, bias) = base(t);
+                            Ok(reference::lora_linear(
+                                &t[0],
+                                &w,
+                                bias.as_ref(),
+                                &t[1],
+                                &t[2],
+                                0.9,
+                            )?)
+                        };
+                        compare("lora_linear", &fused, &refr, &[x, a, b], view, 2.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_linear_with_trainable_base_gives_gradients_to_w_and_bias() {
+    for dtype in [DType::F64, DType::F32] {
+        let (k, n, r) = (33, 20, 4);
+        let x = randn(&[2, 5, k], 0.0, 1.0, dtype).unwrap();
+        let a = randn(&[k, r], 0.0, 0.2, dtype).unwrap();
+        let b = randn(&[r, n], 0.0, 0.2, dtype).unwrap();
+        let w = randn(&[n, k], 0.0, 0.2, dtype).unwrap();
+        let bias = randn(&[n], 0.0, 1.0, dtype).unwrap();
+        let fused = |t: &[Tensor]| ops::lora_linear(&t[0], &t[3], Some(&t[4]), &t[1], &t[2], 2.0);
+        let refr = |t: &[Tensor]| {
+            Ok(reference::lora_linear(
+                &t[0],
+                &t[3],
+                Some(&t[4]),
+                &t[1],
+                &t[2],
+                2.0,
+            )?)
+        };
+        compare(
+            "lora_linear(trainable W)",
+            &fused,
+            &refr,
+            &[x, a, b, w, bias],
+            View::Contiguous,
+            2.0,
+        );
+    }
+}
+
+#[test]
+fn fused_half_precision_is_closer_to_f64_truth_than_a_tolerance_allows() {
+    // Guards against a kernel that accumulates in the storage type: the fused bf16/f16
+    // results must be within rounding of the exact (f64) answer on a wide row.
+    let n = 4099;
+    let x64 = randn(&[4, n], 0.0, 1.0, DType::F64).unwrap();
+    let w64 = randn(&[n], 1.0, 0.1, DType::F64).unwrap();
+    let truth = reference::rms_norm(&x64, &w64, 1e-5).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let y = ops::rms_norm(
+            &x64.to_dtype(dtype).unwrap(),
+            &w64.to_dtype(dtype).unwrap(),
+            1e-5,
+        )
+        .unwrap();
+        let e = rel_err(&y, &truth).unwrap();
+        assert!(e < tol(dtype) / 2.0, "{dtype:?}: {e:e}");
+    }
+}
