@@ -46,6 +46,7 @@ fn llama_learns_a_memorisable_batch() {
     );
     let report = train::train(&mut model, &all_targets(8), &mut data, None, &cfg, None).unwrap();
     let (first, last) = (report.history[0].loss, report.history.last().unwrap().loss);
+    eprintln!("{:?}", report.history.iter().map(|h| h.loss).collect::<Vec<_>>());
     assert!(last < 0.3 * first, "loss {first} -> {last}");
     assert_eq!(
         model
