@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module; this file only parses and dispatches.
 
 mod cmd;
+mod greedy;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,12 @@ struct Cli {
 enum Command {
     /// Show which kernels each backend runs on this build.
     Info,
+    /// Fine-tune with LoRA (no arguments: SmolLM2-135M on Shakespeare's sonnets, a few minutes on CPU).
+    Train(cmd::train::TrainArgs),
+    /// Fold a LoRA adapter into its base model and write a Hugging Face folder.
+    Merge(cmd::merge::MergeArgs),
+    /// Measure LoRA training tokens/s and peak memory on a random-weight model.
+    BenchTrain(cmd::bench_train::BenchTrainArgs),
     /// Generate text from a prompt (streamed to stdout).
     Generate(cmd::generate::GenerateArgs),
     /// Chat with an instruct model (interactive or piped).
@@ -39,6 +46,9 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
+        Command::Train(args) => cmd::train::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
+        Command::BenchTrain(args) => cmd::bench_train::run(args),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Embed(a) => cmd::embed::run(a),

@@ -36,8 +36,11 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     result
 }
 
-/// Writes `bytes` to `path` atomically.
+/// Writes `bytes` to `path` atomically, creating the parent folder if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
     write_atomic_with(path, |tmp| {
         let mut f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(tmp, e))
@@ -45,7 +48,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes `value` as pretty JSON to `path` atomically.
-pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub fn write_json_atomic<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Error::Msg(format!("{}: cannot serialise JSON: {e}", path.display())))?;
     write_atomic(path, text.as_bytes())
@@ -57,4 +60,53 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::Msg(format!("{}: not a file path", path.display())))?
         .to_string_lossy();
     Ok(path.with_file_name(format!(".{name}.tmp-{}", std::process::id())))
+}
+
+/// Writes named tensors as safetensors, atomically. Tensors are moved to the CPU first.
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(String, candle_core::Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let mut host = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        host.push((
+            name.clone(),
+            t.to_device(&candle_core::Device::Cpu)?.contiguous()?,
+        ));
+    }
+    let bytes = safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| {
+            Error::Msg(format!(
+                "{}: could not serialise safetensors: {e}",
+                path.display()
+            ))
+        })?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads a whole file, naming the path on failure.
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads a JSON file into `T`, naming the path and the problem on failure.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = read(path)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
+}
+
+/// Loads every tensor of a safetensors file onto `device`, naming the path on failure.
+pub fn read_safetensors(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    let bytes = read(path)?;
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        Error::Msg(format!(
+            "{}: not a valid safetensors file ({e})",
+            path.display()
+        ))
+    })
 }

@@ -33,6 +33,7 @@ pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod train;
 
 pub use error::{Error, Result};
 

@@ -75,7 +75,9 @@ impl BertConfig {
 
     /// Checks the values the encoder relies on.
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::InvalidConfig {
                 name: "num_attention_heads",
                 value: format!(

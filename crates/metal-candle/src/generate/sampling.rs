@@ -80,7 +80,7 @@ impl SamplingConfig {
         }
         s.penalty_last_n = self.penalty_last_n;
         if self.temperature == 0.0 {
-            return Ok(s.then(Step::Greedy)?);
+            return s.then(Step::Greedy);
         }
         s = s.then(Step::Temperature(self.temperature))?;
         if let Some(k) = self.top_k {

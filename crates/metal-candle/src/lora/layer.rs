@@ -1,6 +1,6 @@
 //! The LoRA adapter layer: the trainable factors A and B and the forward of their term.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -32,6 +32,8 @@ pub struct LoRALayer {
     b: Var,
     config: LoRAConfig,
     training: AtomicBool,
+    /// Seed of the next dropout mask; advanced after each use, so masks are reproducible.
+    dropout_seed: AtomicU64,
 }
 
 impl Clone for LoRALayer {
@@ -41,6 +43,7 @@ impl Clone for LoRALayer {
             b: self.b.clone(),
             config: self.config.clone(),
             training: AtomicBool::new(self.is_training()),
+            dropout_seed: AtomicU64::new(self.dropout_seed.load(Ordering::Relaxed)),
         }
     }
 }
@@ -97,6 +100,7 @@ impl LoRALayer {
             b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
             config: config.clone(),
             training: AtomicBool::new(false),
+            dropout_seed: AtomicU64::new(0x00D2_0B0A),
         })
     }
 
@@ -143,13 +147,23 @@ impl LoRALayer {
         ))
     }
 
+    /// Sets the seed of the next dropout mask. Each forward pass in training mode uses the
+    /// current seed and moves to a new one derived from it, so a run seeded the same way
+    /// draws the same masks.
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.dropout_seed.store(seed, Ordering::Relaxed);
+    }
+
     /// The input the LoRA term sees: `x`, or `dropout(x)` in training mode.
     pub(crate) fn lora_input(&self, x: &Tensor) -> Result<Tensor> {
-        if self.dropout_active() {
-            Ok(candle_nn::ops::dropout(x, self.config.dropout as f32)?)
-        } else {
-            Ok(x.clone())
+        if !self.dropout_active() {
+            return Ok(x.clone());
         }
+        let seed = self.dropout_seed.load(Ordering::Relaxed);
+        self.dropout_seed
+            .store(crate::train::rng::mix64(seed ^ 0xD40F), Ordering::Relaxed);
+        let mask = dropout_mask(x, self.config.dropout, seed)?;
+        Ok(x.mul(&mask)?)
     }
 
     /// `scale · (dropout(x)·A)·B` for `x` of shape (..., in); fused where the device has a
@@ -164,4 +178,32 @@ impl LoRALayer {
         let ab = self.a.as_tensor().matmul(self.b.as_tensor())?;
         Ok((ab.t()? * self.config.scaling())?.to_dtype(dtype)?)
     }
+}
+
+/// A dropout mask shaped like `x`: `1/(1-p)` with probability `1-p`, else 0, drawn from `seed`.
+/// On the CPU each element is a counter-based hash of (seed, index), drawn in parallel; other
+/// devices seed their own generator, since candle's CPU generator cannot be seeded.
+fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let n = x.elem_count();
+    if x.device().is_cpu() {
+        use rayon::prelude::*;
+        let threshold = (keep * (1u64 << 53) as f64) as u64;
+        let scale = (1.0 / keep) as f32;
+        let base = crate::train::rng::mix64(seed);
+        let mask: Vec<f32> = (0..n as u64)
+            .into_par_iter()
+            .map(|i| {
+                if crate::train::rng::mix64(base ^ i) >> 11 < threshold {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        return Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?);
+    }
+    x.device().set_seed(seed)?;
+    let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+    Ok((u.ge(p)?.to_dtype(DType::F32)? / keep)?.to_dtype(x.dtype())?)
 }

@@ -262,11 +262,15 @@ impl Llama {
             .reshape((b, s, self.config.hidden_size))?)
     }
 
-    /// The output head: `hidden` (..., hidden) → logits (..., vocab) in f32.
+    /// The output head: `hidden` (..., hidden) → logits (..., vocab) in f32 (f64 for an f64
+    /// model, so that gradient checks keep their precision).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden
-            .broadcast_matmul(&self.lm_head.t()?)?
-            .to_dtype(DType::F32)?)
+        let logits = hidden.broadcast_matmul(&self.lm_head.t()?)?;
+        let dtype = match logits.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        Ok(logits.to_dtype(dtype)?)
     }
 
     /// Number of decoder layers.

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""PyTorch + PEFT peer of `metal-candle bench-train`: LoRA training tokens/s and peak memory.
+
+Same work as the Rust side: a llama-family model with random weights built from a config
+(SmolLM2-135M's or Llama-3.2-1B's), LoRA r=16 (alpha 32) on q,k,v,o,gate,up,down, batch x seq
+random tokens, forward + causal-LM loss + backward + clip_grad_norm(1.0) + AdamW, bf16 autocast
+with SDPA attention. Time: CUDA-synchronised wall clock per step, median of the timed steps
+after warmup. Peak memory: torch.cuda.max_memory_allocated over the timed steps.
+
+    python3 bench/peers/train_peft.py --config smollm2-135m --batch 8 --seq 512 --json out.json
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+CONFIGS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+                     max_position_embeddings=131072, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="smollm2-135m", choices=sorted(CONFIGS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"],
+                    help="bf16: base weights in bf16 and bf16 autocast (adapters f32); f32: no autocast")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    cfg = LlamaConfig(**CONFIGS[args.config], attn_implementation=args.attn)
+    model = LlamaForCausalLM(cfg)
+    base_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model.to(device=dev, dtype=base_dtype)
+    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(model, lcfg)
+    for n, p in model.named_parameters():  # adapters in f32, as on the Rust side
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(dev)
+
+    def step():
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
+    res = {
+        "bench": "lora_train_step", "impl": "pytorch+peft", "config": args.config, "device": args.device,
+        "dtype": args.dtype, "attn": args.attn, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+        "steps": args.steps, "median_step_s": med, "tokens_per_s": args.batch * args.seq / med,
+        "peak_memory_gib": peak / 2**30, "final_loss": float(loss),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
