@@ -1,35 +1,83 @@
 #!/usr/bin/env bash
-# One GPU session: the GPU test suite (`metal-candle gpu-test`), `metal-candle bench ops`, the
-# PyTorch peer and the comparison, all results under $1 (default ./gpu-results). Expects
-# dist/cuda/metal-candle from scripts/build-cuda.sh (optionally as .xz).
+# One GPU session, in two parts that each fit one device call (≤ 10 minutes), all results under
+# OUTDIR (default ./gpu-results). Expects dist/cuda/metal-candle from scripts/build-cuda.sh
+# (optionally as .xz) and, for the embedding benchmark, dist/minilm (all-MiniLM-L6-v2's folder
+# without its weights: both sides use random weights of its config, speed does not depend on them).
 #
-#   bench/run-gpu.sh OUTDIR [DIST_DIR]
+#   bench/run-gpu.sh OUTDIR ops   # GPU test suite, PEFT fixtures, `bench ops` + PyTorch peer + compare
+#   bench/run-gpu.sh OUTDIR e2e   # training, generation and embedding throughput + their peers
+#
+# Every step has its own time limit and logs its exit code; a failing step does not stop the
+# others (the log says which failed).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$here/.."
 out="${1:-gpu-results}"
-dist="${2:-$here/../dist/cuda}"
+part="${2:-ops}"
+dist="$root/dist"
 mkdir -p "$out"
-log="$out/run.log"
+log="$out/run-$part.log"
 venv_lib="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
 export LD_LIBRARY_PATH="${venv_lib:+$venv_lib:}${LD_LIBRARY_PATH:-}"
-bins="$(mktemp -d)"
-for b in metal-candle; do
-  if [ -e "$dist/$b.xz" ]; then xz -dc "$dist/$b.xz" > "$bins/$b"; else cp "$dist/$b" "$bins/$b"; fi
-  chmod +x "$bins/$b"
-done
+export PYTHONUNBUFFERED=1
+bin="$(mktemp -d)/metal-candle"
+if [ -e "$dist/cuda/metal-candle.xz" ]; then xz -dc "$dist/cuda/metal-candle.xz" > "$bin"; else cp "$dist/cuda/metal-candle" "$bin"; fi
+chmod +x "$bin"
+
+# step NAME SECONDS CMD...: runs CMD with a time limit and records how it ended.
+step() {
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name ($(date -u +%T))"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1
+  echo "== $name: exit code $? after $((SECONDS - t0)) s"
+}
+
+ops_part() {
+  step "GPU tests" 150 "$bin" gpu-test
+  local fx="$out/peft"
+  mkdir -p "$fx"
+  cp -r "$root/crates/metal-candle/tests/fixtures/peft/." "$fx/"
+  ln -sfn "$root/crates/metal-candle/tests/fixtures/llama_gqa_tied" "$out/llama_gqa_tied"
+  step "PEFT fixtures" 120 python3 "$root/crates/metal-candle/tests/fixtures/make_peft_fixtures.py" "$fx"
+  rm -f "$out/llama_gqa_tied"
+  step "metal-candle bench ops" 200 "$bin" bench ops --device cuda --json "$out/metal-candle.json"
+  step "PyTorch peer (ops)" 150 python3 "$here/peers/pytorch_ops.py" --json "$out/pytorch.json"
+  step "compare" 60 python3 "$here/compare.py" "$out/metal-candle.json" "$out/pytorch.json" \
+    --md "$out/compare.md" --png "$out/compare.png"
+}
+
+e2e_part() {
+  for cfg in smollm2-135m llama-1b; do
+    step "bench-train $cfg" 90 "$bin" bench-train --config "$cfg" --batch 8 --seq 512 --rank 16 \
+      --device cuda --dtype bf16 --json "$out/train-$cfg.json"
+    step "PEFT peer train $cfg" 90 python3 "$here/peers/train_peft.py" --config "$cfg" --batch 8 \
+      --seq 512 --rank 16 --json "$out/train-peft-$cfg.json"
+  done
+  for cfg in smollm2-135m llama-1b; do
+    step "bench generate $cfg" 90 "$bin" bench generate --config "$cfg" --batch 1,8 --prompt 128 \
+      --new 128 --device cuda --dtype bf16 --json
+    for b in 1 8; do
+      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
+        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+    done
+  done
+  if [ -d "$dist/minilm" ]; then
+    step "bench embed" 60 "$bin" bench embed --model "$dist/minilm" --random-weights \
+      --batch-size 32 --device cuda --json
+    step "sentence-transformers embed" 90 python3 "$here/peers/embed_st.py" --model "$dist/minilm" \
+      --random-weights --device cuda --batch-size 32 --json
+  fi
+}
+
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
-  echo "== GPU tests"
-  "$bins/metal-candle" gpu-test 2>&1
-  echo "gpu-test exit code: $?"
-  echo "== metal-candle bench ops"
-  "$bins/metal-candle" bench ops --device cuda --json "$out/metal-candle.json" 2>&1
-  echo "bench exit code: $?"
-  echo "== PyTorch peer"
-  PYTHONUNBUFFERED=1 python3 "$here/peers/pytorch_ops.py" --json "$out/pytorch.json" 2>&1
-  echo "pytorch exit code: $?"
-  echo "== compare"
-  python3 "$here/compare.py" "$out/metal-candle.json" "$out/pytorch.json" --md "$out/compare.md" --png "$out/compare.png" 2>&1 | tail -40
+  case "$part" in
+    ops) ops_part ;;
+    e2e) e2e_part ;;
+    *) echo "unknown part $part (ops or e2e)"; exit 2 ;;
+  esac
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 } 2>&1 | tee "$log"
