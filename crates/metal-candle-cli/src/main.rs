@@ -44,6 +44,8 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Large CPU tensors: reuse freed buffers instead of page-faulting fresh ones (alloc.rs).
+    metal_candle::alloc::reuse_freed_memory();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info => info(),
         Command::Train(args) => cmd::train::run(args),

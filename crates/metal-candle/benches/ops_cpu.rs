@@ -67,6 +67,14 @@ fn bench_op(
         g.bench_function(BenchmarkId::new("copy", label), |bch| {
             bch.iter(|| parallel_copy(&src, &mut dst))
         });
+        // The same copy into a freshly allocated output, as every op must write one.
+        g.bench_function(BenchmarkId::new("copy_fresh", label), |bch| {
+            bch.iter(|| {
+                let mut fresh = vec![0f32; src.len()];
+                parallel_copy(&src, &mut fresh);
+                fresh
+            })
+        });
     }
     g.finish();
 
@@ -97,6 +105,9 @@ fn bench_op(
 }
 
 fn benches(c: &mut Criterion) {
+    // As the CLI does: freed 32 MiB outputs are reused instead of page-faulted afresh, which
+    // otherwise dominates every op (fused or not) at the 4x512x4096 shape. See alloc.rs.
+    metal_candle::alloc::reuse_freed_memory();
     let f32b = |elems: usize| (2 * elems * 4) as u64; // read x once, write y once
     bench_op(
         c,

@@ -24,6 +24,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod assets;
 pub mod backend;
 pub mod embed;
