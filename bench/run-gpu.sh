@@ -35,16 +35,16 @@ step() {
 }
 
 ops_part() {
-  step "GPU tests" 150 "$bin" gpu-test
+  step "GPU tests" 120 "$bin" gpu-test
   local fx="$out/peft"
   mkdir -p "$fx"
   cp -r "$root/crates/metal-candle/tests/fixtures/peft/." "$fx/"
   ln -sfn "$root/crates/metal-candle/tests/fixtures/llama_gqa_tied" "$out/llama_gqa_tied"
-  step "PEFT fixtures" 120 python3 "$root/crates/metal-candle/tests/fixtures/make_peft_fixtures.py" "$fx"
+  step "PEFT fixtures" 90 python3 "$root/crates/metal-candle/tests/fixtures/make_peft_fixtures.py" "$fx"
   rm -f "$out/llama_gqa_tied"
-  step "metal-candle bench ops" 200 "$bin" bench ops --device cuda --json "$out/metal-candle.json"
-  step "PyTorch peer (ops)" 150 python3 "$here/peers/pytorch_ops.py" --json "$out/pytorch.json"
-  step "compare" 60 python3 "$here/compare.py" "$out/metal-candle.json" "$out/pytorch.json" \
+  step "metal-candle bench ops" 200 "$bin" bench ops --device cuda --seconds 0.2 --json "$out/metal-candle.json"
+  step "PyTorch peer (ops)" 120 python3 "$here/peers/pytorch_ops.py" --seconds 0.2 --json "$out/pytorch.json"
+  step "compare" 40 python3 "$here/compare.py" "$out/metal-candle.json" "$out/pytorch.json" \
     --md "$out/compare.md" --png "$out/compare.png"
 }
 
@@ -64,10 +64,12 @@ e2e_part() {
     done
   done
   if [ -d "$dist/minilm" ]; then
-    step "bench embed" 60 "$bin" bench embed --model "$dist/minilm" --random-weights \
-      --batch-size 32 --device cuda --json
-    step "sentence-transformers embed" 90 python3 "$here/peers/embed_st.py" --model "$dist/minilm" \
-      --random-weights --device cuda --batch-size 32 --json
+    for dt in f32 bf16; do
+      step "bench embed $dt" 60 "$bin" bench embed --model "$dist/minilm" --random-weights \
+        --batch-size 32 --device cuda --dtype "$dt" --json
+      step "sentence-transformers embed $dt" 90 python3 "$here/peers/embed_st.py" \
+        --model "$dist/minilm" --random-weights --device cuda --dtype "$dt" --batch-size 32 --json
+    done
   fi
 }
 
