@@ -122,19 +122,6 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-fn open_device(name: &str) -> BoxResult<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            if !cfg!(feature = "cuda") {
-                return Err("this binary was built without CUDA; rebuild with `--features cuda` (see docs/CUDA.md)".into());
-            }
-            Ok(Device::new_cuda(0).map_err(|e| format!("could not open CUDA device 0: {e}"))?)
-        }
-        other => Err(format!("unknown device '{other}'; use cpu or cuda").into()),
-    }
-}
-
 /// Median call latency and median per-call time of queued calls, in microseconds.
 struct Timing {
     latency_us: f64,
@@ -237,7 +224,7 @@ impl Recorder {
 
 /// Runs `bench ops`.
 pub fn run(args: OpsArgs) -> BoxResult<()> {
-    let dev = open_device(&args.device)?;
+    let dev = super::device::parse_device(&args.device)?;
     let dtypes: Vec<DType> = args
         .dtypes
         .iter()

@@ -15,7 +15,7 @@ use metal_candle::model::{Llama, LlamaConfig};
 use metal_candle::train::data::{Batch, Row};
 use metal_candle::train::{clip_grad_norm, masked_cross_entropy_sum, AdamW, AdamWConfig, CausalLm};
 
-use super::train::{parse_device, parse_dtype};
+use super::device::{parse_device, parse_dtype};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 

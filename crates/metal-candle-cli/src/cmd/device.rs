@@ -21,14 +21,22 @@ impl DeviceArgs {
 
     /// The dtype named by `--dtype`, or the default for `device`.
     pub fn dtype(&self, device: &Device) -> Result<DType, Box<dyn std::error::Error>> {
-        match self.dtype.as_deref() {
-            None if device.is_cpu() => Ok(DType::F32),
-            None => Ok(DType::BF16),
-            Some("f32") => Ok(DType::F32),
-            Some("bf16") => Ok(DType::BF16),
-            Some("f16") => Ok(DType::F16),
-            Some(other) => Err(format!("--dtype {other}: expected f32, bf16 or f16").into()),
-        }
+        parse_dtype(self.dtype.as_deref(), device)
+    }
+}
+
+/// The dtype named by `name`, or the default for `device` (f32 on the CPU, bf16 on a GPU).
+pub fn parse_dtype(
+    name: Option<&str>,
+    device: &Device,
+) -> Result<DType, Box<dyn std::error::Error>> {
+    match name {
+        None if device.is_cpu() => Ok(DType::F32),
+        None => Ok(DType::BF16),
+        Some("f32") => Ok(DType::F32),
+        Some("bf16") => Ok(DType::BF16),
+        Some("f16") => Ok(DType::F16),
+        Some(other) => Err(format!("--dtype {other}: expected f32, bf16 or f16").into()),
     }
 }
 
@@ -45,7 +53,12 @@ pub fn parse_device(name: &str) -> Result<Device, Box<dyn std::error::Error>> {
     };
     match kind {
         "cpu" => Ok(Device::Cpu),
-        "cuda" if cfg!(feature = "cuda") => Ok(Device::new_cuda(ordinal)?),
+        "cuda" if cfg!(feature = "cuda") => {
+            let device = Device::new_cuda(ordinal)
+                .map_err(|e| format!("--device {name}: cannot open the GPU: {e}"))?;
+            metal_candle::alloc::retain_freed_gpu_memory(&device)?;
+            Ok(device)
+        }
         "metal" if cfg!(feature = "metal") => Ok(Device::new_metal(ordinal)?),
         "cuda" | "metal" => Err(format!(
             "--device {name}: this binary was built without {kind} support; rebuild with `cargo build --release --features {kind}`"

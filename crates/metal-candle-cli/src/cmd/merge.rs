@@ -6,7 +6,7 @@ use clap::Args;
 use metal_candle::lora::{merge_adapters, PeftAdapter};
 use metal_candle::model::load::{load, save_hf_dir, ModelSource};
 
-use super::train::{parse_device, parse_dtype};
+use super::device::{parse_device, parse_dtype};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 

