@@ -386,6 +386,11 @@ fn bench_one(
             rec.measure(&row, "candle_nn", bytes, 0.0, &mut || {
                 norm_op(op, &x, &w, &b, eps, Impl::CandleNn).map(drop)
             })?;
+            // candle's own copy of x, output allocation included: the floor for any op that
+            // returns a new tensor (the `copy` bandwidth above reuses one buffer).
+            rec.measure(&row, "candle_copy", 2.0 * mf * nf * s, 0.0, &mut || {
+                x.copy().map(drop)
+            })?;
         }
         ("softmax" | "rms_norm" | "layer_norm", "bwd") => {
             let bytes = 3.0 * mf * nf * s + nf * s * 3.0;
