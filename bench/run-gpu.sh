@@ -6,6 +6,8 @@
 #
 #   bench/run-gpu.sh OUTDIR ops   # GPU test suite, PEFT fixtures, `bench ops` + PyTorch peer + compare
 #   bench/run-gpu.sh OUTDIR e2e   # training, generation and embedding throughput + their peers
+#   bench/run-gpu.sh OUTDIR ours  # our side only (ops at the mid/large shapes, training,
+#                                 # generation): a re-run after a change, against peers measured before
 #
 # Every step has its own time limit and logs its exit code; a failing step does not stop the
 # others (the log says which failed).
@@ -73,13 +75,25 @@ e2e_part() {
   fi
 }
 
+ours_part() {
+  step "metal-candle bench ops (mid, large)" 200 "$bin" bench ops --device cuda --seconds 0.2 \
+    --shapes mid,large --modes fwd,bwd --json "$out/metal-candle-ours.json"
+  for cfg in smollm2-135m llama-1b; do
+    step "bench-train $cfg" 90 "$bin" bench-train --config "$cfg" --batch 8 --seq 512 --rank 16 \
+      --device cuda --dtype bf16 --json "$out/train-ours-$cfg.json"
+    step "bench generate $cfg" 90 "$bin" bench generate --config "$cfg" --batch 1,8 --prompt 128 \
+      --new 128 --device cuda --dtype bf16 --json
+  done
+}
+
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
   case "$part" in
     ops) ops_part ;;
     e2e) e2e_part ;;
-    *) echo "unknown part $part (ops or e2e)"; exit 2 ;;
+    ours) ours_part ;;
+    *) echo "unknown part $part (ops, e2e or ours)"; exit 2 ;;
   esac
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 } 2>&1 | tee "$log"
