@@ -4,12 +4,13 @@
 //! - metal-candle loads an adapter that PEFT made (rsLoRA, all seven projections, B non-zero)
 //!   and gives PEFT's logits.
 //!
-//! `write_fixture_inputs` (ignored) regenerates the adapter and token ids the script reads.
+//! `cargo run -p metal-candle --example peft_fixture_inputs` regenerates the adapter and token ids
+//! the script reads.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use metal_candle::lora::{self, AdapterSpec, PeftAdapter};
+use metal_candle::lora::PeftAdapter;
 use metal_candle::model::load::load_hf_dir;
 use metal_candle::model::Llama;
 use metal_candle::train::data::pack_rows;
@@ -110,48 +111,4 @@ fn we_run_a_peft_made_adapter_with_its_logits() {
     let mut model = base();
     adapter.apply(&mut model).unwrap();
     assert_matches(&model, "peft_made");
-}
-
-/// Writes `peft/ours` (an adapter on all seven projections, r = 8, alpha = 16, with B made
-/// non-zero) and `peft/input_ids.json`, the inputs of `make_peft_fixtures.py`.
-#[test]
-#[ignore = "regenerates fixture inputs"]
-fn write_fixture_inputs() {
-    let mut model = base();
-    let spec = AdapterSpec {
-        rank: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        use_rslora: false,
-        targets: lora::parse_targets("all").unwrap(),
-    };
-    lora::attach_adapters(&mut model, &spec, 7).unwrap();
-    let mut state = 0x5EED_u64;
-    for (name, var) in lora::adapter_vars(&model) {
-        if name.ends_with("lora_b") {
-            let values: Vec<f32> = (0..var.elem_count())
-                .map(|_| {
-                    state =
-                        metal_candle::train::rng::mix64(state.wrapping_add(0x9E37_79B9_7F4A_7C15));
-                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-                })
-                .collect();
-            var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    let dir = fixtures().join("peft");
-    lora::save_peft_adapter(&model, &spec, Some("llama_gqa_tied"), &dir.join("ours")).unwrap();
-    let ids: Vec<Vec<u32>> = (0..2)
-        .map(|r| {
-            (0..12)
-                .map(|i| ((r * 37 + i * 11 + 3) % 120) as u32)
-                .collect()
-        })
-        .collect();
-    std::fs::write(
-        dir.join("input_ids.json"),
-        serde_json::to_string(&ids).unwrap(),
-    )
-    .unwrap();
 }
