@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
-use metal_candle::generate::{generate_text, Message};
+use metal_candle::generate::Message;
 
 use super::device::DeviceArgs;
 use super::models::{self, ModelArgs};
@@ -63,16 +63,9 @@ pub fn run(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         history.push(Message::new("user", user.to_string()));
         let ids = lm.encode_chat(&lm.render_chat(&history)?)?;
-        let mut stdout = std::io::stdout().lock();
-        let out = generate_text(&mut lm.model, &lm.tokenizer, &ids, &cfg, |piece| {
-            stdout
-                .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush())
-                .map_err(|e| metal_candle::Error::Msg(e.to_string()))
-        })?;
-        writeln!(stdout)?;
+        let out = lm.generate_to_stdout(&ids, &cfg)?;
         if !interactive {
-            writeln!(stdout)?;
+            writeln!(std::io::stdout())?;
         }
         history.push(Message::new("assistant", out.text.trim().to_string()));
     }

@@ -1,8 +1,8 @@
 //! `metal-candle generate`: one prompt in (flag or stdin), the continuation streamed to stdout.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
-use metal_candle::generate::{generate_text, Message};
+use metal_candle::generate::Message;
 
 use super::device::DeviceArgs;
 use super::models::{self, ModelArgs};
@@ -57,14 +57,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         lm.encode(&prompt)?
     };
     let cfg = args.sampling.config(lm.eos_token_ids.clone());
-    let mut stdout = std::io::stdout().lock();
-    let out = generate_text(&mut lm.model, &lm.tokenizer, &ids, &cfg, |piece| {
-        stdout
-            .write_all(piece.as_bytes())
-            .and_then(|_| stdout.flush())
-            .map_err(|e| metal_candle::Error::Msg(e.to_string()))
-    })?;
-    writeln!(stdout)?;
+    let out = lm.generate_to_stdout(&ids, &cfg)?;
     if args.stats {
         let s = out.stats;
         eprintln!(

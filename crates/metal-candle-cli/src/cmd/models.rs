@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use metal_candle::assets::Assets;
-use metal_candle::generate::{CachedLlama, ChatTemplate, Message};
+use metal_candle::generate::{
+    generate_text, CachedLlama, ChatTemplate, GeneratedText, GenerationConfig, Message,
+};
 use metal_candle::lora::{LoRAConfig, LoRALayer};
 use metal_candle::model::load::{load, ModelSource, TextTokenizer};
 
@@ -82,6 +84,24 @@ impl LoadedLm {
             .as_ref()
             .ok_or("this model has no chat template; drop --chat")?;
         Ok(template.render(messages, true)?)
+    }
+
+    /// Generates from `ids`, streaming the text to stdout as it decodes, then a newline.
+    pub fn generate_to_stdout(
+        &mut self,
+        ids: &[u32],
+        cfg: &GenerationConfig,
+    ) -> Result<GeneratedText, BoxError> {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let out = generate_text(&mut self.model, &self.tokenizer, ids, cfg, |piece| {
+            stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .map_err(|e| metal_candle::Error::Msg(e.to_string()))
+        })?;
+        writeln!(stdout)?;
+        Ok(out)
     }
 }
 
