@@ -1,10 +1,9 @@
 //! Where the commands find their models when `--model` is a folder, a GGUF file, a Hub id, or
 //! absent (the fetched assets), and the loaded language model with what generation needs.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use metal_candle::assets::Assets;
 use metal_candle::generate::{
     generate_text, CachedLlama, ChatTemplate, GeneratedText, GenerationConfig, Message,
@@ -160,68 +159,24 @@ pub fn read_peft_adapter(
     dir: &Path,
     device: &Device,
 ) -> Result<Vec<(String, LoRALayer)>, BoxError> {
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not JSON: {e}", config_path.display()))?;
-    let alpha = config["lora_alpha"]
-        .as_f64()
-        .ok_or_else(|| format!("{}: no lora_alpha", config_path.display()))?;
-    let rslora = config["use_rslora"].as_bool().unwrap_or(false);
-    let weights_path = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights_path, device)
-        .map_err(|e| format!("{}: {e}", weights_path.display()))?;
-    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-    for (key, t) in tensors {
-        let key = key.replace(".default.weight", ".weight");
-        let (path, is_a) = if let Some(p) = key.strip_suffix(".lora_A.weight") {
-            (p.to_string(), true)
-        } else if let Some(p) = key.strip_suffix(".lora_B.weight") {
-            (p.to_string(), false)
-        } else {
-            return Err(format!(
-                "{}: unexpected tensor {key}: expected <module>.lora_A.weight or lora_B",
-                weights_path.display()
-            )
-            .into());
-        };
-        let entry = pairs.entry(path).or_default();
-        let t = t.to_dtype(DType::F32)?;
-        if is_a {
-            entry.0 = Some(t);
-        } else {
-            entry.1 = Some(t);
-        }
-    }
-    let mut out = Vec::new();
-    for (path, pair) in pairs {
-        let (Some(a), Some(b)) = pair else {
-            return Err(format!(
-                "{}: {path} has only one of lora_A / lora_B",
-                weights_path.display()
-            )
-            .into());
-        };
-        let (r, in_features) = a.dims2()?;
-        let (out_features, r_b) = b.dims2()?;
-        if r != r_b {
-            return Err(format!(
-                "{}: {path}: lora_A {:?} and lora_B {:?} disagree on the rank",
-                weights_path.display(),
-                a.dims(),
-                b.dims()
-            )
-            .into());
-        }
-        let cfg = LoRAConfig::new(in_features, out_features, r, alpha).with_rslora(rslora);
+    // The library's reader checks the config (unsupported PEFT options, per-module alpha) and
+    // pairs lora_A with lora_B; here each pair only becomes a layer in our (in, r)/(r, out) layout.
+    let adapter = metal_candle::lora::PeftAdapter::load(dir, device)?;
+    let mut out = Vec::with_capacity(adapter.modules.len());
+    for (path, (a, b)) in &adapter.modules {
+        let (rank, in_features) = a.dims2()?;
+        let out_features = b.dim(0)?;
+        let cfg = LoRAConfig::new(
+            in_features,
+            out_features,
+            rank,
+            adapter.config.alpha_for(path),
+        )
+        .with_rslora(adapter.config.use_rslora);
         out.push((
-            path,
+            path.clone(),
             LoRALayer::from_tensors(a.t()?.contiguous()?, b.t()?.contiguous()?, &cfg)?,
         ));
-    }
-    if out.is_empty() {
-        return Err(format!("{}: holds no LoRA tensors", weights_path.display()).into());
     }
     Ok(out)
 }
