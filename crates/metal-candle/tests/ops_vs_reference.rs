@@ -45,13 +45,12 @@ fn compare(
     assert_eq!(y_f.dtype(), dtype, "{ctx}: output dtype");
     let check = |what: String, f: &Tensor, r: &Tensor, t: &Tensor, tolerance: f64| {
         let (ef, er) = (rel_err(f, t).unwrap(), rel_err(r, t).unwrap());
-        // Where even the reference misses the tolerance the case is ill-conditioned in this
-        // dtype: only the order of magnitude is meaningful.
-        let bound = if er > tolerance {
-            1.0
-        } else {
-            tolerance.max(10.0 * er)
-        };
+        // Where the reference's own error approaches the tolerance the case is ill-conditioned
+        // in this dtype (e.g. the weight gradient of a 1-wide norm sums terms of ±|g| that can
+        // cancel to near zero, so any rounding is a large relative error): the fused result
+        // must then be within 10x of the reference's error, never a fixed bound it could miss
+        // by the same chance cancellation.
+        let bound = tolerance.max(10.0 * er);
         assert!(
             ef <= bound,
             "{ctx}: {what}: fused rel err {ef:e} vs truth; tolerance {tolerance:e}, reference's own error {er:e}"
