@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::simd::{self, Acc};
-use super::{row_blocks, rows_per_task, Elem};
+use super::{row_blocks, row_in_acc, rows_per_task, with_widest_simd, Elem};
 
 /// Low-rank factors in accumulation precision.
 pub(crate) struct Factors<A> {
@@ -78,22 +78,27 @@ pub(crate) fn forward_into<T: Elem>(
         .for_each_init(
             || (vec![T::A::ZERO; k], vec![T::A::ZERO; n]),
             |(xb, yb), (r, o)| {
-                T::load(&x[r * k..(r + 1) * k], xb);
-                if accumulate {
-                    T::load(o, yb);
-                } else {
-                    yb.fill(T::A::ZERO);
-                }
-                if let Some(bias) = &bias {
-                    for (y, &bv) in yb.iter_mut().zip(bias) {
-                        *y += bv;
-                    }
-                }
-                for j in 0..f.rank {
-                    let t = simd::dot(xb, f.at_row(j)) * f.scale;
-                    simd::axpy(t, f.b_row(j), yb);
-                }
-                T::store(yb, o);
+                with_widest_simd(
+                    #[inline(always)]
+                    || {
+                        let xr = row_in_acc(&x[r * k..(r + 1) * k], xb);
+                        if accumulate {
+                            T::load(o, yb);
+                        } else {
+                            yb.fill(T::A::ZERO);
+                        }
+                        if let Some(bias) = &bias {
+                            for (y, &bv) in yb.iter_mut().zip(bias) {
+                                *y += bv;
+                            }
+                        }
+                        for j in 0..f.rank {
+                            let t = simd::dot(xr, f.at_row(j)) * f.scale;
+                            simd::axpy(t, f.b_row(j), yb);
+                        }
+                        T::store(yb, o);
+                    },
+                )
             },
         );
 }
@@ -131,22 +136,27 @@ pub(crate) fn backward<T: Elem>(
                 vec![T::A::ZERO; n],
                 vec![T::A::ZERO; k],
             );
-            for (i, r) in range.enumerate() {
-                T::load(&x[r * k..(r + 1) * k], &mut xb);
-                T::load(&dy[r * n..(r + 1) * n], &mut gb);
-                match dx_init {
-                    Some(init) => dxb.copy_from_slice(&init[r * k..(r + 1) * k]),
-                    None => dxb.fill(T::A::ZERO),
-                }
-                for j in 0..rank {
-                    let t = simd::dot(&xb, f.at_row(j)) * f.scale;
-                    let g = simd::dot(&gb, f.b_row(j)) * f.scale;
-                    simd::axpy(g, f.at_row(j), &mut dxb);
-                    simd::axpy(g, &xb, &mut dat[j * k..(j + 1) * k]);
-                    simd::axpy(t, &gb, &mut db[j * n..(j + 1) * n]);
-                }
-                T::store(&dxb, &mut dx_block[i * k..(i + 1) * k]);
-            }
+            with_widest_simd(
+                #[inline(always)]
+                || {
+                    for (i, r) in range.enumerate() {
+                        let xr = row_in_acc(&x[r * k..(r + 1) * k], &mut xb);
+                        let gr = row_in_acc(&dy[r * n..(r + 1) * n], &mut gb);
+                        match dx_init {
+                            Some(init) => dxb.copy_from_slice(&init[r * k..(r + 1) * k]),
+                            None => dxb.fill(T::A::ZERO),
+                        }
+                        for j in 0..rank {
+                            let t = simd::dot(xr, f.at_row(j)) * f.scale;
+                            let g = simd::dot(gr, f.b_row(j)) * f.scale;
+                            simd::axpy(g, f.at_row(j), &mut dxb);
+                            simd::axpy(g, xr, &mut dat[j * k..(j + 1) * k]);
+                            simd::axpy(t, gr, &mut db[j * n..(j + 1) * n]);
+                        }
+                        T::store(&dxb, &mut dx_block[i * k..(i + 1) * k]);
+                    }
+                },
+            );
             (dat, db)
         })
         .collect();

@@ -5,16 +5,20 @@
 //! stored once. Rows are split across threads with rayon. Reductions use several independent
 //! lanes so that they vectorise without reassociation flags.
 
+mod dispatch;
 pub(crate) mod lora;
 pub(crate) mod norm;
+mod rows;
 mod simd;
 pub(crate) mod softmax;
 
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
+pub(crate) use dispatch::with_widest_simd;
+pub(crate) use rows::{build_rows, map_rows, row_blocks, row_in_acc, rows_per_task};
 pub(crate) use simd::Acc;
 
 /// A storage element type the kernels accept, with the type it accumulates in.
@@ -42,6 +46,23 @@ pub(crate) trait Elem: WithDType + Copy + Send + Sync + 'static {
             *d = Self::from_acc(*s);
         }
     }
+
+    /// Stores `src` into not-yet-initialised `dst`, rounding to the storage type; writes every
+    /// element of `dst` (the lengths must match).
+    #[inline(always)]
+    fn store_uninit(src: &[Self::A], dst: &mut [MaybeUninit<Self>]) {
+        assert_eq!(src.len(), dst.len(), "store_uninit: length mismatch");
+        for (d, s) in dst.iter_mut().zip(src) {
+            d.write(Self::from_acc(*s));
+        }
+    }
+
+    /// `src` viewed in accumulation precision, where that is the storage type (no copy).
+    #[inline(always)]
+    fn as_acc(src: &[Self]) -> Option<&[Self::A]> {
+        let _ = src;
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -55,6 +76,10 @@ impl Elem for f32 {
     #[inline(always)]
     fn to_acc(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn as_acc(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
     }
     #[inline(always)]
     fn from_acc(a: f32) -> f32 {
@@ -73,6 +98,10 @@ impl Elem for f64 {
     #[inline(always)]
     fn to_acc(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn as_acc(src: &[f64]) -> Option<&[f64]> {
+        Some(src)
     }
     #[inline(always)]
     fn from_acc(a: f64) -> f64 {
@@ -206,44 +235,6 @@ pub(crate) fn tensor_data<T: Elem>(t: &Tensor) -> candle_core::Result<Vec<T>> {
         candle_core::Storage::Cpu(cpu) => Ok(contiguous::<T>(cpu, layout)?.into_owned()),
         _ => candle_core::bail!("internal: CPU kernel called with a tensor that is not on the CPU"),
     }
-}
-
-/// Number of rows handed to one rayon task: enough work (~32K elements) to pay for the split.
-pub(crate) fn rows_per_task(row_len: usize) -> usize {
-    (32 * 1024 / row_len.max(1)).max(1)
-}
-
-/// Splits `rows` rows into at most a few tasks per thread, for kernels that reduce across rows.
-pub(crate) fn row_blocks(rows: usize, row_len: usize) -> Vec<std::ops::Range<usize>> {
-    let threads = rayon::current_num_threads().max(1);
-    let min_rows = rows_per_task(row_len);
-    let blocks = (rows / min_rows).clamp(1, threads * 2);
-    let per = rows.div_ceil(blocks);
-    (0..rows)
-        .step_by(per.max(1))
-        .map(|s| s..(s + per).min(rows))
-        .collect()
-}
-
-/// Applies `f(input_row, output_row, scratch)` to every row in parallel; `scratch` is a buffer
-/// of `row_len` accumulators private to the task.
-pub(crate) fn map_rows<T: Elem>(
-    input: &[T],
-    row_len: usize,
-    f: impl Fn(&[T], &mut [T], &mut [T::A]) + Sync,
-) -> Vec<T> {
-    let mut out = vec![T::from_acc(T::A::ZERO); input.len()];
-    if row_len == 0 {
-        return out;
-    }
-    out.par_chunks_mut(row_len)
-        .zip(input.par_chunks(row_len))
-        .with_min_len(rows_per_task(row_len))
-        .for_each_init(
-            || vec![T::A::ZERO; row_len],
-            |scratch, (o, i)| f(i, o, scratch),
-        );
-    out
 }
 
 /// The dtype the kernels accumulate `dtype` in.

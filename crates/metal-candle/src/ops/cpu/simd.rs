@@ -185,6 +185,70 @@ pub(crate) fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
     lanes.iter().fold(s, |acc, &v| acc + v)
 }
 
+/// Σ a[i]·(x[i] − shift): the centred dot product, without the cancellation of
+/// `dot(a, x) − shift·Σa` when |shift| ≫ the spread of x.
+#[inline(always)]
+pub(crate) fn dot_shifted<A: Acc>(a: &[A], x: &[A], shift: A) -> A {
+    let n = a.len().min(x.len());
+    let (a, x) = (&a[..n], &x[..n]);
+    let mut lanes = [A::ZERO; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cx = x.chunks_exact(LANES);
+    let (ta, tx) = (ca.remainder(), cx.remainder());
+    for (p, q) in ca.zip(cx) {
+        for l in 0..LANES {
+            lanes[l] += p[l] * (q[l] - shift);
+        }
+    }
+    let mut s = A::ZERO;
+    for (&p, &q) in ta.iter().zip(tx) {
+        s += p * (q - shift);
+    }
+    lanes.iter().fold(s, |acc, &v| acc + v)
+}
+
+/// Σ (x[i] − shift)²
+#[inline(always)]
+pub(crate) fn dot_shifted_sq<A: Acc>(x: &[A], shift: A) -> A {
+    let mut lanes = [A::ZERO; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let d = c[l] - shift;
+            lanes[l] += d * d;
+        }
+    }
+    let mut s = A::ZERO;
+    for &v in tail {
+        s += (v - shift) * (v - shift);
+    }
+    lanes.iter().fold(s, |acc, &v| acc + v)
+}
+
+/// y[i] = e^(x[i] − shift); returns Σ y[i] (one pass instead of an exp pass and a sum pass).
+#[inline(always)]
+pub(crate) fn exp_shifted_sum<A: Acc>(x: &[A], shift: A, y: &mut [A]) -> A {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &mut y[..n]);
+    let mut lanes = [A::ZERO; LANES];
+    let mut cy = y.chunks_exact_mut(LANES);
+    let cx = x.chunks_exact(LANES);
+    let tx = cx.remainder();
+    for (p, q) in cx.zip(&mut cy) {
+        for l in 0..LANES {
+            q[l] = (p[l] - shift).exp();
+            lanes[l] += q[l];
+        }
+    }
+    let mut s = A::ZERO;
+    for (&p, q) in tx.iter().zip(cy.into_remainder()) {
+        *q = (p - shift).exp();
+        s += *q;
+    }
+    lanes.iter().fold(s, |acc, &v| acc + v)
+}
+
 /// max a[i] (−∞ for an empty slice)
 #[inline(always)]
 pub(crate) fn max<A: Acc>(a: &[A]) -> A {
@@ -248,6 +312,21 @@ mod tests {
             );
             let m = a.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             assert_eq!(max(&a), m);
+            let shifted: f64 = a.iter().zip(&b).map(|(x, y)| y * (x - 3.0)).sum();
+            assert!((dot_shifted(&b, &a, 3.0) - shifted).abs() <= 1e-9 * (1.0 + shifted.abs()));
+            let sq: f64 = a.iter().map(|x| (x - 3.0) * (x - 3.0)).sum();
+            assert!((dot_shifted_sq(&a, 3.0) - sq).abs() <= 1e-9 * (1.0 + sq));
+            let small: Vec<f32> = a.iter().map(|&v| (v / 50.0) as f32).collect();
+            let mut e = vec![0f32; n];
+            let total = exp_shifted_sum(&small, 0.5, &mut e);
+            for (&ev, &v) in e.iter().zip(&small) {
+                assert_eq!(ev, exp_f32(v - 0.5));
+            }
+            let seq: f32 = e.iter().sum();
+            assert!(
+                (total - seq).abs() <= 1e-5 * seq.max(1.0),
+                "{total} vs {seq}"
+            );
         }
     }
 }

@@ -2,16 +2,15 @@
 //! `dx = y ⊙ (dy − Σ dy ⊙ y)`. One read of each input and one write of the output per row.
 
 use super::simd::{self, Acc};
-use rayon::prelude::*;
-
-use super::{map_rows, Elem};
+use super::{build_rows, map_rows, row_in_acc, Elem};
 
 pub(crate) fn forward<T: Elem>(x: &[T], n: usize) -> Vec<T> {
-    map_rows(x, n, |xin, out, buf| {
-        T::load(xin, buf);
-        softmax_in_place(buf);
-        T::store(buf, out);
-    })
+    map_rows(
+        x,
+        n,
+        #[inline(always)]
+        |x, y| softmax_row(x, y),
+    )
 }
 
 /// `dx` for [`forward`] given the forward *input* `x` and the upstream gradient `dy`.
@@ -20,36 +19,31 @@ pub(crate) fn forward<T: Elem>(x: &[T], n: usize) -> Vec<T> {
 /// from the stored output: the same bytes move (x instead of y), and for bf16/f16 it avoids
 /// the cancellation in `dy − Σ dy ⊙ y` that a rounded `y` causes on peaked rows.
 pub(crate) fn backward<T: Elem>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
-    let mut out = vec![T::from_acc(T::A::ZERO); x.len()];
-    if n == 0 {
-        return out;
-    }
-    out.par_chunks_mut(n)
-        .enumerate()
-        .with_min_len(super::rows_per_task(n))
-        .for_each_init(
-            || (vec![T::A::ZERO; n], vec![T::A::ZERO; n]),
-            |(yb, gb), (r, o)| {
-                T::load(&x[r * n..(r + 1) * n], yb);
-                softmax_in_place(yb);
-                T::load(&dy[r * n..(r + 1) * n], gb);
-                let s = simd::dot(yb, gb);
-                for (g, &yv) in gb.iter_mut().zip(yb.iter()) {
-                    *g = yv * (*g - s);
-                }
-                T::store(gb, o);
-            },
-        );
-    out
+    let rows = x.len().checked_div(n).unwrap_or(0);
+    let (dx, _) = build_rows::<T, _>(
+        rows,
+        n,
+        || (vec![T::A::ZERO; n], vec![T::A::ZERO; n]),
+        #[inline(always)]
+        |(xbuf, gbuf), r, dx| {
+            // dx holds y until the last loop turns it into the gradient.
+            softmax_row(row_in_acc(&x[r * n..(r + 1) * n], xbuf), dx);
+            let g = row_in_acc(&dy[r * n..(r + 1) * n], gbuf);
+            let s = simd::dot(dx, g);
+            for (d, &gv) in dx.iter_mut().zip(g) {
+                *d *= gv - s;
+            }
+        },
+    );
+    dx
 }
 
-fn softmax_in_place<A: Acc>(buf: &mut [A]) {
-    let m = simd::max(buf);
-    for v in buf.iter_mut() {
-        *v = (*v - m).exp();
-    }
-    let inv = A::ONE / simd::sum(buf);
-    for v in buf.iter_mut() {
+/// `y = softmax(x)` for one row.
+#[inline(always)]
+fn softmax_row<A: Acc>(x: &[A], y: &mut [A]) {
+    let m = simd::max(x);
+    let inv = A::ONE / simd::exp_shifted_sum(x, m, y);
+    for v in y.iter_mut() {
         *v *= inv;
     }
 }

@@ -1,0 +1,148 @@
+//! Row drivers: split a row-major tensor's rows across threads and build the output without
+//! zeroing it first.
+//!
+//! A kernel writes each output row in accumulation precision into a scratch row that stays in
+//! L1; the driver stores it, rounded, into the not-yet-initialised output. Outputs are never
+//! pre-filled: at training sizes a zeroed allocation costs a whole extra write pass over
+//! memory (a `memset`, or page faults on fresh pages), which on the CPU is as much as the op.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::{with_widest_simd, Acc, Elem};
+
+/// Number of rows handed to one rayon task: enough work (~32K elements) to pay for the split.
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (32 * 1024 / row_len.max(1)).max(1)
+}
+
+/// Splits `rows` rows into at most two tasks per thread (fewer for small inputs), for
+/// kernels that keep per-task state such as partial parameter gradients.
+pub(crate) fn row_blocks(rows: usize, row_len: usize) -> Vec<Range<usize>> {
+    let threads = rayon::current_num_threads().max(1);
+    let min_rows = rows_per_task(row_len);
+    let blocks = (rows / min_rows).clamp(1, threads * 2);
+    let per = rows.div_ceil(blocks);
+    (0..rows)
+        .step_by(per.max(1))
+        .map(|s| s..(s + per).min(rows))
+        .collect()
+}
+
+/// Builds a `rows × row_len` output in parallel blocks of rows. Each block gets a state from
+/// `init`; `row(state, r, out)` (an `#[inline(always)]` closure, so that it is compiled for the
+/// CPU's widest vectors: see [`with_widest_simd`]) must fill `out` (row `r`, in accumulation precision, arriving
+/// with unspecified contents) and may update the state. Returns the output and every block's
+/// final state, in block order (for reductions across rows).
+pub(crate) fn build_rows<T: Elem, S: Send>(
+    rows: usize,
+    row_len: usize,
+    init: impl Fn() -> S + Sync,
+    row: impl Fn(&mut S, usize, &mut [T::A]) + Sync,
+) -> (Vec<T>, Vec<S>) {
+    let len = rows * row_len;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let blocks = row_blocks(rows, row_len);
+    let mut block_outs: Vec<&mut [MaybeUninit<T>]> = Vec::with_capacity(blocks.len());
+    let mut rest = &mut out.spare_capacity_mut()[..len];
+    for b in &blocks {
+        let (head, tail) = rest.split_at_mut(b.len() * row_len);
+        block_outs.push(head);
+        rest = tail;
+    }
+    let states: Vec<S> = blocks
+        .into_par_iter()
+        .zip(block_outs)
+        .map(|(range, block_out)| {
+            let mut state = init();
+            let mut acc = vec![T::A::ZERO; row_len];
+            with_widest_simd(
+                #[inline(always)]
+                || {
+                    for (i, r) in range.enumerate() {
+                        row(&mut state, r, &mut acc);
+                        T::store_uninit(&acc, &mut block_out[i * row_len..(i + 1) * row_len]);
+                    }
+                },
+            );
+            state
+        })
+        .collect();
+    // SAFETY: the blocks cover rows 0..rows exactly, and `store_uninit` wrote every element
+    // of each row (it asserts equal lengths); a panic in `row` unwinds before this point.
+    unsafe { out.set_len(len) };
+    (out, states)
+}
+
+/// `out_row = f(input_row)` for every row, in parallel (`f` `#[inline(always)]`, as for
+/// [`build_rows`]): `f(x, y)` gets the input row in
+/// accumulation precision (borrowed without a copy where the storage type is the
+/// accumulation type) and fills `y`.
+pub(crate) fn map_rows<T: Elem>(
+    input: &[T],
+    row_len: usize,
+    f: impl Fn(&[T::A], &mut [T::A]) + Sync,
+) -> Vec<T> {
+    if row_len == 0 {
+        return Vec::new();
+    }
+    let rows = input.len() / row_len;
+    let (out, _) = build_rows::<T, Vec<T::A>>(
+        rows,
+        row_len,
+        || vec![T::A::ZERO; row_len],
+        #[inline(always)]
+        |xbuf, r, y| f(row_in_acc(&input[r * row_len..(r + 1) * row_len], xbuf), y),
+    );
+    out
+}
+
+/// `src` in accumulation precision: `src` itself where the types agree, else loaded into `buf`.
+#[inline(always)]
+pub(crate) fn row_in_acc<'a, T: Elem>(src: &'a [T], buf: &'a mut [T::A]) -> &'a [T::A] {
+    match T::as_acc(src) {
+        Some(row) => row,
+        None => {
+            T::load(src, buf);
+            buf
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_rows_fills_every_row_and_returns_block_states_in_order() {
+        for (rows, row_len) in [(0usize, 3usize), (1, 1), (7, 5), (1000, 33), (3, 40_000)] {
+            let (out, states) =
+                build_rows::<f32, Vec<usize>>(rows, row_len, Vec::new, |seen, r, y| {
+                    seen.push(r);
+                    for (c, v) in y.iter_mut().enumerate() {
+                        *v = (r * row_len + c) as f32;
+                    }
+                });
+            let expected: Vec<f32> = (0..rows * row_len).map(|i| i as f32).collect();
+            assert_eq!(out, expected, "{rows}x{row_len}");
+            let order: Vec<usize> = states.into_iter().flatten().collect();
+            assert_eq!(order, (0..rows).collect::<Vec<_>>(), "{rows}x{row_len}");
+        }
+    }
+
+    #[test]
+    fn map_rows_rounds_each_row_once_to_the_storage_type() {
+        let x: Vec<half::bf16> = (0..12).map(|i| half::bf16::from_f32(i as f32)).collect();
+        let y = map_rows(&x, 4, |row, out| {
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = v / 3.0;
+            }
+        });
+        let expected: Vec<half::bf16> = (0..12)
+            .map(|i| half::bf16::from_f32(i as f32 / 3.0))
+            .collect();
+        assert_eq!(y, expected);
+    }
+}
