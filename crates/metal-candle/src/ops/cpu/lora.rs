@@ -80,7 +80,7 @@ pub(crate) fn forward_into<T: Elem>(
             |(xb, yb), (r, o)| {
                 with_widest_simd(
                     #[inline(always)]
-                    || {
+                    |_fma| {
                         let xr = row_in_acc(&x[r * k..(r + 1) * k], xb);
                         if accumulate {
                             T::load(o, yb);
@@ -138,7 +138,7 @@ pub(crate) fn backward<T: Elem>(
             );
             with_widest_simd(
                 #[inline(always)]
-                || {
+                |_fma| {
                     for (i, r) in range.enumerate() {
                         let xr = row_in_acc(&x[r * k..(r + 1) * k], &mut xb);
                         let gr = row_in_acc(&dy[r * n..(r + 1) * n], &mut gb);

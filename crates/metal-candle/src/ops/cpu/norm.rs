@@ -18,7 +18,7 @@ pub(crate) fn rms_forward<T: Elem>(x: &[T], w: &[T], n: usize, eps: f64) -> Vec<
         x,
         n,
         #[inline(always)]
-        |x, y| {
+        |x, y, _fma| {
             let rstd = T::A::ONE / (simd::dot(x, x) / nf + eps).sqrt();
             for ((y, &xv), &wv) in y.iter_mut().zip(x).zip(&w) {
                 *y = xv * rstd * wv;
@@ -70,7 +70,7 @@ pub(crate) fn layer_forward<T: Elem>(x: &[T], w: &[T], b: &[T], n: usize, eps: f
         x,
         n,
         #[inline(always)]
-        |x, y| {
+        |x, y, _fma| {
             let (mean, rstd) = mean_rstd(x, nf, eps);
             for ((y, &xv), (&wv, &bv)) in y.iter_mut().zip(x).zip(w.iter().zip(&b)) {
                 *y = (xv - mean) * rstd * wv + bv;
@@ -160,7 +160,7 @@ fn backward_rows<T: Elem>(
             )
         },
         #[inline(always)]
-        |(grads, xbuf, gbuf), r, dx| {
+        |(grads, xbuf, gbuf), r, dx, _fma| {
             let xr = row_in_acc(&x[r * n..(r + 1) * n], xbuf);
             let gr = row_in_acc(&dy[r * n..(r + 1) * n], gbuf);
             row(xr, gr, dx, grads);

@@ -32,7 +32,7 @@ pub(crate) fn row_blocks(rows: usize, row_len: usize) -> Vec<Range<usize>> {
 }
 
 /// Builds a `rows × row_len` output in parallel blocks of rows. Each block gets a state from
-/// `init`; `row(state, r, out)` (an `#[inline(always)]` closure, so that it is compiled for the
+/// `init`; `row(state, r, out, fma)` (an `#[inline(always)]` closure, so that it is compiled for the
 /// CPU's widest vectors: see [`with_widest_simd`]) must fill `out` (row `r`, in accumulation precision, arriving
 /// with unspecified contents) and may update the state. Returns the output and every block's
 /// final state, in block order (for reductions across rows).
@@ -40,7 +40,7 @@ pub(crate) fn build_rows<T: Elem, S: Send>(
     rows: usize,
     row_len: usize,
     init: impl Fn() -> S + Sync,
-    row: impl Fn(&mut S, usize, &mut [T::A]) + Sync,
+    row: impl Fn(&mut S, usize, &mut [T::A], bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
     let len = rows * row_len;
     let mut out: Vec<T> = Vec::with_capacity(len);
@@ -60,9 +60,9 @@ pub(crate) fn build_rows<T: Elem, S: Send>(
             let mut acc = vec![T::A::ZERO; row_len];
             with_widest_simd(
                 #[inline(always)]
-                || {
+                |fma| {
                     for (i, r) in range.enumerate() {
-                        row(&mut state, r, &mut acc);
+                        row(&mut state, r, &mut acc, fma);
                         T::store_uninit(&acc, &mut block_out[i * row_len..(i + 1) * row_len]);
                     }
                 },
@@ -77,13 +77,13 @@ pub(crate) fn build_rows<T: Elem, S: Send>(
 }
 
 /// `out_row = f(input_row)` for every row, in parallel (`f` `#[inline(always)]`, as for
-/// [`build_rows`]): `f(x, y)` gets the input row in
+/// [`build_rows`]): `f(x, y, fma)` gets the input row in
 /// accumulation precision (borrowed without a copy where the storage type is the
 /// accumulation type) and fills `y`.
 pub(crate) fn map_rows<T: Elem>(
     input: &[T],
     row_len: usize,
-    f: impl Fn(&[T::A], &mut [T::A]) + Sync,
+    f: impl Fn(&[T::A], &mut [T::A], bool) + Sync,
 ) -> Vec<T> {
     if row_len == 0 {
         return Vec::new();
@@ -94,7 +94,13 @@ pub(crate) fn map_rows<T: Elem>(
         row_len,
         || vec![T::A::ZERO; row_len],
         #[inline(always)]
-        |xbuf, r, y| f(row_in_acc(&input[r * row_len..(r + 1) * row_len], xbuf), y),
+        |xbuf, r, y, fma| {
+            f(
+                row_in_acc(&input[r * row_len..(r + 1) * row_len], xbuf),
+                y,
+                fma,
+            )
+        },
     );
     out
 }
@@ -119,7 +125,7 @@ mod tests {
     fn build_rows_fills_every_row_and_returns_block_states_in_order() {
         for (rows, row_len) in [(0usize, 3usize), (1, 1), (7, 5), (1000, 33), (3, 40_000)] {
             let (out, states) =
-                build_rows::<f32, Vec<usize>>(rows, row_len, Vec::new, |seen, r, y| {
+                build_rows::<f32, Vec<usize>>(rows, row_len, Vec::new, |seen, r, y, _fma| {
                     seen.push(r);
                     for (c, v) in y.iter_mut().enumerate() {
                         *v = (r * row_len + c) as f32;
@@ -135,7 +141,7 @@ mod tests {
     #[test]
     fn map_rows_rounds_each_row_once_to_the_storage_type() {
         let x: Vec<half::bf16> = (0..12).map(|i| half::bf16::from_f32(i as f32)).collect();
-        let y = map_rows(&x, 4, |row, out| {
+        let y = map_rows(&x, 4, |row, out, _fma| {
             for (o, &v) in out.iter_mut().zip(row) {
                 *o = v / 3.0;
             }

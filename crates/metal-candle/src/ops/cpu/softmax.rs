@@ -12,7 +12,7 @@ pub(crate) fn forward<T: Elem>(x: &[T], n: usize) -> Vec<T> {
         x,
         n,
         #[inline(always)]
-        |x, y| softmax_row(x, y),
+        |x, y, fma| softmax_row(x, y, fma),
     )
 }
 
@@ -28,9 +28,9 @@ pub(crate) fn backward<T: Elem>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
         n,
         || (vec![T::A::ZERO; n], vec![T::A::ZERO; n]),
         #[inline(always)]
-        |(xbuf, gbuf), r, dx| {
+        |(xbuf, gbuf), r, dx, fma| {
             // dx holds y until the last loop turns it into the gradient.
-            softmax_row(row_in_acc(&x[r * n..(r + 1) * n], xbuf), dx);
+            softmax_row(row_in_acc(&x[r * n..(r + 1) * n], xbuf), dx, fma);
             let g = row_in_acc(&dy[r * n..(r + 1) * n], gbuf);
             let s = simd::dot(dx, g);
             for (d, &gv) in dx.iter_mut().zip(g) {
@@ -43,9 +43,14 @@ pub(crate) fn backward<T: Elem>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
 
 /// `y = softmax(x)` for one row.
 #[inline(always)]
-fn softmax_row<A: Acc>(x: &[A], y: &mut [A]) {
+fn softmax_row<A: Acc>(x: &[A], y: &mut [A], fma: bool) {
     let m = simd::max(x);
-    let inv = A::ONE / simd::exp_shifted_sum(x, m, y);
+    let sum = if fma {
+        simd::exp_shifted_sum::<A, true>(x, m, y)
+    } else {
+        simd::exp_shifted_sum::<A, false>(x, m, y)
+    };
+    let inv = A::ONE / sum;
     for v in y.iter_mut() {
         *v *= inv;
     }
