@@ -213,9 +213,7 @@ impl CustomOp3 for LoraDelta {
         with_float_type!(xs.dtype(), "lora_delta", T => {
             let f = cpu_factors::<T>((as_, al), (bs, bl), self.scale)?;
             let x = cpu::contiguous::<T>(xs, xl)?;
-            let mut out = vec![T::from_acc(<T as Elem>::A::ZERO); m * f.n];
-            cpu::lora::forward_into(&x, &f, None, &mut out, false);
-            Ok((cpu::to_storage(out), out_shape))
+            Ok((cpu::to_storage(cpu::lora::forward(&x, &f, m)), out_shape))
         })
     }
 
@@ -339,7 +337,7 @@ impl CustomOp3 for LoraLinear {
                     None => T::to_cpu_storage(&x).matmul(ws, (1, m, n, k), &Layout::contiguous((m, k)), &wt)?,
                 };
                 let Some(mut out) = T::take(base) else { candle_core::bail!("lora_linear: base GEMM returned another dtype") };
-                cpu::lora::forward_into(&x, &f, bias.as_deref(), &mut out, true);
+                cpu::lora::forward_into(&x, &f, bias.as_deref(), &mut out);
                 out
             } else {
                 // bf16/f16: candle's CPU GEMM widens to f32 anyway; keep its f32 output, add
@@ -350,7 +348,7 @@ impl CustomOp3 for LoraLinear {
                 let base = CpuStorage::F32(x32.clone()).matmul(&CpuStorage::F32(w32), (1, m, n, k), &Layout::contiguous((m, k)), &Layout::contiguous((n, k)).transpose(0, 1)?)?;
                 let Some(mut out32) = f32::take(base) else { candle_core::bail!("lora_linear: base GEMM returned another dtype") };
                 let f32_factors = cpu::lora::Factors { at: cpu::to_f32_vec(&f.at), b: cpu::to_f32_vec(&f.b), rank: f.rank, k: f.k, n: f.n, scale: self.scale as f32 };
-                cpu::lora::forward_into(&x32, &f32_factors, bias32.as_deref(), &mut out32, true);
+                cpu::lora::forward_into(&x32, &f32_factors, bias32.as_deref(), &mut out32);
                 out32.iter().map(|&v| <T as WithDType>::from_f64(v as f64)).collect()
             };
             Ok((cpu::to_storage(out), out_shape))

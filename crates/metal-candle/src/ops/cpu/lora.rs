@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::simd::{self, Acc};
-use super::{row_blocks, row_in_acc, rows_per_task, with_widest_simd, Elem};
+use super::{build_rows, row_blocks, row_in_acc, rows_per_task, with_widest_simd, Elem};
 
 /// Low-rank factors in accumulation precision.
 pub(crate) struct Factors<A> {
@@ -54,15 +54,30 @@ pub(crate) fn factors<T: Elem>(
     }
 }
 
+/// `scale·(x·A)·B` as a new (M, N) output (`rows` = M).
+pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> Vec<T> {
+    let (k, n) = (f.k, f.n);
+    let (out, _) = build_rows::<T, _>(
+        rows,
+        n,
+        || (vec![T::A::ZERO; k], vec![T::A::ZERO; f.rank]),
+        #[inline(always)]
+        |(xb, tb), r, y, fma| {
+            y.fill(T::A::ZERO);
+            let xr = row_in_acc(&x[r * k..(r + 1) * k], xb);
+            if fma {
+                add_lora_row::<T::A, true>(xr, f, tb, y);
+            } else {
+                add_lora_row::<T::A, false>(xr, f, tb, y);
+            }
+        },
+    );
+    out
+}
+
 /// For every row: `out_row = init_row + bias + scale·(x_row·A)·B`, where `init` is the base
-/// output already in `out` (pass `accumulate = false` to start from zero).
-pub(crate) fn forward_into<T: Elem>(
-    x: &[T],
-    f: &Factors<T::A>,
-    bias: Option<&[T]>,
-    out: &mut [T],
-    accumulate: bool,
-) {
+/// output already in `out`.
+pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T]>, out: &mut [T]) {
     let (k, n) = (f.k, f.n);
     let bias: Option<Vec<T::A>> = bias.map(|b| {
         let mut v = vec![T::A::ZERO; b.len()];
@@ -76,31 +91,114 @@ pub(crate) fn forward_into<T: Elem>(
         .enumerate()
         .with_min_len(rows_per_task(k.max(n)))
         .for_each_init(
-            || (vec![T::A::ZERO; k], vec![T::A::ZERO; n]),
-            |(xb, yb), (r, o)| {
+            || {
+                (
+                    vec![T::A::ZERO; k],
+                    vec![T::A::ZERO; n],
+                    vec![T::A::ZERO; f.rank],
+                )
+            },
+            |(xb, yb, tb), (r, o)| {
                 with_widest_simd(
                     #[inline(always)]
-                    |_fma| {
+                    |fma| {
                         let xr = row_in_acc(&x[r * k..(r + 1) * k], xb);
-                        if accumulate {
-                            T::load(o, yb);
-                        } else {
-                            yb.fill(T::A::ZERO);
-                        }
+                        T::load(o, yb);
                         if let Some(bias) = &bias {
                             for (y, &bv) in yb.iter_mut().zip(bias) {
                                 *y += bv;
                             }
                         }
-                        for j in 0..f.rank {
-                            let t = simd::dot(xr, f.at_row(j)) * f.scale;
-                            simd::axpy(t, f.b_row(j), yb);
+                        if fma {
+                            add_lora_row::<T::A, true>(xr, f, tb, yb);
+                        } else {
+                            add_lora_row::<T::A, false>(xr, f, tb, yb);
                         }
                         T::store(yb, o);
                     },
                 )
             },
         );
+}
+
+/// Dot products of `x` with four rows of Aᵀ at once: one pass over `x`, four independent
+/// sets of lanes (written like `simd::dot`, the shape the compiler vectorises).
+#[inline(always)]
+fn dot4<A: Acc>(x: &[A], r: [&[A]; 4]) -> [A; 4] {
+    const L: usize = 16;
+    let k = x.len();
+    let [r0, r1, r2, r3] = r.map(|row| &row[..k]);
+    let (mut l0, mut l1, mut l2, mut l3) = ([A::ZERO; L], [A::ZERO; L], [A::ZERO; L], [A::ZERO; L]);
+    for ((((xc, a0), a1), a2), a3) in x
+        .chunks_exact(L)
+        .zip(r0.chunks_exact(L))
+        .zip(r1.chunks_exact(L))
+        .zip(r2.chunks_exact(L))
+        .zip(r3.chunks_exact(L))
+    {
+        for l in 0..L {
+            l0[l] += xc[l] * a0[l];
+            l1[l] += xc[l] * a1[l];
+            l2[l] += xc[l] * a2[l];
+            l3[l] += xc[l] * a3[l];
+        }
+    }
+    let full = k - k % L;
+    let finish = |lanes: [A; L], row: &[A]| {
+        let tail = x[full..]
+            .iter()
+            .zip(&row[full..])
+            .fold(A::ZERO, |s, (&xv, &av)| s + xv * av);
+        lanes.iter().fold(tail, |s, &v| s + v)
+    };
+    [
+        finish(l0, r0),
+        finish(l1, r1),
+        finish(l2, r2),
+        finish(l3, r3),
+    ]
+}
+
+/// `y += scale·(x·A)·B` for one row: the r projections `t = scale·x·A` in groups (one pass
+/// over `x` per group of 4), then `y` in blocks of columns as `Σ_j t_j·B_j`, so that `y` is
+/// read and written once rather than once per rank.
+#[inline(always)]
+fn add_lora_row<A: Acc, const FMA: bool>(x: &[A], f: &Factors<A>, t: &mut [A], y: &mut [A]) {
+    let mut j = 0;
+    while j + 4 <= f.rank {
+        let rows = std::array::from_fn(|g| f.at_row(j + g));
+        t[j..j + 4].copy_from_slice(&dot4(x, rows));
+        j += 4;
+    }
+    while j < f.rank {
+        t[j] = simd::dot(x, f.at_row(j));
+        j += 1;
+    }
+    for tj in t.iter_mut() {
+        *tj *= f.scale;
+    }
+    // 64 columns: enough independent accumulators to hide the multiply-add latency.
+    const L: usize = 64;
+    let n = f.n;
+    let y = &mut y[..n];
+    let b_rows = || f.b.chunks_exact(n).zip(t.iter());
+    let mut yc = y.chunks_exact_mut(L);
+    for (ci, yv) in (&mut yc).enumerate() {
+        let mut acc = [A::ZERO; L];
+        for (b_row, &tj) in b_rows() {
+            let bc: &[A; L] = b_row[ci * L..ci * L + L].try_into().unwrap();
+            for l in 0..L {
+                acc[l] = tj.madd::<FMA>(bc[l], acc[l]);
+            }
+        }
+        for (yv, a) in yv.iter_mut().zip(acc) {
+            *yv += a;
+        }
+    }
+    let full = n - n % L;
+    for (i, yv) in yc.into_remainder().iter_mut().enumerate() {
+        *yv += b_rows().fold(A::ZERO, |s, (b_row, &tj)| s + tj * b_row[full + i]);
+    }
 }
 
 /// Gradients of `scale·(x·A)·B` given `dy`: returns `(dx, dAᵀ, dB)` with dx (M, K),

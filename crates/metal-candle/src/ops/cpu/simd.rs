@@ -33,6 +33,9 @@ pub(crate) trait Acc:
     fn from_f64(v: f64) -> Self;
     fn from_usize(v: usize) -> Self;
     fn sqrt(self) -> Self;
+    /// `self·b + c`, fused (one rounding) where `FMA`: call it with `FMA = true` only from
+    /// code compiled with fused multiply-add (see `dispatch`), else it is a slow libm call.
+    fn madd<const FMA: bool>(self, b: Self, c: Self) -> Self;
     /// `e^self`; `FMA` says whether `mul_add` is one instruction in the calling code.
     fn exp<const FMA: bool>(self) -> Self;
     fn max(self, other: Self) -> Self;
@@ -49,6 +52,14 @@ impl Acc for f32 {
     #[inline(always)]
     fn from_f64(v: f64) -> f32 {
         v as f32
+    }
+    #[inline(always)]
+    fn madd<const FMA: bool>(self, b: f32, c: f32) -> f32 {
+        if FMA {
+            self.mul_add(b, c)
+        } else {
+            self * b + c
+        }
     }
     #[inline(always)]
     fn from_usize(v: usize) -> f32 {
@@ -84,6 +95,14 @@ impl Acc for f64 {
     #[inline(always)]
     fn from_f64(v: f64) -> f64 {
         v
+    }
+    #[inline(always)]
+    fn madd<const FMA: bool>(self, b: f64, c: f64) -> f64 {
+        if FMA {
+            self.mul_add(b, c)
+        } else {
+            self * b + c
+        }
     }
     #[inline(always)]
     fn from_usize(v: usize) -> f64 {
@@ -122,9 +141,9 @@ pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.3, 88.72);
-    let t = madd::<FMA>(xc, LOG2E, ROUND);
+    let t = xc.madd::<FMA>(LOG2E, ROUND);
     let n = t - ROUND;
-    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, xc));
+    let r = (-n).madd::<FMA>(LN2_LO, (-n).madd::<FMA>(LN2_HI, xc));
     // Horner's scheme: with FMA, one instruction and one rounding per step.
     let mut p: f32 = 1.0 / 5040.0;
     for c in [
@@ -136,7 +155,7 @@ pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
         1.0,
         1.0,
     ] {
-        p = madd::<FMA>(p, r, c);
+        p = p.madd::<FMA>(r, c);
     }
     let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     // 2^n as two factors so that n = 128 (x just under ln(f32::MAX)) stays finite.
@@ -152,16 +171,6 @@ pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
         f32::INFINITY
     } else {
         y
-    }
-}
-
-/// `a·b + c`: fused where `FMA`, else a multiply then an add.
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
     }
 }
 
