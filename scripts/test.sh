@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 # the narrower paths are checked too by capping the level (a no-op where the CPU lacks it).
 narrower_simd_paths() {
   for level in avx2 baseline; do
-    METAL_CANDLE_CPU_SIMD=$level cargo test -p metal-candle --test ops_vs_reference --test gradients_finite_difference
+    # --workspace: the same feature set as the full run above, so nothing is rebuilt.
+    METAL_CANDLE_CPU_SIMD=$level cargo test --workspace --test ops_vs_reference --test gradients_finite_difference
   done
 }
 if [ "${METAL_CANDLE_OFFLINE:-0}" = 1 ]; then
