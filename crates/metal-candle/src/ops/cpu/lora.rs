@@ -64,12 +64,7 @@ pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> Vec<T
         #[inline(always)]
         |(xb, tb), r, y, fma| {
             y.fill(T::A::ZERO);
-            let xr = row_in_acc(&x[r * k..(r + 1) * k], xb);
-            if fma {
-                add_lora_row::<T::A, true>(xr, f, tb, y);
-            } else {
-                add_lora_row::<T::A, false>(xr, f, tb, y);
-            }
+            add_lora_row(row_in_acc(&x[r * k..(r + 1) * k], xb), f, tb, y, fma);
         },
     );
     out
@@ -109,11 +104,7 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
                                 *y += bv;
                             }
                         }
-                        if fma {
-                            add_lora_row::<T::A, true>(xr, f, tb, yb);
-                        } else {
-                            add_lora_row::<T::A, false>(xr, f, tb, yb);
-                        }
+                        add_lora_row(xr, f, tb, yb, fma);
                         T::store(yb, o);
                     },
                 )
@@ -159,11 +150,21 @@ fn dot4<A: Acc>(x: &[A], r: [&[A]; 4]) -> [A; 4] {
     ]
 }
 
-/// `y += scale·(x·A)·B` for one row: the r projections `t = scale·x·A` in groups (one pass
-/// over `x` per group of 4), then `y` in blocks of columns as `Σ_j t_j·B_j`, so that `y` is
-/// read and written once rather than once per rank.
+/// `y += scale·(x·A)·B` for one row (`t`: r scratch values; `fma`: see `with_widest_simd`).
 #[inline(always)]
-fn add_lora_row<A: Acc, const FMA: bool>(x: &[A], f: &Factors<A>, t: &mut [A], y: &mut [A]) {
+fn add_lora_row<A: Acc>(x: &[A], f: &Factors<A>, t: &mut [A], y: &mut [A], fma: bool) {
+    if fma {
+        add_lora_row_with::<A, true>(x, f, t, y);
+    } else {
+        add_lora_row_with::<A, false>(x, f, t, y);
+    }
+}
+
+/// [`add_lora_row`]: the r projections `t = scale·x·A` in groups (one pass over `x` per group
+/// of 4), then `y` in blocks of columns as `Σ_j t_j·B_j`, so that `y` is read and written
+/// once rather than once per rank.
+#[inline(always)]
+fn add_lora_row_with<A: Acc, const FMA: bool>(x: &[A], f: &Factors<A>, t: &mut [A], y: &mut [A]) {
     let mut j = 0;
     while j + 4 <= f.rank {
         let rows = std::array::from_fn(|g| f.at_row(j + g));

@@ -33,11 +33,20 @@ pub(crate) trait Acc:
     fn from_f64(v: f64) -> Self;
     fn from_usize(v: usize) -> Self;
     fn sqrt(self) -> Self;
+    /// `self·b + c` with one rounding (`mul_add`).
+    fn fused_mul_add(self, b: Self, c: Self) -> Self;
     /// `self·b + c`, fused (one rounding) where `FMA`: call it with `FMA = true` only from
     /// code compiled with fused multiply-add (see `dispatch`), else it is a slow libm call.
-    fn madd<const FMA: bool>(self, b: Self, c: Self) -> Self;
-    /// `e^self` for `self ≤ 0` (or −∞ or NaN), cheaper than [`Acc::exp`]: what softmax needs
-    /// after subtracting the row's maximum.
+    #[inline(always)]
+    fn madd<const FMA: bool>(self, b: Self, c: Self) -> Self {
+        if FMA {
+            self.fused_mul_add(b, c)
+        } else {
+            self * b + c
+        }
+    }
+    /// `e^self` for `self ≤ 0` (or −∞ or NaN): what softmax needs after subtracting the row's
+    /// maximum.
     fn exp_nonpositive<const FMA: bool>(self) -> Self;
     fn max(self, other: Self) -> Self;
 }
@@ -55,12 +64,8 @@ impl Acc for f32 {
         v as f32
     }
     #[inline(always)]
-    fn madd<const FMA: bool>(self, b: f32, c: f32) -> f32 {
-        if FMA {
-            self.mul_add(b, c)
-        } else {
-            self * b + c
-        }
+    fn fused_mul_add(self, b: f32, c: f32) -> f32 {
+        self.mul_add(b, c)
     }
     #[inline(always)]
     fn from_usize(v: usize) -> f32 {
@@ -98,12 +103,8 @@ impl Acc for f64 {
         v
     }
     #[inline(always)]
-    fn madd<const FMA: bool>(self, b: f64, c: f64) -> f64 {
-        if FMA {
-            self.mul_add(b, c)
-        } else {
-            self * b + c
-        }
+    fn fused_mul_add(self, b: f64, c: f64) -> f64 {
+        self.mul_add(b, c)
     }
     #[inline(always)]
     fn from_usize(v: usize) -> f64 {
