@@ -11,6 +11,7 @@ pub(crate) mod norm;
 mod rows;
 mod simd;
 pub(crate) mod softmax;
+mod stream;
 
 use std::borrow::Cow;
 
@@ -18,7 +19,7 @@ use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 use std::mem::MaybeUninit;
 
 pub(crate) use dispatch::with_widest_simd;
-pub(crate) use rows::{build_rows, map_rows, row_blocks, row_in_acc, rows_per_task};
+pub(crate) use rows::{build_rows, map_rows, row_in_acc, rows_per_task};
 pub(crate) use simd::Acc;
 
 /// A storage element type the kernels accept, with the type it accumulates in.
@@ -57,6 +58,20 @@ pub(crate) trait Elem: WithDType + Copy + Send + Sync + 'static {
         }
     }
 
+    /// [`Elem::store_uninit`] with streaming stores (see `stream`): rounds into `staging` (a
+    /// row of scratch, resized as needed) and streams that to `dst`; the types whose storage
+    /// is their accumulation type stream `src` directly.
+    #[inline(always)]
+    fn store_uninit_streaming(
+        src: &[Self::A],
+        dst: &mut [MaybeUninit<Self>],
+        staging: &mut Vec<Self>,
+    ) {
+        staging.resize(src.len(), Self::from_acc(Self::A::ZERO));
+        Self::store(src, staging);
+        stream::copy_streaming(staging, dst);
+    }
+
     /// `src` viewed in accumulation precision, where that is the storage type (no copy).
     #[inline(always)]
     fn as_acc(src: &[Self]) -> Option<&[Self::A]> {
@@ -82,6 +97,10 @@ impl Elem for f32 {
         Some(src)
     }
     #[inline(always)]
+    fn store_uninit_streaming(src: &[f32], dst: &mut [MaybeUninit<f32>], _: &mut Vec<f32>) {
+        stream::copy_streaming(src, dst);
+    }
+    #[inline(always)]
     fn from_acc(a: f32) -> f32 {
         a
     }
@@ -102,6 +121,10 @@ impl Elem for f64 {
     #[inline(always)]
     fn as_acc(src: &[f64]) -> Option<&[f64]> {
         Some(src)
+    }
+    #[inline(always)]
+    fn store_uninit_streaming(src: &[f64], dst: &mut [MaybeUninit<f64>], _: &mut Vec<f64>) {
+        stream::copy_streaming(src, dst);
     }
     #[inline(always)]
     fn from_acc(a: f64) -> f64 {

@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::stream;
 use super::{with_widest_simd, Acc, Elem};
 
 /// Number of rows handed to one rayon task: enough work (~32K elements) to pay for the split.
@@ -20,7 +21,7 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
 
 /// Splits `rows` rows into at most two tasks per thread (fewer for small inputs), for
 /// kernels that keep per-task state such as partial parameter gradients.
-pub(crate) fn row_blocks(rows: usize, row_len: usize) -> Vec<Range<usize>> {
+fn row_blocks(rows: usize, row_len: usize) -> Vec<Range<usize>> {
     let threads = rayon::current_num_threads().max(1);
     let min_rows = rows_per_task(row_len);
     let blocks = (rows / min_rows).clamp(1, threads * 2);
@@ -35,10 +36,23 @@ pub(crate) fn row_blocks(rows: usize, row_len: usize) -> Vec<Range<usize>> {
 /// `init`; `row(state, r, out, fma)` (an `#[inline(always)]` closure, so that it is compiled for the
 /// CPU's widest vectors: see [`with_widest_simd`]) must fill `out` (row `r`, in accumulation precision, arriving
 /// with unspecified contents) and may update the state. Returns the output and every block's
-/// final state, in block order (for reductions across rows).
+/// final state, in block order (for reductions across rows). Large outputs are written with
+/// streaming stores (see `stream`).
 pub(crate) fn build_rows<T: Elem, S: Send>(
     rows: usize,
     row_len: usize,
+    init: impl Fn() -> S + Sync,
+    row: impl Fn(&mut S, usize, &mut [T::A], bool) + Sync,
+) -> (Vec<T>, Vec<S>) {
+    let streaming = stream::should_stream(rows * row_len * std::mem::size_of::<T>());
+    build_rows_with(rows, row_len, streaming, init, row)
+}
+
+/// [`build_rows`] with the store kind chosen by the caller (tests cover both on small sizes).
+fn build_rows_with<T: Elem, S: Send>(
+    rows: usize,
+    row_len: usize,
+    streaming: bool,
     init: impl Fn() -> S + Sync,
     row: impl Fn(&mut S, usize, &mut [T::A], bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
@@ -58,15 +72,24 @@ pub(crate) fn build_rows<T: Elem, S: Send>(
         .map(|(range, block_out)| {
             let mut state = init();
             let mut acc = vec![T::A::ZERO; row_len];
+            let mut staging = Vec::new();
             with_widest_simd(
                 #[inline(always)]
                 |fma| {
                     for (i, r) in range.enumerate() {
                         row(&mut state, r, &mut acc, fma);
-                        T::store_uninit(&acc, &mut block_out[i * row_len..(i + 1) * row_len]);
+                        let out_row = &mut block_out[i * row_len..(i + 1) * row_len];
+                        if streaming {
+                            T::store_uninit_streaming(&acc, out_row, &mut staging);
+                        } else {
+                            T::store_uninit(&acc, out_row);
+                        }
                     }
                 },
             );
+            if streaming {
+                stream::fence();
+            }
             state
         })
         .collect();
@@ -123,19 +146,52 @@ mod tests {
 
     #[test]
     fn build_rows_fills_every_row_and_returns_block_states_in_order() {
-        for (rows, row_len) in [(0usize, 3usize), (1, 1), (7, 5), (1000, 33), (3, 40_000)] {
-            let (out, states) =
-                build_rows::<f32, Vec<usize>>(rows, row_len, Vec::new, |seen, r, y, _fma| {
-                    seen.push(r);
-                    for (c, v) in y.iter_mut().enumerate() {
-                        *v = (r * row_len + c) as f32;
-                    }
-                });
-            let expected: Vec<f32> = (0..rows * row_len).map(|i| i as f32).collect();
-            assert_eq!(out, expected, "{rows}x{row_len}");
-            let order: Vec<usize> = states.into_iter().flatten().collect();
-            assert_eq!(order, (0..rows).collect::<Vec<_>>(), "{rows}x{row_len}");
+        fn check<T: Elem + PartialEq + std::fmt::Debug>(streaming: bool) {
+            for (rows, row_len) in [(0usize, 3usize), (1, 1), (7, 5), (1000, 33), (3, 40_000)] {
+                let value = |i: usize| T::from_acc(T::A::from_usize(i % 251));
+                let (out, states) = build_rows_with::<T, Vec<usize>>(
+                    rows,
+                    row_len,
+                    streaming,
+                    Vec::new,
+                    |seen, r, y, _fma| {
+                        seen.push(r);
+                        for (c, v) in y.iter_mut().enumerate() {
+                            *v = value(r * row_len + c).to_acc();
+                        }
+                    },
+                );
+                let expected: Vec<T> = (0..rows * row_len).map(value).collect();
+                assert_eq!(out, expected, "{rows}x{row_len} streaming={streaming}");
+                let order: Vec<usize> = states.into_iter().flatten().collect();
+                assert_eq!(order, (0..rows).collect::<Vec<_>>(), "{rows}x{row_len}");
+            }
         }
+        for streaming in [false, true] {
+            check::<f32>(streaming);
+            check::<f64>(streaming);
+            check::<half::bf16>(streaming);
+            check::<half::f16>(streaming);
+        }
+    }
+
+    #[test]
+    fn large_outputs_stream_and_small_ones_do_not() {
+        assert!(!stream::should_stream(stream::STREAM_MIN_BYTES - 1));
+        assert!(stream::should_stream(stream::STREAM_MIN_BYTES));
+        // A streamed output through the public driver, bf16 (staged) and f32 (direct).
+        let row_len = 4099;
+        let rows = stream::STREAM_MIN_BYTES / (2 * row_len) + 1;
+        let x: Vec<half::bf16> = (0..rows * row_len)
+            .map(|i| half::bf16::from_f32((i % 97) as f32))
+            .collect();
+        let y = map_rows(&x, row_len, |row, out, _fma| out.copy_from_slice(row));
+        assert_eq!(y, x);
+        let x32: Vec<f32> = x.iter().map(|v| v.to_f32() + 0.5).collect();
+        assert_eq!(
+            map_rows(&x32, row_len, |row, out, _| out.copy_from_slice(row)),
+            x32
+        );
     }
 
     #[test]
