@@ -396,9 +396,8 @@ fn bench_one(
             let bytes = 3.0 * mf * nf * s + nf * s * 3.0;
             #[cfg(feature = "cuda")]
             {
-                let y = ops::softmax_last_dim(&x)?;
                 rec.measure(&row, "fused", bytes, 0.0, &mut || match op {
-                    "softmax" => ops::cuda::softmax_backward(&y, &dy).map(drop),
+                    "softmax" => ops::cuda::softmax_backward(&x, &dy).map(drop),
                     "rms_norm" => ops::cuda::rms_norm_backward(&x, &w, &dy, eps).map(drop),
                     _ => ops::cuda::layer_norm_backward(&x, &w, &dy, eps).map(drop),
                 })?;

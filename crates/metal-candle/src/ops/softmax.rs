@@ -62,8 +62,8 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 }
 
-/// `dx = y ⊙ (dy − Σ dy ⊙ y)` through the device's kernel. The CPU kernel recomputes `y`
-/// from `x` in f32 (see `cpu::softmax::backward`).
+/// `dx = y ⊙ (dy − Σ dy ⊙ y)` through the device's kernel. Both kernels recompute `y` from
+/// `x` in f32 (see `cpu::softmax::backward`).
 fn softmax_backward(x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
     let n = y.dim(candle_core::D::Minus1)?;
     match y.device() {
@@ -80,10 +80,7 @@ fn softmax_backward(x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<
             })
         }
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) => {
-            let _ = x;
-            super::cuda::softmax_backward(y, dy)
-        }
+        candle_core::Device::Cuda(_) => super::cuda::softmax_backward(x, dy),
         _ => candle_core::bail!(
             "softmax backward: no fused kernel for {:?}",
             y.device().location()

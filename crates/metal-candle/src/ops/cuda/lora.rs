@@ -21,8 +21,8 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
 use super::common::{
-    alloc_out, cuda_storage, input, load, matrix, rows_and_len, to_tensor, with_elem, Elem, Input,
-    Matrix, LORA_PTX,
+    alloc_out, cuda_storage, fit_threads, input, load, matrix, rows_and_len, sm_count, to_tensor,
+    with_elem, Elem, Input, Matrix, LORA_PTX,
 };
 use super::gemm::{gemm, Operand};
 
@@ -177,9 +177,10 @@ fn forward(
     })
 }
 
-/// Rows per block of `lora_small` (one warp per row).
-const SMALL_ROWS: usize = 4;
-/// `lora_small` keeps r partial sums per lane in registers.
+/// The most rows one block of `lora_small` takes (`MAX_ROWS` in lora.cu).
+const SMALL_MAX_ROWS: usize = 4;
+/// `lora_small` keeps r partial sums per row and thread in registers (variants for r ≤ 8
+/// and r ≤ 16).
 const SMALL_MAX_RANK: usize = 16;
 
 /// Whether the one-launch kernel serves this problem: small enough that launch overhead, not
@@ -218,8 +219,24 @@ fn launch_small<T: Elem>(
         }
     };
     let ((sa0, sa1), (sb0, sb1)) = (strides(a), strides(b));
-    let f = load(dev, &format!("lora_small_{}", T::NAME), MODULE, LORA_PTX)?;
+    let variant = if r <= 8 { 8 } else { 16 };
+    let f = load(
+        dev,
+        &format!("lora_small_r{variant}_{}", T::NAME),
+        MODULE,
+        LORA_PTX,
+    )?;
+    // One row per block while the rows alone fill the GPU, up to 4 when there are many (each
+    // block then reads A and B once for several rows).
+    let rows_per_block = (m / sm_count(dev)? as usize).clamp(1, SMALL_MAX_ROWS);
+    // About four k (and n) elements per thread: all of a thread's loads go out together.
+    // Lowered (in whole warps) to what the kernel's register use allows.
+    let threads = fit_threads(
+        &f,
+        (k.max(n).div_ceil(4).div_ceil(32) * 32).clamp(64, 512) as u32,
+    )?;
     let (m_i, k_i, r_i, n_i) = (m as i32, k as i32, r as i32, n as i32);
+    let rpb_i = rows_per_block as i32;
     let null = 0u64;
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
@@ -233,18 +250,20 @@ fn launch_small<T: Elem>(
         .arg(&k_i)
         .arg(&r_i)
         .arg(&n_i)
+        .arg(&rpb_i)
         .arg(&sa0)
         .arg(&sa1)
         .arg(&sb0)
         .arg(&sb1)
         .arg(&scale);
     let cfg = LaunchConfig {
-        grid_dim: (m.div_ceil(SMALL_ROWS) as u32, 1, 1),
-        block_dim: (32 * SMALL_ROWS as u32, 1, 1),
+        grid_dim: (m.div_ceil(rows_per_block) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, addressed by the
-    // strides above; r ≤ 16 as the kernel requires.
+    // strides above; r ≤ the variant's rank, rows_per_block ≤ 4 and threads ≤ 1024 (a
+    // multiple of 32) as the kernel requires.
     unsafe { l.launch(cfg) }.w()?;
     Ok(())
 }

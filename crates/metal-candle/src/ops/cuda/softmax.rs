@@ -39,33 +39,35 @@ pub fn softmax_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     })
 }
 
-/// `dx = y ⊙ (dy − Σ dy ⊙ y)` for the softmax output `y` and its gradient `dy`.
-pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let (y, dy) = (y.contiguous()?, dy.contiguous()?);
-    let (ys, yl) = y.storage_and_layout();
+/// `dx = y ⊙ (dy − Σ dy ⊙ y)` for the softmax *input* `x` and the gradient `dy` of its output:
+/// the kernel recomputes `y = softmax(x)` in f32 (for bf16/f16, a stored, rounded `y` makes
+/// `dy − Σ dy ⊙ y` cancel badly on peaked rows; the bytes moved are the same).
+pub fn softmax_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
     let (gs, gl) = dy.storage_and_layout();
-    let (ys, gs) = (
-        cuda_storage(&ys, "softmax backward: y")?,
+    let (xs, gs) = (
+        cuda_storage(&xs, "softmax backward: x")?,
         cuda_storage(&gs, "softmax backward: dy")?,
     );
-    let dev = ys.device().clone();
-    let (rows, n) = rows_and_len("softmax_last_dim backward", yl.shape())?;
-    let (yi, gi) = (input(ys, yl)?, input(gs, gl)?);
-    with_elem!(ys.dtype(), "softmax_last_dim backward", T => {
-        let (yv, gv) = (yi.view::<T>()?, gi.view::<T>()?);
+    let dev = xs.device().clone();
+    let (rows, n) = rows_and_len("softmax_last_dim backward", xl.shape())?;
+    let (xi, gi) = (input(xs, xl)?, input(gs, gl)?);
+    with_elem!(xs.dtype(), "softmax_last_dim backward", T => {
+        let (xv, gv) = (xi.view::<T>()?, gi.view::<T>()?);
         let mut dx = alloc_out::<T>(&dev, rows * n)?;
         if rows > 0 {
-            let vec = n % T::VEC == 0 && aligned16(&yv, &dev) && aligned16(&gv, &dev);
+            let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&gv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("softmax_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
             let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
-            b.arg(&yv).arg(&gv).arg(&mut dx).arg(&rows_i).arg(&n_i);
+            b.arg(&xv).arg(&gv).arg(&mut dx).arg(&rows_i).arg(&n_i);
             // SAFETY: argument types match the kernel signature; buffers hold rows * n elements.
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok(to_tensor(dx, &dev, yl.shape().clone()))
+        Ok(to_tensor(dx, &dev, xl.shape().clone()))
     })
 }

@@ -69,51 +69,83 @@ __device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int 
     }
 }
 
-// dx = y * (dy - sum(dy * y))
+// dx = y * (dy - sum(dy * y)), with y recomputed from x in f32 (as the CPU kernel does) rather
+// than read back from the stored output: the same bytes move (x instead of y), and for
+// bf16/f16 a rounded y makes dy - sum(dy * y) cancel badly on peaked rows (measured: 34%
+// relative error on a bf16 row of 3, against 1e-5 for the recomputed y).
 template <typename T, int V>
-__device__ void softmax_bwd_row(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx, int n, float* shm) {
+__device__ void softmax_bwd_row(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int n, float* shm) {
     const int nv = n / V;
     const bool cached = nv <= R * (int)blockDim.x;
-    float yv[R][V], gv[R][V];
-    float s = 0.f;
+    float xv[R][V], gv[R][V];
+    float mx = -INFINITY;
     if (cached) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
-                load<T, V>(y + (size_t)i * V, yv[r]);
+                load<T, V>(x + (size_t)i * V, xv[r]);
                 load<T, V>(dy + (size_t)i * V, gv[r]);
 #pragma unroll
-                for (int k = 0; k < V; k++) s += yv[r][k] * gv[r][k];
+                for (int k = 0; k < V; k++) mx = fmaxf(mx, xv[r][k]);
             }
         }
     } else {
         for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float a[V], b[V];
-            load<T, V>(y + (size_t)i * V, a);
-            load<T, V>(dy + (size_t)i * V, b);
+            float a[V];
+            load<T, V>(x + (size_t)i * V, a);
 #pragma unroll
-            for (int k = 0; k < V; k++) s += a[k] * b[k];
+            for (int k = 0; k < V; k++) mx = fmaxf(mx, a[k]);
         }
     }
-    s = block_reduce1(s, SumOp(), 0.f, shm);
+    mx = block_reduce1(mx, MaxOp(), -INFINITY, shm);
+    // Σ e^(x - max) and Σ e^(x - max)·dy; y·dy summed = the second over the first.
+    float se = 0.f, sg = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    xv[r][k] = __expf(xv[r][k] - mx);
+                    se += xv[r][k];
+                    sg += xv[r][k] * gv[r][k];
+                }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V], b[V];
+            load<T, V>(x + (size_t)i * V, a);
+            load<T, V>(dy + (size_t)i * V, b);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                const float e = __expf(a[k] - mx);
+                se += e;
+                sg += e * b[k];
+            }
+        }
+    }
+    float sums[2] = {se, sg};
+    block_reduce<2>(sums, SumOp(), 0.f, shm);
+    const float inv = 1.f / sums[0], s = sums[1] * inv;
     if (cached) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
 #pragma unroll
-                for (int k = 0; k < V; k++) yv[r][k] = yv[r][k] * (gv[r][k] - s);
-                store<T, V>(dx + (size_t)i * V, yv[r]);
+                for (int k = 0; k < V; k++) xv[r][k] = xv[r][k] * inv * (gv[r][k] - s);
+                store<T, V>(dx + (size_t)i * V, xv[r]);
             }
         }
     } else {
         for (int i = threadIdx.x; i < nv; i += blockDim.x) {
             float a[V], b[V];
-            load<T, V>(y + (size_t)i * V, a);
+            load<T, V>(x + (size_t)i * V, a);
             load<T, V>(dy + (size_t)i * V, b);
 #pragma unroll
-            for (int k = 0; k < V; k++) a[k] = a[k] * (b[k] - s);
+            for (int k = 0; k < V; k++) a[k] = __expf(a[k] - mx) * inv * (b[k] - s);
             store<T, V>(dx + (size_t)i * V, a);
         }
     }
@@ -125,10 +157,10 @@ __device__ void softmax_bwd_row(const T* __restrict__ y, const T* __restrict__ d
         for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
             softmax_fwd_row<T, V>(x + (size_t)row * n, y + (size_t)row * n, n, shm);                   \
     }                                                                                                  \
-    extern "C" __global__ void softmax_bwd_##NAME##_##SUF(const T* y, const T* dy, T* dx, int rows, int n) { \
-        __shared__ float shm[32];                                                                      \
+    extern "C" __global__ void softmax_bwd_##NAME##_##SUF(const T* x, const T* dy, T* dx, int rows, int n) { \
+        __shared__ float shm[64];                                                                      \
         for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
-            softmax_bwd_row<T, V>(y + (size_t)row * n, dy + (size_t)row * n, dx + (size_t)row * n, n, shm); \
+            softmax_bwd_row<T, V>(x + (size_t)row * n, dy + (size_t)row * n, dx + (size_t)row * n, n, shm); \
     }
 #define SOFTMAX_KERNELS(NAME, T, V) SOFTMAX_KERNELS_V(NAME, T, V, v) SOFTMAX_KERNELS_V(NAME, T, 1, s)
 MC_FOR_TYPES(SOFTMAX_KERNELS)
