@@ -93,19 +93,16 @@ __device__ void lora_small(const T* __restrict__ x, const T* __restrict__ a, con
     }
 }
 
+#define LORA_SMALL_KERNEL(NAME, T, RANK)                                                                       \
+    extern "C" __global__ void lora_small_r##RANK##_##NAME(const T* x, const T* a, const T* b, const T* bias, T* y, \
+                                                           int m, int k, int r, int n, int rows_per_block,          \
+                                                           long long sa0, long long sa1, long long sb0,             \
+                                                           long long sb1, float scale) {                            \
+        lora_small<T, RANK>(x, a, b, bias, y, m, k, r, n, rows_per_block, sa0, sa1, sb0, sb1, scale);             \
+    }
 #define LORA_KERNELS(NAME, T, V)                                                                                 \
-    extern "C" __global__ void lora_small_r8_##NAME(const T* x, const T* a, const T* b, const T* bias, T* y,    \
-                                                    int m, int k, int r, int n, int rows_per_block,             \
-                                                    long long sa0, long long sa1, long long sb0, long long sb1, \
-                                                    float scale) {                                              \
-        lora_small<T, 8>(x, a, b, bias, y, m, k, r, n, rows_per_block, sa0, sa1, sb0, sb1, scale);               \
-    }                                                                                                            \
-    extern "C" __global__ void lora_small_r16_##NAME(const T* x, const T* a, const T* b, const T* bias, T* y,   \
-                                                     int m, int k, int r, int n, int rows_per_block,            \
-                                                     long long sa0, long long sa1, long long sb0, long long sb1, \
-                                                     float scale) {                                             \
-        lora_small<T, 16>(x, a, b, bias, y, m, k, r, n, rows_per_block, sa0, sa1, sb0, sb1, scale);              \
-    }                                                                                                            \
+    LORA_SMALL_KERNEL(NAME, T, 8)                                                                                \
+    LORA_SMALL_KERNEL(NAME, T, 16)                                                                               \
     extern "C" __global__ void set_col_##NAME(T* buf, int rows, int ld, int col, float value) {                 \
         for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x)               \
             buf[(size_t)r * ld + col] = from_f<T>(value);                                                        \

@@ -4,11 +4,13 @@
 
 constexpr int R = 4;  // packs per thread held in registers
 
+// The row's maximum, reduced over the block (every thread gets it). When `cached`, the row is
+// left in `v` (pack r of this thread at v[r]) and, if `dy` is given, the same packs of `dy` in
+// `g`, loaded in the same loop so that all of a thread's loads are in flight together;
+// otherwise the row is only read (and `dy` not at all).
 template <typename T, int V>
-__device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int n, float* shm) {
-    const int nv = n / V;
-    const bool cached = nv <= R * (int)blockDim.x;
-    float v[R][V];
+__device__ float load_row_max(const T* __restrict__ x, float (&v)[R][V], const T* __restrict__ dy, float (&g)[R][V],
+                              int nv, bool cached, float* shm) {
     float mx = -INFINITY;
     if (cached) {
 #pragma unroll
@@ -16,6 +18,7 @@ __device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int 
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
                 load<T, V>(x + (size_t)i * V, v[r]);
+                if (dy) load<T, V>(dy + (size_t)i * V, g[r]);
 #pragma unroll
                 for (int k = 0; k < V; k++) mx = fmaxf(mx, v[r][k]);
             }
@@ -28,7 +31,15 @@ __device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int 
             for (int k = 0; k < V; k++) mx = fmaxf(mx, t[k]);
         }
     }
-    mx = block_reduce1(mx, MaxOp(), -INFINITY, shm);
+    return block_reduce1(mx, MaxOp(), -INFINITY, shm);
+}
+
+template <typename T, int V>
+__device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int n, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= R * (int)blockDim.x;
+    float v[R][V];
+    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
     float s = 0.f;
     if (cached) {
 #pragma unroll
@@ -78,27 +89,7 @@ __device__ void softmax_bwd_row(const T* __restrict__ x, const T* __restrict__ d
     const int nv = n / V;
     const bool cached = nv <= R * (int)blockDim.x;
     float xv[R][V], gv[R][V];
-    float mx = -INFINITY;
-    if (cached) {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            if (i < nv) {
-                load<T, V>(x + (size_t)i * V, xv[r]);
-                load<T, V>(dy + (size_t)i * V, gv[r]);
-#pragma unroll
-                for (int k = 0; k < V; k++) mx = fmaxf(mx, xv[r][k]);
-            }
-        }
-    } else {
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float a[V];
-            load<T, V>(x + (size_t)i * V, a);
-#pragma unroll
-            for (int k = 0; k < V; k++) mx = fmaxf(mx, a[k]);
-        }
-    }
-    mx = block_reduce1(mx, MaxOp(), -INFINITY, shm);
+    const float mx = load_row_max<T, V>(x, xv, dy, gv, nv, cached, shm);
     // Σ e^(x - max) and Σ e^(x - max)·dy; y·dy summed = the second over the first.
     float se = 0.f, sg = 0.f;
     if (cached) {
