@@ -135,8 +135,11 @@ fn layer_norm_matches_reference() {
 }
 
 /// (in, out, rank) triples: degenerate, odd, wide and tall.
-const LORA_SHAPES: [(usize, usize, usize); 6] = [
+const LORA_SHAPES: [(usize, usize, usize); 7] = [
     (1, 1, 1),
+    // One full 32-column block plus one column, and a rank of 7 (a pass of four ranks, then
+    // three single ones) for the CPU kernels' blocked loops.
+    (33, 40, 7),
     (3, 17, 2),
     (17, 3, 4),
     (1000, 64, 8),

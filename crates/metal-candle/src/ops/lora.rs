@@ -178,6 +178,13 @@ fn row_shape(xl: &Layout, out: usize) -> (usize, usize, Shape) {
     (m, k, Shape::from(out_dims))
 }
 
+/// A tensor's elements as contiguous f32 CPU storage.
+fn cpu_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+    with_float_type!(s.dtype(), "lora_linear", T => {
+        Ok(CpuStorage::F32(cpu::to_f32_vec(&cpu::contiguous::<T>(s, l)?)))
+    })
+}
+
 /// Aᵀ (r, in) and B (r, out), contiguous, from storages with arbitrary layouts.
 fn cpu_factors<T: Elem>(
     a: (&CpuStorage, &Layout),
@@ -347,7 +354,7 @@ impl CustomOp3 for LoraLinear {
                 let bias32 = bias.as_deref().map(cpu::to_f32_vec);
                 let base = CpuStorage::F32(x32.clone()).matmul(&CpuStorage::F32(w32), (1, m, n, k), &Layout::contiguous((m, k)), &Layout::contiguous((n, k)).transpose(0, 1)?)?;
                 let Some(mut out32) = f32::take(base) else { candle_core::bail!("lora_linear: base GEMM returned another dtype") };
-                let f32_factors = cpu::lora::Factors { at: cpu::to_f32_vec(&f.at), b: cpu::to_f32_vec(&f.b), rank: f.rank, k: f.k, n: f.n, scale: self.scale as f32 };
+                let f32_factors = cpu_factors::<f32>((&cpu_f32(as_, al)?, &Layout::contiguous(al.dims())), (&cpu_f32(bs, bl)?, &Layout::contiguous(bl.dims())), self.scale)?;
                 cpu::lora::forward_into(&x32, &f32_factors, bias32.as_deref(), &mut out32);
                 out32.iter().map(|&v| <T as WithDType>::from_f64(v as f64)).collect()
             };

@@ -1,28 +1,94 @@
-//! The LoRA term `scale·(x·A)·B`, forward and backward, one row at a time.
+//! The LoRA term `scale·(x·A)·B`, forward and backward, four rows at a time.
 //!
-//! Layouts (all contiguous, row-major): `x` (M, K), `at` = Aᵀ (r, K), `b` (r, N). Aᵀ is used
-//! rather than A so that every inner loop runs along a contiguous row: `t = x·A` is r dot
-//! products of length K, and `t·B` is r axpys of length N. The rank r is small (4–64), so
-//! A and B stay in cache while x streams through once.
+//! Layouts: `x` (M, K) and `dy` (M, N) row-major; the factors Aᵀ (r, K) and B (r, N) packed
+//! in column blocks (see [`Packed`]). Aᵀ is used rather than A so that every inner loop runs
+//! along the columns: `t = x·A` is r dot products of length K, and `t·B` is r axpys of length
+//! N. The rank r is small (4–64), so the factors stay in cache while x streams through once;
+//! a group of four rows shares every load of them.
 
 use rayon::prelude::*;
 
 use super::simd::{self, Acc};
-use super::{build_rows, row_in_acc, rows_per_task, with_widest_simd, Elem};
+use super::{build_row_groups, row_in_acc, rows_per_task, with_widest_simd, Elem};
 
-/// Low-rank factors in accumulation precision.
+/// Columns per block of a [`Packed`] matrix: two 16-lane vectors of f32.
+const BLOCK: usize = 32;
+
+/// A row-major (rows × len) matrix stored as column blocks: block `c` holds rows `0..rows`
+/// of columns `c·BLOCK..(c + 1)·BLOCK`, contiguous, zero past `len`. A kernel walking along
+/// the columns then reads one contiguous stream instead of `rows` streams a row apart (which,
+/// at power-of-two lengths, also collide in the same L1 sets and evict each other).
+pub(crate) struct Packed<A> {
+    data: Vec<A>,
+    rows: usize,
+    len: usize,
+}
+
+impl<A: Acc> Packed<A> {
+    /// Zeros.
+    fn zeros(rows: usize, len: usize) -> Self {
+        Self {
+            data: vec![A::ZERO; rows * len.div_ceil(BLOCK) * BLOCK],
+            rows,
+            len,
+        }
+    }
+
+    /// Packs the row-major (rows × len) `src`, converting each element with `to_acc`.
+    fn from_rows<T: Copy>(src: &[T], rows: usize, len: usize, to_acc: impl Fn(T) -> A) -> Self {
+        let mut packed = Self::zeros(rows, len);
+        for (b, block) in packed.blocks_mut().enumerate() {
+            let c = b * BLOCK;
+            let width = BLOCK.min(len - c);
+            for (j, dst) in block.chunks_exact_mut(BLOCK).enumerate() {
+                for (d, &v) in dst.iter_mut().zip(&src[j * len + c..j * len + c + width]) {
+                    *d = to_acc(v);
+                }
+            }
+        }
+        packed
+    }
+
+    /// Back to a row-major (rows × len) matrix.
+    fn to_rows(&self) -> Vec<A> {
+        let mut out = vec![A::ZERO; self.rows * self.len];
+        for (b, block) in self.blocks().enumerate() {
+            let c = b * BLOCK;
+            let width = BLOCK.min(self.len - c);
+            for (j, src) in block.chunks_exact(BLOCK).enumerate() {
+                out[j * self.len + c..j * self.len + c + width].copy_from_slice(&src[..width]);
+            }
+        }
+        out
+    }
+
+    /// The column blocks, each `rows × BLOCK` values (row j of the block at `j·BLOCK`).
+    fn blocks(&self) -> std::slice::ChunksExact<'_, A> {
+        self.data.chunks_exact((self.rows * BLOCK).max(1))
+    }
+
+    fn blocks_mut(&mut self) -> std::slice::ChunksExactMut<'_, A> {
+        self.data.chunks_exact_mut((self.rows * BLOCK).max(1))
+    }
+
+    fn add_assign(&mut self, other: &Self) {
+        simd::axpy(A::ONE, &other.data, &mut self.data);
+    }
+}
+
+/// Low-rank factors in accumulation precision, packed (see [`Packed`]).
 pub(crate) struct Factors<A> {
     /// Aᵀ, (r, K)
-    pub at: Vec<A>,
+    at: Packed<A>,
     /// B, (r, N)
-    pub b: Vec<A>,
+    b: Packed<A>,
     pub rank: usize,
     pub k: usize,
     pub n: usize,
-    pub scale: A,
+    scale: A,
 }
 
-/// Converts factor storage to accumulation precision.
+/// Converts factor storage (Aᵀ (r, K) and B (r, N), row-major) to accumulation precision.
 pub(crate) fn factors<T: Elem>(
     at: &[T],
     b: &[T],
@@ -31,13 +97,9 @@ pub(crate) fn factors<T: Elem>(
     n: usize,
     scale: f64,
 ) -> Factors<T::A> {
-    let mut at_a = vec![T::A::ZERO; at.len()];
-    T::load(at, &mut at_a);
-    let mut b_a = vec![T::A::ZERO; b.len()];
-    T::load(b, &mut b_a);
     Factors {
-        at: at_a,
-        b: b_a,
+        at: Packed::from_rows(at, rank, k, T::to_acc),
+        b: Packed::from_rows(b, rank, n, T::to_acc),
         rank,
         k,
         n,
@@ -45,17 +107,22 @@ pub(crate) fn factors<T: Elem>(
     }
 }
 
+/// Rows of x (and of dy) a kernel handles together: every load of a row of Aᵀ or B then
+/// serves four rows. One row at a time, the factors (2·r·K values, 128 KiB at K = N = 2048,
+/// r = 8) are streamed from L2 for every row and bound the kernels.
+const GROUP: usize = 4;
+
 /// `scale·(x·A)·B` as a new (M, N) output (`rows` = M).
 pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> Vec<T> {
-    let (k, n) = (f.k, f.n);
-    let (out, _) = build_rows::<T, _>(
+    let (k, n, rank) = (f.k, f.n, f.rank);
+    let (out, _) = build_row_groups::<T, _, GROUP>(
         rows,
         n,
-        || (vec![T::A::ZERO; k], vec![T::A::ZERO; f.rank]),
+        || RowGroup::new(k, rank),
         #[inline(always)]
-        |(xb, tb), r, y, fma| {
+        |group, first, count, y, fma| {
             y.fill(T::A::ZERO);
-            add_lora_row(row_in_acc(&x[r * k..(r + 1) * k], xb), f, tb, y, fma);
+            group.add_lora_rows(x, first, count, f, y, fma);
         },
     );
     out
@@ -64,7 +131,7 @@ pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> Vec<T
 /// For every row: `out_row = init_row + bias + scale·(x_row·A)·B`, where `init` is the base
 /// output already in `out`.
 pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T]>, out: &mut [T]) {
-    let (k, n) = (f.k, f.n);
+    let (k, n, rank) = (f.k, f.n, f.rank);
     let bias: Option<Vec<T::A>> = bias.map(|b| {
         let mut v = vec![T::A::ZERO; b.len()];
         T::load(b, &mut v);
@@ -73,195 +140,233 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
     if n == 0 {
         return;
     }
-    out.par_chunks_mut(n)
+    out.par_chunks_mut(GROUP * n)
         .enumerate()
-        .with_min_len(rows_per_task(k.max(n)))
+        .with_min_len(rows_per_task(k.max(n)).div_ceil(GROUP))
         .for_each_init(
-            || {
-                (
-                    vec![T::A::ZERO; k],
-                    vec![T::A::ZERO; n],
-                    vec![T::A::ZERO; f.rank],
-                )
-            },
-            |(xb, yb, tb), (r, o)| {
+            || (RowGroup::new(k, rank), vec![T::A::ZERO; GROUP * n]),
+            |(group, yb), (g, o)| {
                 with_widest_simd(
                     #[inline(always)]
                     |fma| {
-                        let xr = row_in_acc(&x[r * k..(r + 1) * k], xb);
-                        T::load(o, yb);
+                        let count = o.len() / n;
+                        let y = &mut yb[..count * n];
+                        T::load(o, y);
                         if let Some(bias) = &bias {
-                            for (y, &bv) in yb.iter_mut().zip(bias) {
-                                *y += bv;
+                            for row in y.chunks_exact_mut(n) {
+                                for (v, &bv) in row.iter_mut().zip(bias) {
+                                    *v += bv;
+                                }
                             }
                         }
-                        add_lora_row(xr, f, tb, yb, fma);
-                        T::store(yb, o);
+                        group.add_lora_rows(x, g * GROUP, count, f, yb, fma);
+                        T::store(&yb[..count * n], o);
                     },
                 )
             },
         );
 }
 
-/// Dot products of `x` with four rows of Aᵀ at once: one pass over `x`, four independent
-/// sets of lanes (written like `simd::dot`, the shape the compiler vectorises).
-#[inline(always)]
-fn dot4<A: Acc>(x: &[A], r: [&[A]; 4]) -> [A; 4] {
-    const L: usize = 16;
-    let k = x.len();
-    let [r0, r1, r2, r3] = r.map(|row| &row[..k]);
-    let (mut l0, mut l1, mut l2, mut l3) = ([A::ZERO; L], [A::ZERO; L], [A::ZERO; L], [A::ZERO; L]);
-    for ((((xc, a0), a1), a2), a3) in x
-        .chunks_exact(L)
-        .zip(r0.chunks_exact(L))
-        .zip(r1.chunks_exact(L))
-        .zip(r2.chunks_exact(L))
-        .zip(r3.chunks_exact(L))
-    {
-        for l in 0..L {
-            l0[l] += xc[l] * a0[l];
-            l1[l] += xc[l] * a1[l];
-            l2[l] += xc[l] * a2[l];
-            l3[l] += xc[l] * a3[l];
+/// Scratch for one group of rows of an input: the rows in accumulation precision (for
+/// storage types that are not the accumulation type), a zero row standing in for the missing
+/// rows of a short group, and the group's `scale·row·F` projections (GROUP × r).
+struct RowGroup<A> {
+    rows: Vec<A>,
+    zero: Vec<A>,
+    proj: Vec<A>,
+}
+
+impl<A: Acc> RowGroup<A> {
+    fn new(len: usize, rank: usize) -> Self {
+        Self {
+            rows: vec![A::ZERO; GROUP * len],
+            zero: vec![A::ZERO; len],
+            proj: vec![A::ZERO; GROUP * rank],
         }
     }
-    let full = k - k % L;
-    let finish = |lanes: [A; L], row: &[A]| {
-        let tail = x[full..]
-            .iter()
-            .zip(&row[full..])
-            .fold(A::ZERO, |s, (&xv, &av)| s + xv * av);
-        lanes.iter().fold(tail, |s, &v| s + v)
-    };
-    [
-        finish(l0, r0),
-        finish(l1, r1),
-        finish(l2, r2),
-        finish(l3, r3),
-    ]
+
+    /// Rows `first..first + count` of the row-major `src` in accumulation precision; the
+    /// missing rows of a short group are zero rows, so their projections are zero.
+    #[inline(always)]
+    fn load<'a, T: Elem<A = A>>(
+        &'a mut self,
+        src: &'a [T],
+        first: usize,
+        count: usize,
+    ) -> [&'a [A]; GROUP] {
+        let len = self.zero.len();
+        let mut rows: [&[A]; GROUP] = [&self.zero[..]; GROUP];
+        for (i, (slot, buf)) in rows
+            .iter_mut()
+            .zip(self.rows.chunks_mut(len.max(1)))
+            .take(count)
+            .enumerate()
+        {
+            let r = first + i;
+            *slot = row_in_acc(&src[r * len..(r + 1) * len], buf);
+        }
+        rows
+    }
+
+    /// `y_i += scale·(x_i·A)·B` for the group's rows of `x` (`y`: GROUP × N, row i of the group
+    /// in row i; rows past `count` get the zero row's term, nothing).
+    #[inline(always)]
+    fn add_lora_rows<T: Elem<A = A>>(
+        &mut self,
+        x: &[T],
+        first: usize,
+        count: usize,
+        f: &Factors<A>,
+        y: &mut [A],
+        fma: bool,
+    ) {
+        let mut proj = std::mem::take(&mut self.proj);
+        let xs = self.load(x, first, count);
+        if fma {
+            project_group::<A, true>(xs, &f.at, f.scale, &mut proj);
+            combine_group::<A, true>(&proj, &f.b, y);
+        } else {
+            project_group::<A, false>(xs, &f.at, f.scale, &mut proj);
+            combine_group::<A, false>(&proj, &f.b, y);
+        }
+        self.proj = proj;
+    }
 }
 
-/// `y += scale·(x·A)·B` for one row (`t`: r scratch values; `fma`: see `with_widest_simd`).
-#[inline(always)]
-fn add_lora_row<A: Acc>(x: &[A], f: &Factors<A>, t: &mut [A], y: &mut [A], fma: bool) {
-    project(x, &f.at, f.scale, t);
-    add_combination(t, &f.b, y, fma);
-}
+/// Ranks one pass over a group's rows projects onto: GROUP × RANKS × 16 accumulators, which
+/// fill half the AVX-512 register file at f32.
+const RANKS: usize = 4;
 
-/// `t[j] = scale·(x · rows_j)` for the rows of the row-major (t.len() × x.len()) matrix `rows`,
-/// in groups of four (one pass over `x` per group).
+/// `t[i·r + j] = scale·(xs[i] · row_j)` for the GROUP rows `xs` and the r rows of the packed
+/// (r × K) matrix `m`.
 #[inline(always)]
-fn project<A: Acc>(x: &[A], rows: &[A], scale: A, t: &mut [A]) {
-    let k = x.len();
-    let row = |j: usize| &rows[j * k..(j + 1) * k];
-    let rank = t.len();
+fn project_group<A: Acc, const FMA: bool>(xs: [&[A]; GROUP], m: &Packed<A>, scale: A, t: &mut [A]) {
+    let rank = m.rows;
     let mut j = 0;
-    while j + 4 <= rank {
-        t[j..j + 4].copy_from_slice(&dot4(x, std::array::from_fn(|g| row(j + g))));
-        j += 4;
-    }
     while j < rank {
-        t[j] = simd::dot(x, row(j));
-        j += 1;
-    }
-    for tj in t.iter_mut() {
-        *tj *= scale;
+        if j + RANKS <= rank {
+            let d = dots::<A, FMA, RANKS>(xs, m, j);
+            for (i, di) in d.iter().enumerate() {
+                for (q, &v) in di.iter().enumerate() {
+                    t[i * rank + j + q] = scale * v;
+                }
+            }
+            j += RANKS;
+        } else {
+            let d = dots::<A, FMA, 1>(xs, m, j);
+            for (i, di) in d.iter().enumerate() {
+                t[i * rank + j] = scale * di[0];
+            }
+            j += 1;
+        }
     }
 }
 
-/// `y += Σ_j t[j]·rows_j` for the rows of the row-major (t.len() × y.len()) matrix `rows`.
+/// The GROUP × R dot products of `xs[i]` with rows `j0..j0 + R` of the packed matrix `m`, in
+/// one pass over the inputs.
 #[inline(always)]
-fn add_combination<A: Acc>(t: &[A], rows: &[A], y: &mut [A], fma: bool) {
-    if fma {
-        add_combination_with::<A, true>(t, rows, y);
-    } else {
-        add_combination_with::<A, false>(t, rows, y);
-    }
-}
-
-/// [`add_combination`]: `y` in blocks of columns, each block read and written once rather than
-/// once per rank.
-#[inline(always)]
-fn add_combination_with<A: Acc, const FMA: bool>(t: &[A], rows: &[A], y: &mut [A]) {
-    // 64 columns: enough independent accumulators to hide the multiply-add latency.
-    const L: usize = 64;
-    let n = y.len();
-    if n == 0 {
-        return;
-    }
-    let weighted_rows = || rows.chunks_exact(n).zip(t.iter());
-    let mut yc = y.chunks_exact_mut(L);
-    for (ci, yv) in (&mut yc).enumerate() {
-        let mut acc = [A::ZERO; L];
-        for (row, &tj) in weighted_rows() {
-            let rc: &[A; L] = row[ci * L..ci * L + L].try_into().unwrap();
-            for l in 0..L {
-                acc[l] = tj.madd::<FMA>(rc[l], acc[l]);
+fn dots<A: Acc, const FMA: bool, const R: usize>(
+    xs: [&[A]; GROUP],
+    m: &Packed<A>,
+    j0: usize,
+) -> [[A; R]; GROUP] {
+    const L: usize = 16;
+    let k = m.len;
+    let xs = xs.map(|x| &x[..k]);
+    let full_blocks = k / BLOCK;
+    // One named accumulator set per row: written as a 3-D array, the loops are not vectorised.
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        [[A::ZERO; L]; R],
+        [[A::ZERO; L]; R],
+        [[A::ZERO; L]; R],
+        [[A::ZERO; L]; R],
+    );
+    for (b, block) in m.blocks().take(full_blocks).enumerate() {
+        for h in 0..BLOCK / L {
+            let c = b * BLOCK + h * L;
+            let [x0, x1, x2, x3]: [&[A; L]; GROUP] = xs.map(|x| x[c..c + L].try_into().unwrap());
+            for q in 0..R {
+                let at = (j0 + q) * BLOCK + h * L;
+                let rc: &[A; L] = block[at..at + L].try_into().unwrap();
+                for l in 0..L {
+                    a0[q][l] = x0[l].madd::<FMA>(rc[l], a0[q][l]);
+                    a1[q][l] = x1[l].madd::<FMA>(rc[l], a1[q][l]);
+                    a2[q][l] = x2[l].madd::<FMA>(rc[l], a2[q][l]);
+                    a3[q][l] = x3[l].madd::<FMA>(rc[l], a3[q][l]);
+                }
             }
         }
-        for (yv, a) in yv.iter_mut().zip(acc) {
-            *yv += a;
-        }
     }
-    let full = n - n % L;
-    for (i, yv) in yc.into_remainder().iter_mut().enumerate() {
-        *yv += weighted_rows().fold(A::ZERO, |s, (row, &tj)| s + tj * row[full + i]);
+    let acc = [a0, a1, a2, a3];
+    // The last, partial block (zero-padded past k).
+    let c0 = full_blocks * BLOCK;
+    let tail = m.blocks().nth(full_blocks);
+    std::array::from_fn(|i| {
+        std::array::from_fn(|q| {
+            let t = tail.map_or(A::ZERO, |block| {
+                let row = &block[(j0 + q) * BLOCK..];
+                (c0..k).fold(A::ZERO, |s, c| s + xs[i][c] * row[c - c0])
+            });
+            acc[i][q].iter().fold(t, |s, &v| s + v)
+        })
+    })
+}
+
+/// `y_i += Σ_j t[i·r + j]·row_j` for the GROUP rows of `y` (GROUP × N, row-major) and the r
+/// rows of the packed (r × N) matrix `m`: each block of `m` is loaded once for all GROUP rows,
+/// and each block of `y` read and written once.
+#[inline(always)]
+fn combine_group<A: Acc, const FMA: bool>(t: &[A], m: &Packed<A>, y: &mut [A]) {
+    let (rank, n) = (m.rows, m.len);
+    for (b, block) in m.blocks().enumerate() {
+        let c = b * BLOCK;
+        let mut acc = [[A::ZERO; BLOCK]; GROUP];
+        for (j, rc) in block.chunks_exact(BLOCK).enumerate() {
+            let rc: &[A; BLOCK] = rc.try_into().unwrap();
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let tij = t[i * rank + j];
+                for l in 0..BLOCK {
+                    acc_i[l] = tij.madd::<FMA>(rc[l], acc_i[l]);
+                }
+            }
+        }
+        let width = BLOCK.min(n - c);
+        for (i, sums) in acc.into_iter().enumerate() {
+            let yc = &mut y[i * n + c..i * n + c + width];
+            if let Ok(yc) = <&mut [A; BLOCK]>::try_from(&mut *yc) {
+                for l in 0..BLOCK {
+                    yc[l] += sums[l];
+                }
+            } else {
+                // The last, partial block. Its own loop over a copy: indexing `acc` by a
+                // run-time width would keep it in memory, and the loops above unvectorised.
+                for (v, a) in yc.iter_mut().zip(sums) {
+                    *v += a;
+                }
+            }
+        }
     }
 }
 
-/// Rows whose outer-product updates of dAᵀ and dB are applied together: each pass over a
-/// gradient row then serves four input rows (per row, it was a load and a store of the whole
-/// (r × K) and (r × N) sums).
-const GROUP: usize = 4;
-
-/// One task's share of the backward pass: its partial parameter gradients and the rows whose
-/// updates are pending.
+/// One task's share of the backward pass: its partial parameter gradients and the scratch
+/// of the group of rows in flight.
 struct BackwardTask<A> {
-    /// Σ over this task's rows of `g ⊗ x` so far: dAᵀ, (r, K).
-    dat: Vec<A>,
+    /// Σ over this task's rows of `g ⊗ x`: dAᵀ, (r, K).
+    dat: Packed<A>,
     /// Σ of `t ⊗ dy`: dB, (r, N).
-    db: Vec<A>,
-    /// `scale·x·A` of the pending rows, (GROUP, r).
-    t: Vec<A>,
-    /// `scale·dy·Bᵀ` of the pending rows, (GROUP, r).
-    g: Vec<A>,
-    pending: Vec<usize>,
-    /// Row scratch for storage types that are not the accumulation type: one row of x and
-    /// dy for the current row, GROUP of each for a group update.
-    xb: Vec<A>,
-    gb: Vec<A>,
-    x_group: Vec<A>,
-    dy_group: Vec<A>,
-    /// Stand-ins for the missing rows of a short last group (zero coefficients times zero rows).
-    zero_k: Vec<A>,
-    zero_n: Vec<A>,
-}
-
-impl<A: Acc> BackwardTask<A> {
-    fn new(rank: usize, k: usize, n: usize) -> Self {
-        Self {
-            dat: vec![A::ZERO; rank * k],
-            db: vec![A::ZERO; rank * n],
-            t: vec![A::ZERO; GROUP * rank],
-            g: vec![A::ZERO; GROUP * rank],
-            pending: Vec::with_capacity(GROUP),
-            xb: vec![A::ZERO; k],
-            gb: vec![A::ZERO; n],
-            x_group: vec![A::ZERO; GROUP * k],
-            dy_group: vec![A::ZERO; GROUP * n],
-            zero_k: vec![A::ZERO; k],
-            zero_n: vec![A::ZERO; n],
-        }
-    }
+    db: Packed<A>,
+    /// The group's rows of x and their projections `t = scale·x·A`.
+    x: RowGroup<A>,
+    /// The group's rows of dy and their projections `g = scale·dy·Bᵀ`.
+    dy: RowGroup<A>,
 }
 
 /// Gradients of `scale·(x·A)·B` given `dy`: returns `(dx, dAᵀ, dB)` with dx (M, K),
 /// dAᵀ (r, K), dB (r, N). `dx_init`, when given, is added into dx before its single rounding
 /// to `T` (the base layer's dx, kept in accumulation precision).
 ///
-/// Per row: `t = scale·x·A` and `g = scale·dy·Bᵀ` (four projections per pass), the dx row
-/// `g·Aᵀ` in column blocks, then the outer products `g ⊗ x` and `t ⊗ dy` summed into the
-/// task's dAᵀ and dB a group of rows at a time.
+/// Per group of rows: `t = scale·x·A` and `g = scale·dy·Bᵀ`, the dx rows `g·Aᵀ`, then the
+/// outer products `g ⊗ x` and `t ⊗ dy` summed into the task's dAᵀ and dB.
 pub(crate) fn backward<T: Elem>(
     x: &[T],
     dy: &[T],
@@ -270,125 +375,107 @@ pub(crate) fn backward<T: Elem>(
     rows: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
-    let (dx, mut tasks) = build_rows::<T, _>(
+    let (dx, tasks) = build_row_groups::<T, _, GROUP>(
         rows,
         k,
-        || BackwardTask::new(rank, k, n),
+        || BackwardTask {
+            dat: Packed::zeros(rank, k),
+            db: Packed::zeros(rank, n),
+            x: RowGroup::new(k, rank),
+            dy: RowGroup::new(n, rank),
+        },
         #[inline(always)]
-        |task, r, dxr, fma| {
-            let i = task.pending.len();
-            let xr = row_in_acc(&x[r * k..(r + 1) * k], &mut task.xb);
-            let gr = row_in_acc(&dy[r * n..(r + 1) * n], &mut task.gb);
-            project(xr, &f.at, f.scale, &mut task.t[i * rank..(i + 1) * rank]);
-            let g = &mut task.g[i * rank..(i + 1) * rank];
-            project(gr, &f.b, f.scale, g);
-            match dx_init {
-                Some(init) => dxr.copy_from_slice(&init[r * k..(r + 1) * k]),
-                None => dxr.fill(T::A::ZERO),
-            }
-            add_combination(g, &f.at, dxr, fma);
-            task.pending.push(r);
-            if task.pending.len() == GROUP {
-                flush_group(task, x, dy, rank, fma);
+        |task, first, count, dxg, fma| {
+            if fma {
+                backward_group::<T, true>(task, x, dy, f, dx_init, first, count, dxg);
+            } else {
+                backward_group::<T, false>(task, x, dy, f, dx_init, first, count, dxg);
             }
         },
     );
-    // Each task's last, short group.
-    tasks
-        .par_iter_mut()
-        .for_each(|task| with_widest_simd(|fma| flush_group(task, x, dy, rank, fma)));
-    let mut dat = vec![T::A::ZERO; rank * k];
-    let mut db = vec![T::A::ZERO; rank * n];
+    let mut dat = Packed::zeros(rank, k);
+    let mut db = Packed::zeros(rank, n);
     for task in &tasks {
-        simd::axpy(T::A::ONE, &task.dat, &mut dat);
-        simd::axpy(T::A::ONE, &task.db, &mut db);
+        dat.add_assign(&task.dat);
+        db.add_assign(&task.db);
     }
     let mut dat_t = vec![T::from_acc(T::A::ZERO); rank * k];
-    T::store(&dat, &mut dat_t);
+    T::store(&dat.to_rows(), &mut dat_t);
     let mut db_t = vec![T::from_acc(T::A::ZERO); rank * n];
-    T::store(&db, &mut db_t);
+    T::store(&db.to_rows(), &mut db_t);
     (dx, dat_t, db_t)
 }
 
-/// Adds the pending rows' outer products into the task's dAᵀ and dB, and empties the group.
+/// The backward pass over rows `first..first + count`, writing their dx rows into `dxg`
+/// (GROUP × K).
 #[inline(always)]
-fn flush_group<T: Elem>(task: &mut BackwardTask<T::A>, x: &[T], dy: &[T], rank: usize, fma: bool) {
+#[allow(clippy::too_many_arguments)]
+fn backward_group<T: Elem, const FMA: bool>(
+    task: &mut BackwardTask<T::A>,
+    x: &[T],
+    dy: &[T],
+    f: &Factors<T::A>,
+    dx_init: Option<&[T::A]>,
+    first: usize,
+    count: usize,
+    dxg: &mut [T::A],
+) {
+    let k = f.k;
     let BackwardTask {
         dat,
         db,
-        t,
-        g,
-        pending,
-        x_group,
-        dy_group,
-        zero_k,
-        zero_n,
-        ..
+        x: xg,
+        dy: dyg,
     } = task;
-    if pending.is_empty() {
-        return;
+    let (mut t, mut g) = (std::mem::take(&mut xg.proj), std::mem::take(&mut dyg.proj));
+    let xs = xg.load(x, first, count);
+    let dys = dyg.load(dy, first, count);
+    project_group::<T::A, FMA>(xs, &f.at, f.scale, &mut t);
+    project_group::<T::A, FMA>(dys, &f.b, f.scale, &mut g);
+    match dx_init {
+        Some(init) => dxg[..count * k].copy_from_slice(&init[first * k..(first + count) * k]),
+        None => dxg[..count * k].fill(T::A::ZERO),
     }
-    let (k, n) = (zero_k.len(), zero_n.len());
-    // The rows of a short group that do not exist get zero coefficients (and zero rows).
-    t[pending.len() * rank..].fill(T::A::ZERO);
-    g[pending.len() * rank..].fill(T::A::ZERO);
-    let mut x_rows: [&[T::A]; GROUP] = [&zero_k[..]; GROUP];
-    for ((slot, buf), &r) in x_rows
-        .iter_mut()
-        .zip(x_group.chunks_mut(k.max(1)))
-        .zip(pending.iter())
-    {
-        *slot = row_in_acc(&x[r * k..(r + 1) * k], buf);
-    }
-    let mut dy_rows: [&[T::A]; GROUP] = [&zero_n[..]; GROUP];
-    for ((slot, buf), &r) in dy_rows
-        .iter_mut()
-        .zip(dy_group.chunks_mut(n.max(1)))
-        .zip(pending.iter())
-    {
-        *slot = row_in_acc(&dy[r * n..(r + 1) * n], buf);
-    }
-    if fma {
-        add_outer_products::<T::A, true>(g, rank, x_rows, dat);
-        add_outer_products::<T::A, true>(t, rank, dy_rows, db);
-    } else {
-        add_outer_products::<T::A, false>(g, rank, x_rows, dat);
-        add_outer_products::<T::A, false>(t, rank, dy_rows, db);
-    }
-    pending.clear();
+    combine_group::<T::A, FMA>(&g, &f.at, dxg);
+    add_outer_products::<T::A, FMA>(&g, xs, dat);
+    add_outer_products::<T::A, FMA>(&t, dys, db);
+    xg.proj = t;
+    dyg.proj = g;
 }
 
-/// `out_j += Σ_i coef[i][j]·rows_i` for the rows `j` of the row-major (rank × len) `out`, with
-/// `coef` (GROUP × rank) and GROUP rows of length `len`: column blocks of every input row
-/// are loaded once and serve all `rank` output rows.
+/// `out_j += Σ_i coef[i·r + j]·rows_i` for the r rows `j` of the packed (r × len) `out`,
+/// with `coef` (GROUP × r) and GROUP rows of length `len`: each block of the input rows is
+/// loaded once and serves all r output rows.
 #[inline(always)]
 fn add_outer_products<A: Acc, const FMA: bool>(
     coef: &[A],
-    rank: usize,
     rows: [&[A]; GROUP],
-    out: &mut [A],
+    out: &mut Packed<A>,
 ) {
-    const L: usize = 32;
-    let len = rows[0].len();
-    let full = len - len % L;
-    for c in (0..full).step_by(L) {
-        let chunks: [&[A; L]; GROUP] = rows.map(|row| row[c..c + L].try_into().unwrap());
-        for j in 0..rank {
-            let o: &mut [A; L] = (&mut out[j * len + c..j * len + c + L]).try_into().unwrap();
-            let mut acc = *o;
-            for (i, chunk) in chunks.iter().enumerate() {
-                let cf = coef[i * rank + j];
-                for l in 0..L {
-                    acc[l] = cf.madd::<FMA>(chunk[l], acc[l]);
+    let (rank, len) = (out.rows, out.len);
+    let rows = rows.map(|row| &row[..len]);
+    for (b, block) in out.blocks_mut().enumerate() {
+        let c = b * BLOCK;
+        if c + BLOCK <= len {
+            let chunks: [&[A; BLOCK]; GROUP] =
+                rows.map(|row| row[c..c + BLOCK].try_into().unwrap());
+            for (j, o) in block.chunks_exact_mut(BLOCK).enumerate() {
+                let o: &mut [A; BLOCK] = o.try_into().unwrap();
+                let mut acc = *o;
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let cf = coef[i * rank + j];
+                    for l in 0..BLOCK {
+                        acc[l] = cf.madd::<FMA>(chunk[l], acc[l]);
+                    }
+                }
+                *o = acc;
+            }
+        } else {
+            for (j, o) in block.chunks_exact_mut(BLOCK).enumerate() {
+                for (l, v) in o[..len - c].iter_mut().enumerate() {
+                    *v = (0..GROUP).fold(*v, |s, i| s + coef[i * rank + j] * rows[i][c + l]);
                 }
             }
-            *o = acc;
-        }
-    }
-    for c in full..len {
-        for j in 0..rank {
-            let s = (0..GROUP).fold(out[j * len + c], |s, i| s + coef[i * rank + j] * rows[i][c]);
-            out[j * len + c] = s;
         }
     }
 }

@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 use std::mem::MaybeUninit;
 
 pub(crate) use dispatch::with_widest_simd;
-pub(crate) use rows::{build_rows, map_rows, row_in_acc, rows_per_task};
+pub(crate) use rows::{build_row_groups, build_rows, map_rows, row_in_acc, rows_per_task};
 pub(crate) use simd::Acc;
 
 /// A storage element type the kernels accept, with the type it accumulates in.

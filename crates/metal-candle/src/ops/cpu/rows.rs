@@ -44,17 +44,37 @@ pub(crate) fn build_rows<T: Elem, S: Send>(
     init: impl Fn() -> S + Sync,
     row: impl Fn(&mut S, usize, &mut [T::A], bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
-    let streaming = stream::should_stream(rows * row_len * std::mem::size_of::<T>());
-    build_rows_with(rows, row_len, streaming, init, row)
+    build_row_groups::<T, S, 1>(
+        rows,
+        row_len,
+        init,
+        #[inline(always)]
+        |state, r, _count, out, fma| row(state, r, out, fma),
+    )
 }
 
-/// [`build_rows`] with the store kind chosen by the caller (tests cover both on small sizes).
-fn build_rows_with<T: Elem, S: Send>(
+/// [`build_rows`] for kernels that work on `G` rows at a time (so that each load of a shared
+/// operand serves `G` rows): `group(state, first, count, out, fma)` must fill the first
+/// `count` rows (1 ≤ count ≤ G; fewer than G only at the end of a block) of `out`,
+/// `G × row_len` values holding rows `first..first + count` in order.
+pub(crate) fn build_row_groups<T: Elem, S: Send, const G: usize>(
+    rows: usize,
+    row_len: usize,
+    init: impl Fn() -> S + Sync,
+    group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
+) -> (Vec<T>, Vec<S>) {
+    let streaming = stream::should_stream(rows * row_len * std::mem::size_of::<T>());
+    build_row_groups_with::<T, S, G>(rows, row_len, streaming, init, group)
+}
+
+/// [`build_row_groups`] with the store kind chosen by the caller (tests cover both on small
+/// sizes).
+fn build_row_groups_with<T: Elem, S: Send, const G: usize>(
     rows: usize,
     row_len: usize,
     streaming: bool,
     init: impl Fn() -> S + Sync,
-    row: impl Fn(&mut S, usize, &mut [T::A], bool) + Sync,
+    group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
     let len = rows * row_len;
     let mut out: Vec<T> = Vec::with_capacity(len);
@@ -71,18 +91,21 @@ fn build_rows_with<T: Elem, S: Send>(
         .zip(block_outs)
         .map(|(range, block_out)| {
             let mut state = init();
-            let mut acc = vec![T::A::ZERO; row_len];
+            let mut acc = vec![T::A::ZERO; G * row_len];
             let mut staging = Vec::new();
             with_widest_simd(
                 #[inline(always)]
                 |fma| {
-                    for (i, r) in range.enumerate() {
-                        row(&mut state, r, &mut acc, fma);
-                        let out_row = &mut block_out[i * row_len..(i + 1) * row_len];
+                    for first in range.clone().step_by(G) {
+                        let count = G.min(range.end - first);
+                        group(&mut state, first, count, &mut acc, fma);
+                        let at = (first - range.start) * row_len;
+                        let out_rows = &mut block_out[at..at + count * row_len];
+                        let values = &acc[..count * row_len];
                         if streaming {
-                            T::store_uninit_streaming(&acc, out_row, &mut staging);
+                            T::store_uninit_streaming(values, out_rows, &mut staging);
                         } else {
-                            T::store_uninit(&acc, out_row);
+                            T::store_uninit(values, out_rows);
                         }
                     }
                 },
@@ -93,8 +116,9 @@ fn build_rows_with<T: Elem, S: Send>(
             state
         })
         .collect();
-    // SAFETY: the blocks cover rows 0..rows exactly, and `store_uninit` wrote every element
-    // of each row (it asserts equal lengths); a panic in `row` unwinds before this point.
+    // SAFETY: the blocks cover rows 0..rows exactly, the groups cover each block, and
+    // `store_uninit` wrote every element of each group's rows (it asserts equal lengths); a
+    // panic in `group` unwinds before this point.
     unsafe { out.set_len(len) };
     (out, states)
 }
@@ -147,17 +171,26 @@ mod tests {
     #[test]
     fn build_rows_fills_every_row_and_returns_block_states_in_order() {
         fn check<T: Elem + PartialEq + std::fmt::Debug>(streaming: bool) {
+            check_groups::<T, 1>(streaming);
+            check_groups::<T, 3>(streaming);
+            check_groups::<T, 4>(streaming);
+        }
+        fn check_groups<T: Elem + PartialEq + std::fmt::Debug, const G: usize>(streaming: bool) {
             for (rows, row_len) in [(0usize, 3usize), (1, 1), (7, 5), (1000, 33), (3, 40_000)] {
                 let value = |i: usize| T::from_acc(T::A::from_usize(i % 251));
-                let (out, states) = build_rows_with::<T, Vec<usize>>(
+                let (out, states) = build_row_groups_with::<T, Vec<usize>, G>(
                     rows,
                     row_len,
                     streaming,
                     Vec::new,
-                    |seen, r, y, _fma| {
-                        seen.push(r);
-                        for (c, v) in y.iter_mut().enumerate() {
-                            *v = value(r * row_len + c).to_acc();
+                    |seen, first, count, y, _fma| {
+                        assert!((1..=G).contains(&count), "group of {count} rows, G = {G}");
+                        for r in first..first + count {
+                            seen.push(r);
+                            let at = (r - first) * row_len;
+                            for (c, v) in y[at..at + row_len].iter_mut().enumerate() {
+                                *v = value(r * row_len + c).to_acc();
+                            }
                         }
                     },
                 );
