@@ -143,3 +143,19 @@ fn adapter_must_fit_its_layer() {
         "{e}"
     );
 }
+
+#[test]
+fn cross_entropy_targets_are_checked() {
+    let logits = t(&[2, 3, 5], DType::F32);
+    let targets = Tensor::new(&[[0u32, 4, 5], [1, 1, 1]], &Device::Cpu).unwrap();
+    let e = err_text(ops::cross_entropy(&logits, &targets));
+    assert!(
+        e.contains("target 5") && e.contains("vocabulary of 5"),
+        "{e}"
+    );
+    let e = err_text(ops::cross_entropy(&logits, &t(&[2, 3], DType::F32)));
+    assert!(e.contains("u32") && e.contains("F32"), "{e}");
+    let targets = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
+    let e = err_text(ops::cross_entropy(&logits, &targets));
+    assert!(e.contains("[3]") && e.contains("[2, 3]"), "{e}");
+}

@@ -37,6 +37,17 @@ fn softmax_gradient() {
 }
 
 #[test]
+fn cross_entropy_gradient() {
+    let x = randn(&[2, 3, 11], 0.0, 2.0, DType::F64).unwrap();
+    let targets = Tensor::new(&[[0u32, 10, 4], [7, 7, 1]], &candle_core::Device::Cpu).unwrap();
+    check(
+        "cross_entropy",
+        &|t: &[Tensor]| ops::cross_entropy(&t[0], &targets),
+        &[x],
+    );
+}
+
+#[test]
 fn rms_norm_gradients() {
     let x = randn(&[2, 3, 17], 0.3, 1.0, DType::F64).unwrap();
     let w = randn(&[17], 1.0, 0.5, DType::F64).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{as_view, forward_backward, randn, rel_err, tol, OpFn, View};
 use metal_candle::ops::{self, reference};
 
@@ -92,6 +92,34 @@ fn softmax_matches_reference() {
                 for view in VIEWS {
                     let x = randn(&shape(lead, n), 0.0, 3.0, dtype).unwrap();
                     compare("softmax", &fused, &refr, &[x], view, 2.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_matches_reference() {
+    for dtype in DTYPES {
+        for n in HIDDEN {
+            for lead in LEADING {
+                for view in VIEWS {
+                    // Targets over the whole range, the last class included.
+                    let x = randn(&shape(lead, n), 0.0, 4.0, dtype).unwrap();
+                    let rows: usize = lead.iter().product();
+                    let t: Vec<u32> = (0..rows)
+                        .map(|r| ((r * 7919 + 13 + n - 1) % n) as u32)
+                        .collect();
+                    let targets = Tensor::from_vec(t, lead, &Device::Cpu).unwrap();
+                    // In the logits' dtype, so that the output-dtype bookkeeping of `compare`
+                    // applies (the op returns f32 for half-precision logits).
+                    let fused = |t: &[Tensor]| {
+                        Ok(ops::cross_entropy(&t[0], &targets)?.to_dtype(t[0].dtype())?)
+                    };
+                    let refr = |t: &[Tensor]| {
+                        Ok(reference::cross_entropy(&t[0], &targets)?.to_dtype(t[0].dtype())?)
+                    };
+                    compare("cross_entropy", &fused, &refr, &[x], view, 2.0);
                 }
             }
         }

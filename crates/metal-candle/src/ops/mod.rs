@@ -3,6 +3,7 @@
 //! | op | function | differentiable inputs |
 //! |---|---|---|
 //! | softmax over the last dim | [`softmax_last_dim`] | x |
+//! | cross-entropy against class indices | [`cross_entropy`] | logits |
 //! | RMSNorm | [`rms_norm`] | x, weight |
 //! | LayerNorm | [`layer_norm`] | x, weight, bias |
 //! | LoRA term `scale·(x·A)·B` | [`lora_delta`] | x, A, B |
@@ -18,6 +19,7 @@
 //! buffer once before its single pass.
 
 pub mod cpu;
+mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod lora;
@@ -27,6 +29,7 @@ mod softmax;
 
 use candle_core::{DType, Device};
 
+pub use cross_entropy::cross_entropy;
 pub use lora::{lora_delta, lora_linear, FusedLoRAOp};
 pub use norm::{layer_norm, rms_norm};
 pub use softmax::softmax_last_dim;

@@ -81,3 +81,13 @@ fn split_last(x: &Tensor) -> Result<(Vec<usize>, usize)> {
         None => candle_core::bail!("expected a tensor with at least one dimension, got a scalar"),
     }
 }
+
+/// `logsumexp(logits_row) − logits_row[target]` per row, in f32 (f64 for f64 logits), through
+/// candle-nn's `log_softmax` and a gather.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(D::Minus1)?;
+    let rows = logits.elem_count().checked_div(n).unwrap_or(0);
+    let log_probs = candle_nn::ops::log_softmax(&upcast(logits)?.reshape((rows, n))?, D::Minus1)?;
+    let picked = log_probs.gather(&targets.reshape((rows, 1))?, 1)?;
+    picked.neg()?.reshape(targets.shape())
+}

@@ -1,6 +1,6 @@
 //! Masked next-token cross-entropy.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
 use crate::Result;
 
@@ -13,18 +13,11 @@ pub fn masked_cross_entropy_sum(
     targets: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let dtype = if logits.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let logits = logits.to_dtype(dtype)?.reshape((b * t, v))?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs
-        .gather(&targets.reshape((b * t, 1))?, 1)?
-        .squeeze(1)?;
-    Ok((picked * mask.reshape(b * t)?.to_dtype(dtype)?)?
-        .sum_all()?
-        .neg()?)
+    let (b, t, _) = logits.dims3()?;
+    // Fused (ops::cross_entropy): the logits are read once each way and no (tokens × vocab)
+    // f32 copy of them is made, which for a language model's vocabulary is the largest tensor
+    // of the step.
+    let per_token = crate::ops::cross_entropy(logits, &targets.reshape((b, t))?)?;
+    let mask = mask.to_dtype(per_token.dtype())?;
+    Ok((per_token * mask)?.sum_all()?)
 }

@@ -30,9 +30,13 @@ pub(crate) trait Acc:
     const DTYPE: candle_core::DType;
     /// The elements of a tensor of dtype [`Acc::DTYPE`] on the CPU, in row-major order.
     fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<Self>>;
+    /// Wraps values as CPU storage of dtype [`Acc::DTYPE`].
+    fn into_storage(v: Vec<Self>) -> candle_core::CpuStorage;
     fn from_f64(v: f64) -> Self;
     fn from_usize(v: usize) -> Self;
     fn sqrt(self) -> Self;
+    /// The natural logarithm.
+    fn ln(self) -> Self;
     /// `self·b + c` with one rounding (`mul_add`).
     fn fused_mul_add(self, b: Self, c: Self) -> Self;
     /// `self·b + c`, fused (one rounding) where `FMA`: call it with `FMA = true` only from
@@ -56,6 +60,9 @@ impl Acc for f32 {
     const ONE: f32 = 1.0;
     const NEG_INFINITY: f32 = f32::NEG_INFINITY;
     const DTYPE: candle_core::DType = candle_core::DType::F32;
+    fn into_storage(v: Vec<f32>) -> candle_core::CpuStorage {
+        candle_core::CpuStorage::F32(v)
+    }
     fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
         super::tensor_data::<f32>(t)
     }
@@ -74,6 +81,10 @@ impl Acc for f32 {
     #[inline(always)]
     fn sqrt(self) -> f32 {
         f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> f32 {
+        f32::ln(self)
     }
     #[inline(always)]
     fn exp_nonpositive<const FMA: bool>(self) -> f32 {
@@ -95,6 +106,9 @@ impl Acc for f64 {
     const ONE: f64 = 1.0;
     const NEG_INFINITY: f64 = f64::NEG_INFINITY;
     const DTYPE: candle_core::DType = candle_core::DType::F64;
+    fn into_storage(v: Vec<f64>) -> candle_core::CpuStorage {
+        candle_core::CpuStorage::F64(v)
+    }
     fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<f64>> {
         super::tensor_data::<f64>(t)
     }
@@ -113,6 +127,10 @@ impl Acc for f64 {
     #[inline(always)]
     fn sqrt(self) -> f64 {
         f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> f64 {
+        f64::ln(self)
     }
     #[inline(always)]
     fn exp_nonpositive<const FMA: bool>(self) -> f64 {

@@ -53,7 +53,7 @@ pub(crate) fn backward<T: Elem>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
 
 /// `y = softmax(x)` for one row, prefetching `next` (the next row's bytes, or empty) on the way.
 #[inline(always)]
-fn softmax_row<A: Acc>(x: &[A], y: &mut [A], fma: bool, next: &[u8]) {
+pub(crate) fn softmax_row<A: Acc>(x: &[A], y: &mut [A], fma: bool, next: &[u8]) {
     let m = simd::max(x);
     // The next row's bytes per 16 elements of this one.
     let stride = 16 * next.len() / x.len().max(1);

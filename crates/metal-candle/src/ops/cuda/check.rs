@@ -42,6 +42,10 @@ pub type Check = fn(&Device) -> Result<()>;
 pub const CHECKS: &[(&str, Check)] = &[
     ("dispatch_picks_cuda_kernels", dispatch_picks_cuda_kernels),
     ("softmax_matches_reference", softmax_matches_reference),
+    (
+        "cross_entropy_matches_reference",
+        cross_entropy_matches_reference,
+    ),
     ("rms_norm_matches_reference", rms_norm_matches_reference),
     ("layer_norm_matches_reference", layer_norm_matches_reference),
     ("lora_delta_matches_reference", lora_delta_matches_reference),
@@ -350,6 +354,40 @@ pub fn softmax_matches_reference(dev: &Device) -> Result<()> {
                 &[view],
                 &|t| mc(ops::softmax_last_dim(&t[0])),
                 &|t| reference::softmax_last_dim(&t[0]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Targets for `rows` rows of `n` classes, spread over the whole range (the last class too).
+fn class_targets(rows: usize, n: usize) -> Result<Tensor> {
+    let t: Vec<u32> = (0..rows)
+        .map(|r| ((r * 7919 + 13 + n - 1) % n) as u32)
+        .collect();
+    Tensor::from_vec(t, rows, &Device::Cpu)
+}
+
+/// See the module docs. The loss is returned in the logits' dtype so that the comparison's
+/// dtype bookkeeping applies (the op itself returns f32).
+pub fn cross_entropy_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for (shape, view, kind) in row_cases(1) {
+            let dims = view_dims(&shape, view)?;
+            let (lead, n) = dims.split_at(dims.len() - 1);
+            let targets = class_targets(lead.iter().product(), n[0])?.reshape(lead)?;
+            let x = rand(&shape, 4.0, dtype)?;
+            let loss = |t: &[Tensor], f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
+                f(&t[0], &targets.to_device(t[0].device())?)?.to_dtype(t[0].dtype())
+            };
+            compare(
+                dev,
+                &format!("cross_entropy {shape:?} {kind}"),
+                dtype,
+                &[x],
+                &[view],
+                &|t| loss(t, &|x, y| mc(ops::cross_entropy(x, y))),
+                &|t| loss(t, &|x, y| reference::cross_entropy(x, y)),
             )?;
         }
     }

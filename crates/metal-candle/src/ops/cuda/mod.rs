@@ -2,7 +2,7 @@
 //! [`crate::ops`] on a CUDA device for f32, bf16 and f16 ([`supports`]); f64 takes candle's
 //! composed path.
 //!
-//! - softmax, RMSNorm, LayerNorm (`kernels/*.cu`, compiled to PTX by `build.rs`): a block per
+//! - softmax (and the cross-entropy, a softmax against a target), RMSNorm, LayerNorm (`kernels/*.cu`, compiled to PTX by `build.rs`): a block per
 //!   row, 16-byte vector loads where the row length and pointers allow, f32 arithmetic, one
 //!   read and one write of the data. The backward passes recompute the row statistics from x
 //!   and reduce the weight gradients through per-block partial rows and a second small
@@ -28,7 +28,9 @@ mod softmax;
 pub use common::set_poison_outputs;
 pub use lora::{lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward};
 pub use norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
-pub use softmax::{softmax_backward, softmax_forward};
+pub use softmax::{
+    cross_entropy_backward, cross_entropy_forward, softmax_backward, softmax_forward,
+};
 
 use candle_core::DType;
 

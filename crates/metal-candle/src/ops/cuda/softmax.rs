@@ -71,3 +71,72 @@ pub fn softmax_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         Ok(to_tensor(dx, &dev, xl.shape().clone()))
     })
 }
+
+/// Per row of `x` (storage `xs` under `xl`): `logsumexp(x) − x[t]` with `t` the row's target
+/// (u32 storage `ts` under `tl`, one per row), as f32. The caller checks the targets are in
+/// range (the kernel writes NaN for one that is not).
+pub fn cross_entropy_forward(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ts: &CudaStorage,
+    tl: &Layout,
+) -> Result<CudaStorage> {
+    let dev = xs.device().clone();
+    let (rows, n) = rows_and_len("cross_entropy", xl.shape())?;
+    let (x, t) = (input(xs, xl)?, input(ts, tl)?);
+    let tv = t.view::<u32>()?;
+    with_elem!(xs.dtype(), "cross_entropy", T => {
+        let xv = x.view::<T>()?;
+        let mut loss = alloc_out::<f32>(&dev, rows)?;
+        if rows > 0 {
+            let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
+            let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+            let f = load(&dev, &format!("ce_fwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let stream = dev.cuda_stream();
+            let (rows_i, n_i) = (rows as i32, n as i32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&tv).arg(&mut loss).arg(&rows_i).arg(&n_i);
+            // SAFETY: argument types match the kernel signature; x holds rows * n elements,
+            // t and loss rows each.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(f32::wrap_cuda_slice(loss, dev.clone()))
+    })
+}
+
+/// `dx = g · (softmax(x) − onehot(t))` per row, for the logits `x`, the u32 targets `t` (one
+/// per row) and the f32 upstream gradient `g` of each row's loss.
+pub fn cross_entropy_backward(x: &Tensor, t: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (x, t, g) = (x.contiguous()?, t.contiguous()?, g.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ts, tl) = t.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (xs, ts, gs) = (
+        cuda_storage(&xs, "cross_entropy backward: logits")?,
+        cuda_storage(&ts, "cross_entropy backward: targets")?,
+        cuda_storage(&gs, "cross_entropy backward: gradient")?,
+    );
+    let dev = xs.device().clone();
+    let (rows, n) = rows_and_len("cross_entropy backward", xl.shape())?;
+    let (xi, ti, gi) = (input(xs, xl)?, input(ts, tl)?, input(gs, gl)?);
+    let (tv, gv) = (ti.view::<u32>()?, gi.view::<f32>()?);
+    with_elem!(xs.dtype(), "cross_entropy backward", T => {
+        let xv = xi.view::<T>()?;
+        let mut dx = alloc_out::<T>(&dev, rows * n)?;
+        if rows > 0 {
+            let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
+            let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+            let f = load(&dev, &format!("ce_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let stream = dev.cuda_stream();
+            let (rows_i, n_i) = (rows as i32, n as i32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&tv).arg(&gv).arg(&mut dx).arg(&rows_i).arg(&n_i);
+            // SAFETY: argument types match the kernel signature; x and dx hold rows * n
+            // elements, t and g rows each.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(to_tensor(dx, &dev, xl.shape().clone()))
+    })
+}

@@ -1,5 +1,6 @@
 // Softmax over the last dimension, forward and backward: one block per row (grid-stride over
 // rows), the row held in registers, f32 arithmetic, one read and one write of the data.
+// Also the cross-entropy of each row against a target index, which is a softmax in disguise.
 #include "common.cuh"
 
 constexpr int R = 4;  // packs per thread held in registers
@@ -142,6 +143,82 @@ __device__ void softmax_bwd_row(const T* __restrict__ x, const T* __restrict__ d
     }
 }
 
+// Cross-entropy of one row against target index t: loss = logsumexp(x) - x[t] (NaN for a
+// target outside the row; the host checks the targets before launching).
+template <typename T, int V>
+__device__ void ce_fwd_row(const T* __restrict__ x, unsigned t, float* __restrict__ loss, int n, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= R * (int)blockDim.x;
+    float v[R][V];
+    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
+    float s = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) s += __expf(v[r][k] - mx);
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V];
+            load<T, V>(x + (size_t)i * V, a);
+#pragma unroll
+            for (int k = 0; k < V; k++) s += __expf(a[k] - mx);
+        }
+    }
+    s = block_reduce1(s, SumOp(), 0.f, shm);
+    if (threadIdx.x == 0) *loss = t < (unsigned)n ? mx + logf(s) - to_f(x[t]) : __int_as_float(0x7fc00000);
+}
+
+// dx = g · (softmax(x) - onehot(t)), with g the row's upstream gradient.
+template <typename T, int V>
+__device__ void ce_bwd_row(const T* __restrict__ x, unsigned t, float g, T* __restrict__ dx, int n, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= R * (int)blockDim.x;
+    float v[R][V];
+    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
+    float s = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) { v[r][k] = __expf(v[r][k] - mx); s += v[r][k]; }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V];
+            load<T, V>(x + (size_t)i * V, a);
+#pragma unroll
+            for (int k = 0; k < V; k++) s += __expf(a[k] - mx);
+        }
+    }
+    s = block_reduce1(s, SumOp(), 0.f, shm);
+    const float scale = g / s;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+#pragma unroll
+                for (int k = 0; k < V; k++) v[r][k] = v[r][k] * scale - ((unsigned)(i * V + k) == t ? g : 0.f);
+                store<T, V>(dx + (size_t)i * V, v[r]);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V];
+            load<T, V>(x + (size_t)i * V, a);
+#pragma unroll
+            for (int k = 0; k < V; k++) a[k] = __expf(a[k] - mx) * scale - ((unsigned)(i * V + k) == t ? g : 0.f);
+            store<T, V>(dx + (size_t)i * V, a);
+        }
+    }
+}
+
 #define SOFTMAX_KERNELS_V(NAME, T, V, SUF)                                                              \
     extern "C" __global__ void softmax_fwd_##NAME##_##SUF(const T* x, T* y, int rows, int n) {          \
         __shared__ float shm[32];                                                                      \
@@ -152,6 +229,17 @@ __device__ void softmax_bwd_row(const T* __restrict__ x, const T* __restrict__ d
         __shared__ float shm[64];                                                                      \
         for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
             softmax_bwd_row<T, V>(x + (size_t)row * n, dy + (size_t)row * n, dx + (size_t)row * n, n, shm); \
+    }                                                                                                  \
+    extern "C" __global__ void ce_fwd_##NAME##_##SUF(const T* x, const unsigned* t, float* loss, int rows, int n) { \
+        __shared__ float shm[32];                                                                      \
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
+            ce_fwd_row<T, V>(x + (size_t)row * n, t[row], loss + row, n, shm);                         \
+    }                                                                                                  \
+    extern "C" __global__ void ce_bwd_##NAME##_##SUF(const T* x, const unsigned* t, const float* g, T* dx, int rows, \
+                                                     int n) {                                          \
+        __shared__ float shm[32];                                                                      \
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
+            ce_bwd_row<T, V>(x + (size_t)row * n, t[row], g[row], dx + (size_t)row * n, n, shm);       \
     }
 #define SOFTMAX_KERNELS(NAME, T, V) SOFTMAX_KERNELS_V(NAME, T, V, v) SOFTMAX_KERNELS_V(NAME, T, 1, s)
 MC_FOR_TYPES(SOFTMAX_KERNELS)
