@@ -6,10 +6,9 @@
 //!
 //! Run: `cargo bench -p metal-candle --bench ops_cpu`
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metal_candle::ops::{self, reference};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// (label, leading dims, hidden, rank): the seed's shapes and the large training shape.
@@ -19,53 +18,6 @@ const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
     ("1x128x2048", 1, 128, 2048, 8),
     ("4x512x4096", 4, 512, 4096, 16),
 ];
-
-/// The scalar `Σ y·dy` whose backward hands `dy` to `y` as its gradient: the upstream
-/// gradient of a forward+backward measurement. Written as a custom op because the usual
-/// `(y * dy).sum_all()` spends more time in candle's backward of `sum_all` (a zero tensor plus
-/// a broadcast add through candle's strided path) than the ops under test at the seed shapes,
-/// and would hide them.
-struct InjectGrad {
-    dy: Tensor,
-    dy_values: Vec<f32>,
-}
-
-impl InjectGrad {
-    fn new(dy: &Tensor) -> Self {
-        let dy_values = dy.flatten_all().unwrap().to_vec1().unwrap();
-        Self {
-            dy: dy.clone(),
-            dy_values,
-        }
-    }
-}
-
-impl CustomOp1 for InjectGrad {
-    fn name(&self) -> &'static str {
-        "inject-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(y), Some((start, end))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("inject-grad: expects a contiguous f32 tensor")
-        };
-        let dot = y[start..end]
-            .iter()
-            .zip(&self.dy_values)
-            .map(|(a, b)| a * b)
-            .sum::<f32>();
-        Ok((CpuStorage::F32(vec![dot]), Shape::from(())))
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.dy.affine(grad.to_scalar::<f32>()? as f64, 0.)?))
-    }
-}
 
 /// An op variant under test.
 type OpRef<'a> = &'a dyn Fn(&[Tensor]) -> Tensor;
@@ -137,11 +89,12 @@ fn bench_op(
             .map(|t| Var::from_tensor(t).unwrap())
             .collect();
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let inject: Arc<Box<dyn CustomOp1 + Send + Sync>> =
-            Arc::new(Box::new(InjectGrad::new(&randn(fused(&ts).dims()))));
+        let upstream = randn(fused(&ts).dims());
+        // The upstream gradient goes straight to y (see `autograd::backward_with`): a
+        // `(y * r).sum_all()` loss would add its own backward, larger than the ops at the
+        // seed shapes, to both columns.
         let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
-            let loss = f(&ts).apply_op1_arc(inject.clone()).unwrap();
-            loss.backward().unwrap()
+            metal_candle::autograd::backward_with(&f(&ts), &upstream).unwrap()
         };
         g.bench_function(BenchmarkId::new("fused", label), |bch| {
             bch.iter(|| run(fused))

@@ -26,6 +26,7 @@
 
 pub mod alloc;
 pub mod assets;
+pub mod autograd;
 pub mod backend;
 pub mod embed;
 mod error;

@@ -8,8 +8,10 @@
 //!   `per_call_us`) and `tflops` for the GEMM-bound rows.
 //!
 //! Modes: `fwd`; `bwd` (the fused backward kernels called directly with a random upstream
-//! gradient; CUDA only), and `fwd_bwd` (forward plus candle autograd of `sum(y ⊙ r)`, which
-//! adds one multiply and one sum over y to every implementation alike). The run also measures
+//! gradient; CUDA only), and `fwd_bwd` (forward, then candle's autograd from y with a fixed
+//! upstream gradient r, through `metal_candle::autograd::backward_with`: the same for every
+//! implementation, and without the multiply, sum and their backward that a `sum(y ⊙ r)` loss
+//! would add). The run also measures
 //! the device-to-device copy bandwidth (bytes read + written), the ceiling for the
 //! memory-bound ops. The JSON schema is shared with `bench/peers/*.py` and merged by
 //! `bench/compare.py`.
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
+use metal_candle::autograd::backward_with;
 use metal_candle::ops;
 use serde_json::{json, Value};
 
@@ -420,7 +423,9 @@ fn bench_one(
                         eps,
                         which,
                     )?;
-                    (y * &dy)?.sum_all()?.backward().map(drop)
+                    backward_with(&y, &dy)
+                        .map(drop)
+                        .map_err(candle_core::Error::wrap)
                 })?;
             }
         }
@@ -540,11 +545,15 @@ fn bench_lora(rec: &mut Recorder, row: &Row<'_>, x: &Tensor, dy: &Tensor) -> Box
             );
             rec.measure(row, "fused", 0.0, 0.0, &mut || {
                 let y = fused(xv.as_tensor(), av.as_tensor(), bv.as_tensor())?;
-                (y * dy)?.sum_all()?.backward().map(drop)
+                backward_with(&y, dy)
+                    .map(drop)
+                    .map_err(candle_core::Error::wrap)
             })?;
             rec.measure(row, "candle_unfused", 0.0, 0.0, &mut || {
                 let y = lora_unfused(xv.as_tensor(), av.as_tensor(), bv.as_tensor(), w, scale)?;
-                (y * dy)?.sum_all()?.backward().map(drop)
+                backward_with(&y, dy)
+                    .map(drop)
+                    .map_err(candle_core::Error::wrap)
             })?;
         }
     }
