@@ -35,12 +35,10 @@ __device__ float load_row_max(const T* __restrict__ x, float (&v)[R][V], const T
     return block_reduce1(mx, MaxOp(), -INFINITY, shm);
 }
 
+// Σ e^(x − mx) over the row, reduced over the block. When `cached`, the packs in `v` are
+// replaced by their exponentials on the way; otherwise the row is read again.
 template <typename T, int V>
-__device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int n, float* shm) {
-    const int nv = n / V;
-    const bool cached = nv <= R * (int)blockDim.x;
-    float v[R][V];
-    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
+__device__ float exp_sum(const T* __restrict__ x, float (&v)[R][V], int nv, bool cached, float mx, float* shm) {
     float s = 0.f;
     if (cached) {
 #pragma unroll
@@ -58,7 +56,16 @@ __device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int 
             for (int k = 0; k < V; k++) s += __expf(t[k] - mx);
         }
     }
-    s = block_reduce1(s, SumOp(), 0.f, shm);
+    return block_reduce1(s, SumOp(), 0.f, shm);
+}
+
+template <typename T, int V>
+__device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int n, float* shm) {
+    const int nv = n / V;
+    const bool cached = nv <= R * (int)blockDim.x;
+    float v[R][V];
+    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
+    const float s = exp_sum<T, V>(x, v, nv, cached, mx, shm);
     const float inv = 1.f / s;
     if (cached) {
 #pragma unroll
@@ -151,24 +158,7 @@ __device__ void ce_fwd_row(const T* __restrict__ x, unsigned t, float* __restric
     const bool cached = nv <= R * (int)blockDim.x;
     float v[R][V];
     const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
-    float s = 0.f;
-    if (cached) {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            if (i < nv)
-#pragma unroll
-                for (int k = 0; k < V; k++) s += __expf(v[r][k] - mx);
-        }
-    } else {
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float a[V];
-            load<T, V>(x + (size_t)i * V, a);
-#pragma unroll
-            for (int k = 0; k < V; k++) s += __expf(a[k] - mx);
-        }
-    }
-    s = block_reduce1(s, SumOp(), 0.f, shm);
+    const float s = exp_sum<T, V>(x, v, nv, cached, mx, shm);
     if (threadIdx.x == 0) *loss = t < (unsigned)n ? mx + logf(s) - to_f(x[t]) : __int_as_float(0x7fc00000);
 }
 
@@ -179,24 +169,7 @@ __device__ void ce_bwd_row(const T* __restrict__ x, unsigned t, float g, T* __re
     const bool cached = nv <= R * (int)blockDim.x;
     float v[R][V];
     const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
-    float s = 0.f;
-    if (cached) {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            if (i < nv)
-#pragma unroll
-                for (int k = 0; k < V; k++) { v[r][k] = __expf(v[r][k] - mx); s += v[r][k]; }
-        }
-    } else {
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float a[V];
-            load<T, V>(x + (size_t)i * V, a);
-#pragma unroll
-            for (int k = 0; k < V; k++) s += __expf(a[k] - mx);
-        }
-    }
-    s = block_reduce1(s, SumOp(), 0.f, shm);
+    const float s = exp_sum<T, V>(x, v, nv, cached, mx, shm);
     const float scale = g / s;
     if (cached) {
 #pragma unroll
