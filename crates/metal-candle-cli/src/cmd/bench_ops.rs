@@ -40,11 +40,12 @@ pub struct OpsArgs {
     /// Comma-separated dtypes.
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
     dtypes: Vec<String>,
-    /// Comma-separated ops: softmax, rms_norm, layer_norm, lora_delta, lora_linear.
+    /// Comma-separated ops: softmax, cross_entropy (the shape's last dim as the vocabulary),
+    /// rms_norm, layer_norm, lora_delta, lora_linear.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "softmax,rms_norm,layer_norm,lora_delta,lora_linear"
+        default_value = "softmax,cross_entropy,rms_norm,layer_norm,lora_delta,lora_linear"
     )]
     ops: Vec<String>,
     /// Comma-separated shape classes: small (1x128x{512,1024,2048}, r 8), mid (4x512x4096,
@@ -237,6 +238,7 @@ pub fn run(args: OpsArgs) -> BoxResult<()> {
     for op in &args.ops {
         if ![
             "softmax",
+            "cross_entropy",
             "rms_norm",
             "layer_norm",
             "lora_delta",
@@ -429,6 +431,7 @@ fn bench_one(
                 })?;
             }
         }
+        ("cross_entropy", _) => bench_cross_entropy(rec, &row, &x)?,
         ("lora_delta" | "lora_linear", _) => bench_lora(rec, &row, &x, &dy)?,
         _ => {}
     }
@@ -463,6 +466,56 @@ fn norm_op(
         (_, Impl::Unfused) => ops::reference::layer_norm(x, w, b, eps),
         (_, Impl::CandleNn) => candle_nn::ops::layer_norm(x, w, b, eps as f32),
     }
+}
+
+/// The cross-entropy of x's rows (the shape's last dim as the vocabulary) against fixed
+/// targets: fused, and through candle-nn's `log_softmax` and a gather (`candle_unfused`, the
+/// training loss before the fused op).
+fn bench_cross_entropy(rec: &mut Recorder, row: &Row, x: &Tensor) -> BoxResult<()> {
+    let dev = rec.dev.clone();
+    let (rows, n) = (row.shape.rows(), row.shape.dim);
+    let t: Vec<u32> = (0..rows).map(|r| ((r * 7919) % n) as u32).collect();
+    let targets = Tensor::from_vec(t, (row.shape.batch, row.shape.seq), &dev)?;
+    let g = Tensor::ones((row.shape.batch, row.shape.seq), DType::F32, &dev)?;
+    let logits_bytes = (rows * n * row.dtype.size_in_bytes()) as f64;
+    let mc = |r: metal_candle::Result<Tensor>| r.map_err(candle_core::Error::wrap);
+    match row.mode {
+        "fwd" => {
+            // Logits read once; targets read and losses written, 4 bytes a row each.
+            let bytes = logits_bytes + 8.0 * rows as f64;
+            rec.measure(row, "fused", bytes, 0.0, &mut || {
+                mc(ops::cross_entropy(x, &targets)).map(drop)
+            })?;
+            rec.measure(row, "candle_unfused", bytes, 0.0, &mut || {
+                ops::reference::cross_entropy(x, &targets).map(drop)
+            })?;
+        }
+        "bwd" => {
+            // Logits read, their gradient written.
+            let bytes = 2.0 * logits_bytes + 8.0 * rows as f64;
+            #[cfg(feature = "cuda")]
+            rec.measure(row, "fused", bytes, 0.0, &mut || {
+                ops::cuda::cross_entropy_backward(x, &targets, &g).map(drop)
+            })?;
+            let _ = bytes;
+        }
+        _ => {
+            let xv = Var::from_tensor(x)?;
+            rec.measure(row, "fused", 0.0, 0.0, &mut || {
+                let loss = mc(ops::cross_entropy(xv.as_tensor(), &targets))?;
+                backward_with(&loss, &g)
+                    .map(drop)
+                    .map_err(candle_core::Error::wrap)
+            })?;
+            rec.measure(row, "candle_unfused", 0.0, 0.0, &mut || {
+                let loss = ops::reference::cross_entropy(xv.as_tensor(), &targets)?;
+                backward_with(&loss, &g)
+                    .map(drop)
+                    .map_err(candle_core::Error::wrap)
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// candle's unfused LoRA in the input dtype (as PyTorch/PEFT compose it): `x·A·B·scale`
