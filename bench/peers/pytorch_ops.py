@@ -96,7 +96,7 @@ def main():
     p.add_argument("--json", required=True)
     p.add_argument("--dtypes", default="f32,bf16")
     p.add_argument("--shapes", default="small,mid,large")
-    p.add_argument("--ops", default="softmax,rms_norm,layer_norm,lora_delta,lora_linear")
+    p.add_argument("--ops", default="softmax,cross_entropy,rms_norm,layer_norm,lora_delta,lora_linear")
     p.add_argument("--modes", default="fwd,bwd,fwd_bwd")
     p.add_argument("--seconds", type=float, default=0.3)
     a = p.parse_args()
@@ -132,7 +132,36 @@ def main():
                 for op in a.ops.split(","):
                     linear = op == "lora_linear"
                     for mode in a.modes.split(","):
-                        if op in ("softmax", "rms_norm", "layer_norm"):
+                        if op == "cross_entropy":
+                            # The shape's last dim as the vocabulary, one target per row, as
+                            # `metal-candle bench ops` does; per-row losses (reduction="none").
+                            t = (torch.arange(m, device="cuda") * 7919) % n
+                            gl = torch.ones(m, device="cuda", dtype=torch.float32)
+
+                            def ce(xx):
+                                return F.cross_entropy(xx.view(m, n), t, reduction="none")
+                            if mode == "fwd":
+                                nbytes = m * n * s + 8 * m
+                                lat, per = timeit(lambda: ce(x), a.seconds)
+                                record(op, shape, dname, mode, "eager", lat, per, nbytes)
+                                lat, per = time_graph(lambda: ce(x), a.seconds)
+                                record(op, shape, dname, mode, "graph", lat, per, nbytes)
+                            elif mode == "bwd":
+                                xr = x.clone().requires_grad_(True)
+                                loss = ce(xr)
+                                glt = gl.to(loss.dtype)
+                                nbytes = 2 * m * n * s + 8 * m
+                                lat, per = timeit(lambda: torch.autograd.grad(loss, xr, glt, retain_graph=True), a.seconds)
+                                record(op, shape, dname, mode, "eager", lat, per, nbytes)
+                            else:
+                                xr = x.clone().requires_grad_(True)
+
+                                def step():
+                                    loss = ce(xr)
+                                    loss.backward(gl.to(loss.dtype))
+                                lat, per = timeit(step, a.seconds)
+                                record(op, shape, dname, mode, "eager", lat, per)
+                        elif op in ("softmax", "rms_norm", "layer_norm"):
                             f = norm_fn(op, w, b)
                             if mode == "fwd":
                                 nbytes = 2 * m * n * s + 2 * n * s
@@ -152,8 +181,9 @@ def main():
                                 br = b.clone().requires_grad_(True)
                                 g = norm_fn(op, wr, br)
 
+                                # The upstream gradient handed to y, as `metal-candle bench ops` does.
                                 def step():
-                                    (g(xr) * dy).sum().backward()
+                                    g(xr).backward(dy)
                                 lat, per = timeit(step, a.seconds)
                                 record(op, shape, dname, mode, "eager", lat, per)
                         else:
@@ -188,7 +218,7 @@ def main():
                                 xr, Ar, Br = (t.clone().requires_grad_(True) for t in (x, A, B))
 
                                 def step():
-                                    (fwd(xr, Ar, Br) * dy).sum().backward()
+                                    fwd(xr, Ar, Br).backward(dy)
                                 lat, per = timeit(step, a.seconds)
                                 record(op, shape, dname, mode, "eager", lat, per)
                 del x, dy, W
