@@ -49,11 +49,15 @@ pub(crate) fn backward<T: Elem>(x: &[T], targets: &[u32], g: &[T::A], n: usize) 
         #[inline(always)]
         |xbuf, r, dx, fma| {
             softmax_row(row_in_acc(&x[r * n..(r + 1) * n], xbuf), dx, fma, &[]);
+            // At the target, p_t − 1 = −Σ_{j≠t} p_j: summing the other probabilities avoids
+            // the cancellation of p_t − 1 when the row is peaked on its target (p_t near 1).
+            let t = targets[r] as usize;
+            dx[t] = T::A::ZERO;
+            let rest = simd::sum(dx);
             for v in dx.iter_mut() {
                 *v *= g[r];
             }
-            let t = targets[r] as usize;
-            dx[t] = dx[t] - g[r];
+            dx[t] = -(rest * g[r]);
         },
     );
     dx
