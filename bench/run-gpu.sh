@@ -8,6 +8,9 @@
 #   bench/run-gpu.sh OUTDIR e2e   # training, generation and embedding throughput + their peers
 #   bench/run-gpu.sh OUTDIR ours  # our side only (ops at the mid/large shapes, training,
 #                                 # generation): a re-run after a change, against peers measured before
+#   bench/run-gpu.sh OUTDIR ab    # a change measured in one session: the GPU tests, then training and
+#                                 # generation of dist/cuda/metal-candle-base(.xz) (the build before
+#                                 # the change) and of the new build, interleaved, with the peers
 #
 # Every step has its own time limit and logs its exit code; a failing step does not stop the
 # others (the log says which failed).
@@ -75,6 +78,36 @@ e2e_part() {
   fi
 }
 
+ab_part() {
+  local base
+  base="$(mktemp -d)/metal-candle-base"
+  if [ -e "$dist/cuda/metal-candle-base.xz" ]; then xz -dc "$dist/cuda/metal-candle-base.xz" > "$base"; else cp "$dist/cuda/metal-candle-base" "$base"; fi
+  chmod +x "$base"
+  step "GPU tests" 120 "$bin" gpu-test
+  for cfg in smollm2-135m llama-1b; do
+    for round in 1 2; do
+      for side in base new; do
+        local exe="$bin"; [ "$side" = base ] && exe="$base"
+        step "bench-train $cfg $side $round" 90 "$exe" bench-train --config "$cfg" --batch 8 --seq 512 \
+          --rank 16 --device cuda --dtype bf16 --json "$out/train-$side-$cfg-$round.json"
+      done
+    done
+    step "PEFT peer train $cfg" 90 python3 "$here/peers/train_peft.py" --config "$cfg" --batch 8 \
+      --seq 512 --rank 16 --json "$out/train-peft-$cfg.json"
+  done
+  for cfg in smollm2-135m llama-1b; do
+    for side in base new; do
+      local exe="$bin"; [ "$side" = base ] && exe="$base"
+      step "bench generate $cfg $side" 90 "$exe" bench generate --config "$cfg" --batch 1,8 \
+        --prompt 128 --new 128 --device cuda --dtype bf16 --json
+    done
+    for b in 1 8; do
+      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
+        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+    done
+  done
+}
+
 ours_part() {
   step "metal-candle bench ops (mid, large)" 200 "$bin" bench ops --device cuda --seconds 0.2 \
     --shapes mid,large --modes fwd,bwd --json "$out/metal-candle-ours.json"
@@ -93,7 +126,8 @@ ours_part() {
     ops) ops_part ;;
     e2e) e2e_part ;;
     ours) ours_part ;;
-    *) echo "unknown part $part (ops, e2e or ours)"; exit 2 ;;
+    ab) ab_part ;;
+    *) echo "unknown part $part (ops, e2e, ours or ab)"; exit 2 ;;
   esac
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 } 2>&1 | tee "$log"

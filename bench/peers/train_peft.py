@@ -62,33 +62,47 @@ def main():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(dev)
 
-    def step():
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    # Split at synchronisations after forward + loss and after backward, as the Rust side does.
+    def step(phases=None):
+        t0 = time.perf_counter()
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
             out = model(input_ids=ids, labels=ids)
+        if phases is not None:
+            sync()
+            t1 = time.perf_counter()
         out.loss.backward()
+        if phases is not None:
+            sync()
+            t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if phases is not None:
+            sync()
+            t3 = time.perf_counter()
+            phases.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
         return out.loss
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step()
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    phases = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        loss = step(phases)
+    times = [p[0] for p in phases]
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
     res = {
         "bench": "lora_train_step", "impl": "pytorch+peft", "config": args.config, "device": args.device,
         "dtype": args.dtype, "attn": args.attn, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-        "steps": args.steps, "median_step_s": med, "tokens_per_s": args.batch * args.seq / med,
+        "steps": args.steps, "median_step_s": med,
+        "median_forward_s": statistics.median(p[1] for p in phases),
+        "median_backward_s": statistics.median(p[2] for p in phases),
+        "median_optimizer_s": statistics.median(p[3] for p in phases), "tokens_per_s": args.batch * args.seq / med,
         "peak_memory_gib": peak / 2**30, "final_loss": float(loss),
         "torch": torch.__version__,
     }

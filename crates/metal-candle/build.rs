@@ -10,7 +10,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: [&str; 3] = ["softmax", "norm", "lora"];
+const KERNELS: [&str; 5] = ["softmax", "norm", "lora", "elementwise", "optim"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

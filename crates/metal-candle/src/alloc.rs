@@ -1,4 +1,4 @@
-//! Allocation tuning: large CPU tensors, and freed GPU memory.
+//! Allocation tuning: large CPU tensors, freed GPU memory, and the events of GPU buffers.
 //!
 //! glibc's `malloc` serves every block above its mmap threshold (which grows to at most
 //! 32 MiB) with a fresh `mmap` and hands it back to the OS on `free`. Every candle op returns
@@ -33,6 +33,68 @@ pub fn retain_freed_gpu_memory(device: &candle_core::Device) -> crate::Result<bo
     }
 }
 
+/// Stops cudarc from creating two CUDA events for every GPU buffer it allocates (and
+/// destroying them when the buffer is freed) while the device runs a single stream, which is
+/// how candle uses it: those events only synchronise buffers shared between streams, so with
+/// one stream they are created and destroyed unused. Every candle op allocates its output, so
+/// at batch-1 decoding, where each op is a few microseconds of GPU work, the four driver calls
+/// per buffer are a visible part of the host time per token. Returns whether tracking was
+/// switched off: `false` for devices other than CUDA and for a context already running several
+/// streams. Call it right after opening the device; the CLI does.
+///
+/// A program that later creates more streams on the same device and shares tensors between
+/// them must synchronise those itself (see cudarc's `CudaContext::disable_event_tracking`).
+///
+/// ```
+/// let applied = metal_candle::alloc::skip_single_stream_events(&candle_core::Device::Cpu);
+/// assert!(!applied);
+/// ```
+pub fn skip_single_stream_events(device: &candle_core::Device) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => {
+            let ctx = dev.cuda_stream().context().clone();
+            if ctx.is_in_multi_stream_mode() {
+                return false;
+            }
+            // SAFETY: with one stream nothing reads the events (cudarc only records and waits
+            // on them in multi-stream mode), so no synchronisation is lost.
+            unsafe { dev.disable_event_tracking() };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The most device memory held by live tensors at once since the last
+/// [`reset_peak_gpu_memory`] (or since the device was opened), in bytes: the high-water mark
+/// of CUDA's stream-ordered pool, which every candle allocation comes from. It counts memory
+/// in use, not memory the pool keeps for reuse: what PyTorch's `max_memory_allocated` reports.
+/// `None` for devices other than CUDA.
+///
+/// ```
+/// let peak = metal_candle::alloc::peak_gpu_memory(&candle_core::Device::Cpu)?;
+/// assert_eq!(peak, None);
+/// # Ok::<(), metal_candle::Error>(())
+/// ```
+pub fn peak_gpu_memory(device: &candle_core::Device) -> crate::Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => cuda_pool::used_high(dev, false).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Starts a new measurement for [`peak_gpu_memory`] (the mark drops to what is in use now).
+/// Does nothing for devices other than CUDA.
+pub fn reset_peak_gpu_memory(device: &candle_core::Device) -> crate::Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => cuda_pool::used_high(dev, true).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda_pool {
     use candle_core::cuda_backend::cudarc::driver::sys;
@@ -62,6 +124,37 @@ mod cuda_pool {
             .map_err(|e| fail("release threshold", &e))?;
         }
         Ok(())
+    }
+
+    /// The default pool's used-memory high-water mark, reset to the current use first when
+    /// `reset` is set.
+    pub(super) fn used_high(dev: &candle_core::CudaDevice, reset: bool) -> crate::Result<u64> {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        let fail = |what: &str, e: &dyn std::fmt::Debug| {
+            crate::Error::Msg(format!("cannot read GPU memory use: {what}: {e:?}"))
+        };
+        ctx.bind_to_thread().map_err(|e| fail("bind context", &e))?;
+        stream.synchronize().map_err(|e| fail("synchronize", &e))?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        let mut value: u64 = 0;
+        // SAFETY: plain driver calls on the context bound above, with pointers to live locals
+        // (the attribute is a cuuint64_t; setting it accepts only 0, which resets the mark).
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                .result()
+                .map_err(|e| fail("default pool", &e))?;
+            if reset {
+                sys::cuMemPoolSetAttribute(pool, attr, (&mut value as *mut u64).cast())
+                    .result()
+                    .map_err(|e| fail("reset the high-water mark", &e))?;
+            }
+            sys::cuMemPoolGetAttribute(pool, attr, (&mut value as *mut u64).cast())
+                .result()
+                .map_err(|e| fail("high-water mark", &e))?;
+        }
+        Ok(value)
     }
 }
 

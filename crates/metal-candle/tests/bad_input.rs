@@ -159,3 +159,61 @@ fn cross_entropy_targets_are_checked() {
     let e = err_text(ops::cross_entropy(&logits, &targets));
     assert!(e.contains("[3]") && e.contains("[2, 3]"), "{e}");
 }
+
+#[test]
+fn rope_inputs_are_checked() {
+    let f = DType::F32;
+    let x = t(&[2, 3, 5, 8], f);
+    let table = t(&[2, 5, 4], f);
+    let e = err_text(ops::rope(
+        &t(&[2, 3, 5, 7], f),
+        &t(&[2, 5, 3], f),
+        &t(&[2, 5, 3], f),
+    ));
+    assert!(e.contains("head_dim 7 is odd"), "{e}");
+    let e = err_text(ops::rope(&t(&[15, 8], f), &table, &table));
+    assert!(
+        e.contains("[15, 8]") && e.contains("(batch, heads, seq, head_dim)"),
+        "{e}"
+    );
+    let e = err_text(ops::rope(&x, &t(&[2, 5, 8], f), &table));
+    assert!(
+        e.contains("cos has shape [2, 5, 8]")
+            && e.contains("[2, 3, 5, 8]")
+            && e.contains("(2 or 1, 5, 4)"),
+        "{e}"
+    );
+    let e = err_text(ops::rope(&x, &table, &t(&[3, 5, 4], f)));
+    assert!(e.contains("sin has shape [3, 5, 4]"), "{e}");
+    let e = err_text(ops::rope(&x, &table, &t(&[1, 5, 4], f)));
+    assert!(
+        e.contains("cos has shape [2, 5, 4] but sin has shape [1, 5, 4]"),
+        "{e}"
+    );
+    let half = t(&[2, 5, 4], DType::BF16);
+    let e = err_text(ops::rope(&x, &half, &half));
+    assert!(e.contains("cos is BF16") && e.contains("x is F32"), "{e}");
+    let ints = Tensor::zeros((2, 3, 5, 8), DType::U32, &Device::Cpu).unwrap();
+    let e = err_text(ops::rope(&ints, &table, &table));
+    assert!(e.contains("U32"), "{e}");
+}
+
+#[test]
+fn swiglu_inputs_are_checked() {
+    let e = err_text(ops::swiglu(
+        &t(&[2, 8], DType::F32),
+        &t(&[2, 9], DType::F32),
+    ));
+    assert!(
+        e.contains("gate has shape [2, 8]") && e.contains("up has shape [2, 9]"),
+        "{e}"
+    );
+    let e = err_text(ops::swiglu(
+        &t(&[2, 8], DType::F32),
+        &t(&[2, 8], DType::F16),
+    ));
+    assert!(e.contains("up is F16") && e.contains("gate is F32"), "{e}");
+    let ints = Tensor::zeros((2, 8), DType::U32, &Device::Cpu).unwrap();
+    let e = err_text(ops::swiglu(&ints, &ints));
+    assert!(e.contains("U32"), "{e}");
+}

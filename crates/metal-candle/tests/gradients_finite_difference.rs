@@ -92,3 +92,28 @@ fn lora_linear_gradients() {
     let op = |t: &[Tensor]| ops::lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 0.75);
     check("lora_linear", &op, &[x, a, b]);
 }
+
+#[test]
+fn rope_gradient() {
+    let x = randn(&[2, 3, 5, 8], 0.0, 1.0, DType::F64).unwrap();
+    for tables_batch in [2, 1] {
+        let angles = randn(&[tables_batch, 5, 4], 0.0, 2.0, DType::F64).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        check(
+            "rope",
+            &|t: &[Tensor]| ops::rope(&t[0], &cos, &sin),
+            std::slice::from_ref(&x),
+        );
+    }
+}
+
+#[test]
+fn swiglu_gradients() {
+    let gate = randn(&[2, 3, 17], 0.0, 3.0, DType::F64).unwrap();
+    let up = randn(&[2, 3, 17], 0.0, 1.0, DType::F64).unwrap();
+    check(
+        "swiglu",
+        &|t: &[Tensor]| ops::swiglu(&t[0], &t[1]),
+        &[gate, up],
+    );
+}

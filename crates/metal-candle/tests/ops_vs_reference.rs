@@ -287,3 +287,74 @@ fn fused_half_precision_is_closer_to_f64_truth_than_a_tolerance_allows() {
         assert!(e < tol(dtype) / 2.0, "{dtype:?}: {e:e}");
     }
 }
+
+/// cos and sin of random angles, (batch, seq, half), in `dtype`.
+fn rope_tables(batch: usize, seq: usize, half: usize, dtype: DType) -> (Tensor, Tensor) {
+    let angles = randn(&[batch, seq, half], 0.0, 3.0, DType::F64).unwrap();
+    (
+        angles.cos().unwrap().to_dtype(dtype).unwrap(),
+        angles.sin().unwrap().to_dtype(dtype).unwrap(),
+    )
+}
+
+#[test]
+fn rope_matches_reference() {
+    for dtype in DTYPES {
+        for d in [2, 8, 64, 130] {
+            for (seq, heads) in [(1, 1), (17, 3), (1, 3), (17, 1)] {
+                for (batch, tables_batch) in [(1, 1), (2, 2), (2, 1)] {
+                    let (cos, sin) = rope_tables(tables_batch, seq, d / 2, dtype);
+                    // The tables are constants, cast to the inputs' dtype so that the f64 truth
+                    // uses the same values.
+                    let tables = |t: &[Tensor]| {
+                        let dt = t[0].dtype();
+                        (cos.to_dtype(dt).unwrap(), sin.to_dtype(dt).unwrap())
+                    };
+                    let fused = |t: &[Tensor]| {
+                        let (c, s) = tables(t);
+                        ops::rope(&t[0], &c, &s)
+                    };
+                    let refr = |t: &[Tensor]| {
+                        let (c, s) = tables(t);
+                        Ok(reference::rope(&t[0], &c, &s)?)
+                    };
+                    let x = randn(&[batch, heads, seq, d], 0.0, 1.0, dtype).unwrap();
+                    for view in VIEWS {
+                        compare("rope", &fused, &refr, std::slice::from_ref(&x), view, 2.0);
+                    }
+                    // As attention feeds it: the (batch, seq, heads, head_dim) projection viewed
+                    // with heads first, a transpose of the middle dims.
+                    let fused_heads = |t: &[Tensor]| fused(&[t[0].transpose(1, 2)?]);
+                    let refr_heads = |t: &[Tensor]| refr(&[t[0].transpose(1, 2)?]);
+                    let x = randn(&[batch, seq, heads, d], 0.0, 1.0, dtype).unwrap();
+                    compare(
+                        "rope(heads transposed)",
+                        &fused_heads,
+                        &refr_heads,
+                        &[x],
+                        View::Contiguous,
+                        2.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    let fused = |t: &[Tensor]| ops::swiglu(&t[0], &t[1]);
+    let refr = |t: &[Tensor]| Ok(reference::swiglu(&t[0], &t[1])?);
+    for dtype in DTYPES {
+        for n in HIDDEN {
+            for lead in LEADING {
+                for view in VIEWS {
+                    // Gates over both signs, far into silu's flat left tail and its linear right.
+                    let gate = randn(&shape(lead, n), 0.0, 4.0, dtype).unwrap();
+                    let up = randn(&shape(lead, n), 0.0, 1.0, dtype).unwrap();
+                    compare("swiglu", &fused, &refr, &[gate, up], view, 2.0);
+                }
+            }
+        }
+    }
+}

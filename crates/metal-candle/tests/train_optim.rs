@@ -1,7 +1,9 @@
 //! AdamW, schedules and gradient clipping against hand-computed values.
 
 use candle_core::{Device, Tensor, Var};
-use metal_candle::train::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use metal_candle::train::{
+    clip_factor, clip_grad_norm, global_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind,
+};
 
 #[test]
 fn adamw_matches_hand_computation_over_two_steps() {
@@ -120,4 +122,60 @@ fn clipping_scales_to_the_global_norm() {
         small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
         vec![0.1]
     );
+}
+
+#[test]
+fn a_scaled_step_equals_a_step_on_clipped_gradients() {
+    let dev = Device::Cpu;
+    let cfg = AdamWConfig {
+        weight_decay: 0.05,
+        ..AdamWConfig::default()
+    };
+    let init = [
+        Tensor::randn(0f32, 1., (5, 3), &dev).unwrap(),
+        Tensor::randn(0f32, 1., (3, 7), &dev).unwrap(),
+    ];
+    let vars = |_: ()| -> Vec<(String, Var)> {
+        init.iter()
+            .enumerate()
+            .map(|(i, t)| (format!("p{i}"), Var::from_tensor(t).unwrap()))
+            .collect()
+    };
+    let (va, vb) = (vars(()), vars(()));
+    let mut folded = AdamW::new(va.clone(), cfg.clone()).unwrap();
+    let mut clipped = AdamW::new(vb.clone(), cfg).unwrap();
+    for step in 0..3 {
+        let grads: Vec<Option<Tensor>> = init
+            .iter()
+            .map(|t| {
+                Some((Tensor::randn(0f32, 3., t.dims(), &dev).unwrap() + step as f64).unwrap())
+            })
+            .collect();
+        let norm = global_grad_norm(&grads).unwrap();
+        let factor = clip_factor(norm, 1.0);
+        assert!(factor < 1.0, "the test needs gradients that get clipped");
+        folded.step_scaled(&grads, 0.01, factor).unwrap();
+        let mut g2 = grads.clone();
+        assert!((clip_grad_norm(&mut g2, 1.0).unwrap() - norm).abs() < 1e-9);
+        clipped.step(&g2, 0.01).unwrap();
+    }
+    for ((_, a), (_, b)) in va.iter().zip(&vb) {
+        let d = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "folded and separate clipping differ by {d}");
+        assert!(a.as_tensor().dims() == b.as_tensor().dims());
+    }
+}
+
+#[test]
+fn the_global_norm_of_no_gradients_is_zero() {
+    assert_eq!(global_grad_norm(&[None, None]).unwrap(), 0.0);
+    assert_eq!(clip_factor(0.0, 1.0), 1.0);
+    assert_eq!(clip_factor(f64::NAN, 1.0), 1.0);
 }

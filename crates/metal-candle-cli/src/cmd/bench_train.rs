@@ -13,7 +13,9 @@ use clap::Args;
 use metal_candle::lora::{self, parse_targets, AdapterSpec};
 use metal_candle::model::{Llama, LlamaConfig};
 use metal_candle::train::data::{Batch, Row};
-use metal_candle::train::{clip_grad_norm, masked_cross_entropy_sum, AdamW, AdamWConfig, CausalLm};
+use metal_candle::train::{
+    clip_factor, global_grad_norm, masked_cross_entropy_sum, AdamW, AdamWConfig, CausalLm,
+};
 
 use super::device::{parse_device, parse_dtype};
 
@@ -97,6 +99,15 @@ fn resolve_config(name: &str) -> Res<LlamaConfig> {
 }
 
 /// Peak resident memory of this process (CPU), from /proc.
+/// Seconds of one timed step, whole and by phase (forward includes the loss; optimizer includes
+/// clipping).
+struct Phases {
+    total: f64,
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+}
+
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -155,7 +166,9 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
         .collect();
     let batch = Batch::from_rows(&rows.iter().collect::<Vec<_>>(), &device)?;
     let mut peak_device = 0u64;
-    let mut step = |timed: bool| -> Res<f64> {
+    // Each timed step is split at the two synchronisations that sample device memory: after
+    // forward + loss, and after backward. The phases show where a step's time goes.
+    let mut step = |timed: bool| -> Res<Phases> {
         let start = Instant::now();
         let logits = model.forward_batch(&batch)?;
         let loss = (masked_cross_entropy_sum(&logits, &batch.targets, &batch.loss_mask)?
@@ -165,38 +178,56 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
                 peak_device = peak_device.max(m);
             }
         }
+        let forward = start.elapsed().as_secs_f64();
         let store = loss.backward()?;
         drop(logits);
-        let mut grads: Vec<Option<Tensor>> =
+        let grads: Vec<Option<Tensor>> =
             params.iter().map(|(_, v)| store.get(v).cloned()).collect();
         if timed {
             if let Some(m) = device_used_bytes(&device) {
                 peak_device = peak_device.max(m);
             }
         }
+        let backward = start.elapsed().as_secs_f64() - forward;
         drop(store);
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&grads, 1e-4)?;
+        // As the trainer does: the clipping factor folded into the update.
+        let scale = clip_factor(global_grad_norm(&grads)?, 1.0);
+        opt.step_scaled(&grads, 1e-4, scale)?;
         let value = loss.to_scalar::<f32>()?; // waits for the step to finish
         if !value.is_finite() {
             return Err(format!("loss became {value}").into());
         }
-        Ok(start.elapsed().as_secs_f64())
+        let total = start.elapsed().as_secs_f64();
+        Ok(Phases {
+            total,
+            forward,
+            backward,
+            optimizer: total - forward - backward,
+        })
     };
     for _ in 0..args.warmup {
         step(false)?;
     }
-    let mut times = Vec::with_capacity(args.steps);
+    metal_candle::alloc::reset_peak_gpu_memory(&device)?;
+    let mut phases = Vec::with_capacity(args.steps);
     for _ in 0..args.steps {
-        times.push(step(true)?);
+        phases.push(step(true)?);
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+    let median_of = |f: fn(&Phases) -> f64| {
+        let mut v: Vec<f64> = phases.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let median = median_of(|p| p.total);
     let tokens = (args.batch * args.seq) as f64;
-    let (mem_kind, mem) = match device_used_bytes(&device) {
-        Some(_) => ("device memory in use, sampled after forward and backward, minus the pre-model baseline", peak_device.saturating_sub(baseline.unwrap_or(0))),
+    // On a GPU: the most memory tensors held at once over the timed steps (weights included),
+    // as PyTorch's max_memory_allocated counts it; the pool's cached free memory is reported
+    // apart (`reserved_memory_gib`).
+    let (mem_kind, mem) = match metal_candle::alloc::peak_gpu_memory(&device)? {
+        Some(peak) => ("peak device memory held by tensors over the timed steps, weights included (CUDA pool high-water mark, as torch.cuda.max_memory_allocated)", peak),
         None => ("peak resident memory of the process (VmHWM)", peak_rss_bytes().unwrap_or(0)),
     };
+    let reserved = peak_device.saturating_sub(baseline.unwrap_or(0));
     let result = serde_json::json!({
         "bench": "lora_train_step",
         "config": args.config,
@@ -208,9 +239,14 @@ pub fn run(args: BenchTrainArgs) -> Res<()> {
         "targets": spec.targets,
         "steps": args.steps,
         "median_step_s": median,
+        "median_forward_s": median_of(|p| p.forward),
+        "median_backward_s": median_of(|p| p.backward),
+        "median_optimizer_s": median_of(|p| p.optimizer),
         "tokens_per_s": tokens / median,
         "peak_memory_gib": mem as f64 / (1u64 << 30) as f64,
         "memory_measure": mem_kind,
+        "reserved_memory_gib": reserved as f64 / (1u64 << 30) as f64,
+        "reserved_measure": "device memory in use (total − free), sampled after forward and backward, minus the pre-model baseline: tensors plus the pool's cached free blocks",
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
     if let Some(path) = &args.json {

@@ -57,6 +57,7 @@ pub fn parse_device(name: &str) -> Result<Device, Box<dyn std::error::Error>> {
             let device = Device::new_cuda(ordinal)
                 .map_err(|e| format!("--device {name}: cannot open the GPU: {e}"))?;
             metal_candle::alloc::retain_freed_gpu_memory(&device)?;
+            metal_candle::alloc::skip_single_stream_events(&device);
             Ok(device)
         }
         "metal" if cfg!(feature = "metal") => Ok(Device::new_metal(ordinal)?),

@@ -132,12 +132,10 @@ impl LoraLinear {
         })
     }
 
+    /// The base product; [`ops::frozen_linear`] keeps candle from computing a gradient for a
+    /// frozen weight (it falls back to candle's composition when the weight is trainable).
     fn base(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        ops::frozen_linear(x, &self.weight, self.bias.as_ref())
     }
 }
 

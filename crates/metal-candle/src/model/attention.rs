@@ -3,6 +3,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::fused::FusedProjection;
 use super::linear::load_linear;
 use super::rope::RopeTables;
 use super::{KvCache, LlamaConfig};
@@ -16,6 +17,8 @@ pub struct Attention {
     pub(crate) k_proj: LoraLinear,
     pub(crate) v_proj: LoraLinear,
     pub(crate) o_proj: LoraLinear,
+    /// q, k and v stacked, while none of them has an adapter.
+    qkv: Option<FusedProjection>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -25,15 +28,43 @@ impl Attention {
     pub(crate) fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
         let (h, d) = (config.hidden_size, config.head_dim);
         let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
-        Ok(Self {
+        let mut attention = Self {
             q_proj: load_linear(&vb.pp("q_proj"), h, nh * d, config.qkv_bias)?,
             k_proj: load_linear(&vb.pp("k_proj"), h, nkv * d, config.qkv_bias)?,
             v_proj: load_linear(&vb.pp("v_proj"), h, nkv * d, config.qkv_bias)?,
             o_proj: load_linear(&vb.pp("o_proj"), nh * d, h, config.o_bias)?,
+            qkv: None,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
-        })
+        };
+        attention.fuse_projections()?;
+        Ok(attention)
+    }
+
+    /// Stacks q, k and v into one GEMM (see [`FusedProjection`]) when none has an adapter.
+    pub(crate) fn fuse_projections(&mut self) -> Result<()> {
+        self.qkv =
+            FusedProjection::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj])?;
+        Ok(())
+    }
+
+    /// q, k and v of `x`: one GEMM while they are fused, else one each.
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if let Some(fused) = &self.qkv {
+            if let Some(mut out) = fused.forward(x, &parts)? {
+                let v = out.pop().expect("three parts");
+                let k = out.pop().expect("three parts");
+                let q = out.pop().expect("three parts");
+                return Ok((q, k, v));
+            }
+        }
+        Ok((
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        ))
     }
 
     /// `x` (batch, seq, hidden) → (batch, seq, hidden).
@@ -52,9 +83,11 @@ impl Attention {
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&heads(self.q_proj.forward(x)?, nh)?)?;
-        let k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (q, k, v) = self.project(x)?;
+        // The query tables carry attention's 1/√d (see RopeTables): the scores need no scaling.
+        let q = rope.apply_query(&heads(q, nh)?)?;
+        let k = rope.apply(&heads(k, nkv)?)?;
+        let v = heads(v, nkv)?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v)?,
             None => (k, v),
@@ -65,7 +98,7 @@ impl Attention {
         // KV head are stacked along the sequence axis of that head.
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * s, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?;
         let scores = match bias {
             Some(bias) => {
                 let bias = bias.unsqueeze(2)?; // (b|1, 1, 1, s, t) broadcasts over kv heads and rep

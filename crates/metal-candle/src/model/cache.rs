@@ -7,28 +7,94 @@ use crate::{Error, Result};
 /// Keys and values of every layer for the tokens seen so far, each (batch, kv_heads, len,
 /// head_dim) after RoPE.
 ///
+/// Each layer's keys and values live in buffers with room for more positions than are used;
+/// a step writes its new positions into them in place (one copy of the new rows) and attends
+/// over a view of the used part. Concatenating instead would copy the whole cache and allocate
+/// a new one at every token. The buffers grow by doubling when full.
+///
 /// ```
 /// use metal_candle::model::KvCache;
 /// let cache = KvCache::new(30);
 /// assert_eq!(cache.len(), 0); // the seqlen_offset of the next forward
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// One layer's buffers (batch, kv_heads, capacity, head_dim) and the positions in use.
+#[derive(Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Positions reserved at the first step beyond what it needs (a prompt plus a typical reply
+/// fit without growing).
+const MIN_CAPACITY: usize = 256;
+
+impl LayerCache {
+    fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// Buffers shaped like `like` with room for `capacity` positions, holding the first `len`
+    /// positions of `from` (if any).
+    fn with_capacity(like: &Tensor, capacity: usize, from: Option<&Self>) -> Result<Self> {
+        let (b, h, _, d) = like.dims4()?;
+        let alloc = || Tensor::zeros((b, h, capacity, d), like.dtype(), like.device());
+        let (k, v) = (alloc()?, alloc()?);
+        let len = match from {
+            Some(old) => {
+                k.slice_set(&old.k.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
+                v.slice_set(&old.v.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
+                old.len
+            }
+            None => 0,
+        };
+        Ok(Self { k, v, len })
+    }
+
+    /// The used part, as views of the buffers.
+    fn used(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+}
+
+impl Clone for KvCache {
+    /// A deep copy: the buffers are written in place, so two caches must never share them.
+    fn clone(&self) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|l| LayerCache {
+                    k: l.k.copy().expect("copying a KV cache buffer"),
+                    v: l.v.copy().expect("copying a KV cache buffer"),
+                    len: l.len,
+                })
+            })
+            .collect();
+        Self { layers }
+    }
 }
 
 impl KvCache {
     /// An empty cache for a model with `num_layers` decoder layers.
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
     /// Number of cached positions (the offset of the next token).
     pub fn len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dims()[2],
+            Some(Some(l)) => l.len,
             _ => 0,
         }
     }
@@ -43,19 +109,15 @@ impl KvCache {
         self.layers.len()
     }
 
-    /// Forgets every cached token (for a new prompt).
+    /// Empties the cache (for a new prompt).
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
     }
 
-    /// Keeps only the first `len` positions (to roll back speculative or rejected tokens).
+    /// Keeps only the first `len` positions (for example to re-run from a shared prefix).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len() {
-            return Ok(());
-        }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, 0, len)?;
-            *v = v.narrow(2, 0, len)?;
+        for l in self.layers.iter_mut().flatten() {
+            l.len = l.len.min(len);
         }
         Ok(())
     }
@@ -74,19 +136,28 @@ impl KvCache {
                 format!("layer {layer} but the cache has {n} layers"),
             )
         })?;
-        let (k, v) = match slot.take() {
-            None => (k, v),
-            Some((ck, cv)) => {
-                if ck.dims()[0] != k.dims()[0] {
-                    return Err(Error::shape(
-                        "KvCache::append",
-                        format!("the cache holds a batch of {} but this step has {}; reset the cache for a new batch", ck.dims()[0], k.dims()[0]),
-                    ));
-                }
-                (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?)
+        let step = k.dim(2)?;
+        if let Some(c) = slot.as_ref() {
+            let (cb, ch, _, cd) = c.k.dims4()?;
+            let (b, h, _, d) = k.dims4()?;
+            if (cb, ch, cd) != (b, h, d) {
+                return Err(Error::shape(
+                    "KvCache::append",
+                    format!("the cache holds a batch of {cb} × {ch} heads × {cd} but this step has {b} × {h} × {d}; reset the cache for a new batch"),
+                ));
             }
-        };
-        *slot = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        }
+        let needed = slot.as_ref().map_or(0, |c| c.len) + step;
+        if slot.as_ref().is_none_or(|c| c.capacity() < needed) {
+            let capacity = needed
+                .max(MIN_CAPACITY)
+                .max(2 * slot.as_ref().map_or(0, LayerCache::capacity));
+            *slot = Some(LayerCache::with_capacity(&k, capacity, slot.as_ref())?);
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, c.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, c.len)?;
+        c.len += step;
+        c.used()
     }
 }

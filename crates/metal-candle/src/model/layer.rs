@@ -31,6 +31,13 @@ impl DecoderLayer {
         })
     }
 
+    /// Stacks the projections that share an input (see `FusedProjection`) where no adapter
+    /// is attached.
+    pub(crate) fn fuse_projections(&mut self) -> Result<()> {
+        self.self_attn.fuse_projections()?;
+        self.mlp.fuse_projections()
+    }
+
     pub(crate) fn input_layernorm(&self) -> &Tensor {
         &self.input_layernorm
     }

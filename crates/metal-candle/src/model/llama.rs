@@ -184,9 +184,14 @@ impl Llama {
         self.logits(&hidden)
     }
 
-    /// Training forward: logits (batch, seq, vocab) in f32 with no cache.
+    /// Training forward: logits (batch, seq, vocab) with no cache, in the model's dtype.
+    ///
+    /// Not widened to f32 as [`Llama::forward`]'s are: the loss ([`crate::ops::cross_entropy`])
+    /// reads half-precision logits in f32 itself, and for a large vocabulary an f32 copy (and
+    /// its gradient) would be the largest tensors of a training step.
     pub fn forward_train(&self, input_ids: &Tensor, layout: &SequenceLayout) -> Result<Tensor> {
-        self.forward_with_layout(input_ids, layout, None)
+        let hidden = self.forward_hidden(input_ids, layout, None)?;
+        self.head(&hidden)
     }
 
     /// Logits (batch, vocab) in f32 of the last position only (what decoding needs; skips the
@@ -265,12 +270,18 @@ impl Llama {
     /// The output head: `hidden` (..., hidden) → logits (..., vocab) in f32 (f64 for an f64
     /// model, so that gradient checks keep their precision).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = hidden.broadcast_matmul(&self.lm_head.t()?)?;
+        let logits = self.head(hidden)?;
         let dtype = match logits.dtype() {
             DType::F64 => DType::F64,
             _ => DType::F32,
         };
         Ok(logits.to_dtype(dtype)?)
+    }
+
+    /// The output head in the model's dtype. The head's weight is frozen: candle's matmul
+    /// backward would also compute a (hidden × vocab) gradient for it and throw it away.
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::frozen_linear(hidden, &self.lm_head, None)
     }
 
     /// Number of decoder layers.
@@ -413,6 +424,10 @@ impl Llama {
                 let proj = out.projection_mut(layer, target)?;
                 *proj = proj.merged()?;
             }
+        }
+        // The merged weights are new tensors: stack them again for the one-GEMM projections.
+        for layer in &mut out.layers {
+            layer.fuse_projections()?;
         }
         Ok(out)
     }

@@ -11,6 +11,7 @@
 mod attention;
 mod cache;
 mod config;
+mod fused;
 mod layer;
 mod layout;
 mod linear;

@@ -2,9 +2,10 @@
 
 use std::f64::consts::PI;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{LlamaConfig, RopeScaling};
+use crate::ops::{self, KernelPath};
 use crate::Result;
 
 /// The RoPE inverse frequencies of a model; cos/sin tables are computed per batch from the
@@ -13,13 +14,19 @@ use crate::Result;
 pub struct Rope {
     /// (head_dim / 2,) f32.
     inv_freq: Tensor,
+    /// Attention's `1/√head_dim`, folded into the tables that rotate the queries.
+    query_scale: f64,
 }
 
-/// The cos and sin of every (row, position, frequency) of a batch, each (batch, seq, head_dim/2).
+/// The cos and sin of every (row, position, frequency) of a batch, each (batch, seq, head_dim/2);
+/// the queries' tables are also multiplied by `1/√head_dim`, so that rotating the queries
+/// applies attention's scale too: no pass of its own over the (queries × keys) scores.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    query_cos: Tensor,
+    query_sin: Tensor,
 }
 
 impl Rope {
@@ -29,6 +36,7 @@ impl Rope {
         let inv_freq: Vec<f32> = inv_freq.into_iter().map(|f| f as f32).collect();
         Ok(Self {
             inv_freq: Tensor::new(inv_freq, device)?,
+            query_scale: 1.0 / (config.head_dim as f64).sqrt(),
         })
     }
 
@@ -39,40 +47,45 @@ impl Rope {
         // Angles in f32 as Hugging Face computes them, then cast.
         let pos = positions.to_dtype(DType::F32)?.reshape((b, s, 1))?;
         let angles = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
         Ok(RopeTables {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
+            query_cos: (&cos * self.query_scale)?.to_dtype(dtype)?,
+            query_sin: (&sin * self.query_scale)?.to_dtype(dtype)?,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
         })
     }
 }
 
 impl RopeTables {
-    /// Rotates `x` (batch, heads, seq, head_dim).
+    /// Rotates `x` (batch, heads, seq, head_dim), which may be a strided view.
     ///
-    /// candle's fused rope kernel has no backward, so when `x` takes part in a gradient
-    /// computation the same maths runs as differentiable candle ops instead.
+    /// The fused kernel ([`ops::rope`]) serves training and inference alike. Where this crate
+    /// has no fused kernel for the device and dtype, inference takes candle-nn's rope kernel and
+    /// training the differentiable composition (candle-nn's kernel has no backward pass).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
-            self.apply_composed(x)
-        } else {
-            Ok(candle_nn::rotary_emb::rope(
-                &x.contiguous()?,
-                &self.cos,
-                &self.sin,
-            )?)
-        }
+        rotate(x, &self.cos, &self.sin)
     }
 
-    /// `x·cos + rotate_half(x)·sin`, built from differentiable ops.
-    pub fn apply_composed(&self, x: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
-        let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    /// Rotates the queries `x` (batch, heads, seq, head_dim) and multiplies them by
+    /// `1/√head_dim`, attention's scale (the tables carry it: no extra pass).
+    pub fn apply_query(&self, x: &Tensor) -> Result<Tensor> {
+        rotate(x, &self.query_cos, &self.query_sin)
     }
+
+    /// `x·cos + rotate_half(x)·sin` composed from differentiable candle ops
+    /// ([`ops::reference::rope`]), the oracle for [`RopeTables::apply`].
+    pub fn apply_composed(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::reference::rope(x, &self.cos, &self.sin)?)
+    }
+}
+
+/// `x` rotated by the angles whose cos and sin (possibly scaled) are given.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if ops::kernel_path(x.device(), x.dtype()) == KernelPath::Reference && !x.track_op() {
+        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    ops::rope(x, cos, sin)
 }
 
 /// `1 / theta^(2i/d)`, rescaled as the config asks.

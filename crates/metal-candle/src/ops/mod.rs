@@ -8,12 +8,16 @@
 //! | LayerNorm | [`layer_norm`] | x, weight, bias |
 //! | LoRA term `scale·(x·A)·B` | [`lora_delta`] | x, A, B |
 //! | LoRA linear `x·Wᵀ + bias + scale·(x·A)·B` | [`lora_linear`] | x, A, B (W, bias: see the fn) |
+//! | frozen linear `x·Wᵀ + bias` | [`frozen_linear`] | x (W and bias are constants) |
+//! | rotary embedding ("rotate half") | [`rope`] | x (cos and sin are constants) |
+//! | SwiGLU `silu(gate)·up` | [`swiglu`] | gate, up |
 //!
-//! Every function accepts any number of leading batch dims and works on the last one. Which
-//! implementation runs is decided up front from the device and dtype ([`kernel_path`]): the
-//! fused kernels on the CPU (f32, f64, bf16, f16) and, with the `cuda` feature, on NVIDIA GPUs;
-//! candle's composed ops ([`reference`]) everywhere else (Metal). A kernel that fails is an
-//! error, never a silent fallback.
+//! Every function accepts any number of leading batch dims and works on the last one, except
+//! [`rope`], which takes (batch, heads, seq, head_dim), and the element-wise [`swiglu`], which
+//! takes any shape. Which implementation runs is decided up front from the device and dtype
+//! ([`kernel_path`]): the fused kernels on the CPU (f32, f64, bf16, f16) and, with the `cuda`
+//! feature, on NVIDIA GPUs; candle's composed ops ([`reference`]) everywhere else (Metal). A
+//! kernel that fails is an error, never a silent fallback.
 //!
 //! Non-contiguous inputs are accepted: a kernel copies a strided input into a contiguous
 //! buffer once before its single pass.
@@ -22,17 +26,23 @@ pub mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod linear;
 mod lora;
 mod norm;
 pub mod reference;
+mod rope;
 mod softmax;
+mod swiglu;
 
 use candle_core::{DType, Device};
 
 pub use cross_entropy::cross_entropy;
+pub use linear::frozen_linear;
 pub use lora::{lora_delta, lora_linear, FusedLoRAOp};
 pub use norm::{layer_norm, rms_norm};
+pub use rope::rope;
 pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;
 
 /// Which implementation an op runs on a given device and dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,10 @@
 //!
 //! These are the oracle in tests, the baseline in benchmarks and the path on devices without
 //! a fused kernel. Half-precision inputs are computed in f32 and rounded once at the end, as the
-//! fused kernels do. Autograd flows through candle's own ops.
+//! fused kernels do, except in [`rope`] and [`swiglu`]: they are the llama model's own
+//! compositions, kept in the model's dtype on devices without a fused kernel (element-wise,
+//! each output is a couple of roundings, with no long sum whose error f32 would contain).
+//! Autograd flows through candle's own ops.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -90,4 +93,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(&upcast(logits)?.reshape((rows, n))?, D::Minus1)?;
     let picked = log_probs.gather(&targets.reshape((rows, 1))?, 1)?;
     picked.neg()?.reshape(targets.shape())
+}
+
+/// The rotary embedding of `x` (batch, heads, seq, head_dim) by `cos` and `sin` (batch or 1,
+/// seq, head_dim/2): `x·cos + rotate_half(x)·sin` with `rotate_half(x) = (−x2, x1)`, in the
+/// inputs' dtype.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// `silu(gate)·up`, in the inputs' dtype.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
 }

@@ -10,7 +10,7 @@ use super::checkpoint::{self, TrainerState, OPTIMIZER_FILE};
 use super::data::{Batch, DataLoader};
 use super::loss::masked_cross_entropy_sum;
 use super::metrics::{MetricRecord, MetricsLog};
-use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optimizer::{clip_factor, global_grad_norm, AdamW, AdamWConfig};
 use super::rng::TrainRng;
 use super::schedule::LrSchedule;
 use super::CausalLm;
@@ -205,10 +205,11 @@ pub fn train(
                 }
             }
         }
-        let grad_norm = match cfg.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => super::optimizer::global_grad_norm(&grads)?,
-        };
+        let grad_norm = global_grad_norm(&grads)?;
+        // Clipping is folded into the optimiser's update (no pass over the gradients).
+        let grad_scale = cfg
+            .max_grad_norm
+            .map_or(1.0, |max| clip_factor(grad_norm, max));
         if !grad_norm.is_finite() {
             return Err(diverged(
                 state.step + 1,
@@ -218,7 +219,7 @@ pub fn train(
                 last_checkpoint.as_deref(),
             ));
         }
-        optimizer.step(&grads, lr)?;
+        optimizer.step_scaled(&grads, lr, grad_scale)?;
         state.step += 1;
         state.data_position = data.position();
         state.rng_state = rng.state();

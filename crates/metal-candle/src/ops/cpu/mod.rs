@@ -9,10 +9,12 @@ pub(crate) mod cross_entropy;
 mod dispatch;
 pub(crate) mod lora;
 pub(crate) mod norm;
+pub(crate) mod rope;
 mod rows;
 mod simd;
 pub(crate) mod softmax;
 mod stream;
+pub(crate) mod swiglu;
 
 use std::borrow::Cow;
 

@@ -28,11 +28,14 @@ macro_rules! ensure {
 /// CUDA device 0, with output poisoning switched on; an error (never a skip) without a GPU.
 pub fn device() -> Result<Device> {
     super::set_poison_outputs(true);
-    Device::new_cuda(0).map_err(|e| {
+    let device = Device::new_cuda(0).map_err(|e| {
         candle_core::Error::Msg(format!(
             "CUDA device 0 could not be opened ({e}); the GPU checks need an NVIDIA GPU and its driver (libcuda.so.1)"
         ))
-    })
+    })?;
+    // As the CLI opens its device, so that the checks run what users run.
+    crate::alloc::skip_single_stream_events(&device);
+    Ok(device)
 }
 
 /// One check: runs on the given CUDA device, an error describes the failure.
@@ -48,6 +51,8 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("rms_norm_matches_reference", rms_norm_matches_reference),
     ("layer_norm_matches_reference", layer_norm_matches_reference),
+    ("rope_matches_reference", rope_matches_reference),
+    ("swiglu_matches_reference", swiglu_matches_reference),
     ("lora_delta_matches_reference", lora_delta_matches_reference),
     (
         "lora_linear_matches_reference",
@@ -57,6 +62,11 @@ pub const CHECKS: &[(&str, Check)] = &[
         "fused_lora_op_matches_reference",
         fused_lora_op_matches_reference,
     ),
+    (
+        "frozen_linear_matches_reference",
+        frozen_linear_matches_reference,
+    ),
+    ("adamw_matches_cpu", adamw_matches_cpu),
     ("backward_is_deterministic", backward_is_deterministic),
 ];
 
@@ -444,6 +454,79 @@ pub fn layer_norm_matches_reference(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// (batch, heads, seq, head_dim, tables batched): one pair, odd sizes, half_dim not a whole
+/// number of 16-byte packs (130, 6), and the llama sizes (64, 128), vectorised.
+const ROPE_SHAPES: &[(usize, usize, usize, usize, bool)] = &[
+    (1, 1, 1, 2, true),
+    (2, 3, 17, 8, true),
+    (2, 3, 17, 8, false),
+    (3, 2, 7, 6, true),
+    (1, 2, 5, 130, false),
+    (1, 4, 33, 64, true),
+    (2, 8, 128, 128, false),
+];
+
+/// (batch, seq, heads, head_dim) viewed as (batch, heads, seq, head_dim), as attention feeds it.
+fn heads_first(t: &Tensor) -> Result<Tensor> {
+    t.transpose(1, 2)
+}
+
+/// See the module docs. cos and sin are constants captured by the closures, in the inputs'
+/// dtype (rounded through the op's dtype first, so the GPU and the truth see the same values).
+pub fn rope_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for &(b, h, s, d, batched) in ROPE_SHAPES {
+            let angles = rand(&[if batched { b } else { 1 }, s, d / 2], 3.0, DType::F32)?;
+            let (cos, sin) = (
+                angles.cos()?.to_dtype(dtype)?,
+                angles.sin()?.to_dtype(dtype)?,
+            );
+            let (cg, sg) = (cos.to_device(dev)?, sin.to_device(dev)?);
+            let (cc, sc) = (cos.to_dtype(DType::F64)?, sin.to_dtype(DType::F64)?);
+            let cases: [(Vec<usize>, View, &str); 3] = [
+                (vec![b, h, s, d], plain, "contiguous"),
+                (vec![b, s, h, d], heads_first, "heads transposed"),
+                (vec![b, h, s, d + 3], narrowed, "narrowed"),
+            ];
+            for (shape, view, kind) in cases {
+                compare(
+                    dev,
+                    &format!("rope ({b}, {h}, {s}, {d}) tables batched {batched} {kind}"),
+                    dtype,
+                    &[rand(&shape, 1.0, dtype)?],
+                    &[view],
+                    &|t| mc(ops::rope(&t[0], &cg, &sg)),
+                    &|t| {
+                        let dt = t[0].dtype();
+                        reference::rope(&t[0], &cc.to_dtype(dt)?, &sc.to_dtype(dt)?)
+                    },
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// See the module docs.
+pub fn swiglu_matches_reference(dev: &Device) -> Result<()> {
+    for dtype in DTYPES {
+        for (shape, view, kind) in row_cases(1) {
+            let gate = rand(&shape, 3.0, dtype)?;
+            let up = rand(&view_dims(&shape, view)?, 1.0, dtype)?;
+            compare(
+                dev,
+                &format!("swiglu {shape:?} {kind}"),
+                dtype,
+                &[gate, up],
+                &[view, plain],
+                &|t| mc(ops::swiglu(&t[0], &t[1])),
+                &|t| reference::swiglu(&t[0], &t[1]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// (x dims ending in `in`, rank, out)
 const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     (&[1, 1], 1, 1),
@@ -654,4 +737,102 @@ pub fn backward_is_deterministic(dev: &Device) -> Result<()> {
 /// Runs every check in [`CHECKS`]; returns each name with its outcome.
 pub fn run_all(dev: &Device) -> Vec<(&'static str, Result<()>)> {
     CHECKS.iter().map(|&(name, f)| (name, f(dev))).collect()
+}
+
+/// `frozen_linear` on CUDA (one GEMM; the bias written first and accumulated into) against
+/// the CPU f64 reference, forward and x's gradient (W and the bias are constants).
+pub fn frozen_linear_matches_reference(dev: &Device) -> Result<()> {
+    let cases: [(&[usize], usize, View, &str); 6] = [
+        (&[1, 1], 1, plain, "contiguous"),
+        (&[5, 17], 3, plain, "contiguous"),
+        (&[2, 3, 64], 130, plain, "contiguous"),
+        (&[4, 4096], 257, plain, "contiguous"),
+        (&[17, 6], 9, transposed, "transposed"),
+        (&[9, 1006], 40, narrowed, "narrowed"),
+    ];
+    // The constants in the dtype and on the device of the op's input.
+    let like = |t: &Tensor, x: &Tensor| t.to_dtype(x.dtype())?.to_device(x.device());
+    for dtype in DTYPES {
+        for (shape, n, view, kind) in cases {
+            let k = *view_dims(shape, view)?.last().unwrap_or(&1);
+            let w = rand(&[n, k], (1.0 / k as f32).sqrt(), dtype)?;
+            let bias = rand(&[n], 1.0, dtype)?;
+            for with_bias in [false, true] {
+                let fused = |t: &[Tensor]| {
+                    let b = if with_bias {
+                        Some(like(&bias, &t[0])?)
+                    } else {
+                        None
+                    };
+                    mc(ops::frozen_linear(&t[0], &like(&w, &t[0])?, b.as_ref()))
+                };
+                let refr = |t: &[Tensor]| {
+                    let y = t[0].broadcast_matmul(&like(&w, &t[0])?.t()?)?;
+                    if with_bias {
+                        y.broadcast_add(&like(&bias, &t[0])?)
+                    } else {
+                        Ok(y)
+                    }
+                };
+                compare(
+                    dev,
+                    &format!("frozen_linear {shape:?} {kind} -> {n} bias {with_bias}"),
+                    dtype,
+                    &[rand(shape, 1.0, dtype)?],
+                    &[view],
+                    &fused,
+                    &refr,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fused AdamW update on CUDA against the same update on the CPU: three steps with
+/// weight decay and a gradient scale (clipping folded in) on parameters of several shapes.
+pub fn adamw_matches_cpu(dev: &Device) -> Result<()> {
+    use crate::train::{AdamW, AdamWConfig};
+    let config = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let shapes: [&[usize]; 4] = [&[1], &[7, 3], &[2048, 16], &[16, 4099]];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| rand(s, 1.0, DType::F32))
+        .collect::<Result<_>>()?;
+    let run = |device: &Device| -> Result<Vec<Tensor>> {
+        let vars: Vec<(String, Var)> = init
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Ok((format!("p{i}"), Var::from_tensor(&t.to_device(device)?)?)))
+            .collect::<Result<_>>()?;
+        let mut opt = mc(AdamW::new(vars.clone(), config.clone()))?;
+        for step in 0..3 {
+            let grads = init
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    Ok(Some(
+                        ((t * (0.3 + i as f64))? + step as f64)?.to_device(device)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            mc(opt.step_scaled(&grads, 1e-2, 0.7))?;
+        }
+        vars.iter()
+            .map(|(_, v)| v.as_tensor().to_device(&Device::Cpu))
+            .collect()
+    };
+    let (gpu, cpu) = (run(dev)?, run(&Device::Cpu)?);
+    for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+        let e = rel_err(g, c)?;
+        ensure!(
+            e.is_finite() && e < 1e-5,
+            "adamw parameter {i} {:?}: GPU vs CPU relative error {e:.3e}",
+            g.dims()
+        );
+    }
+    Ok(())
 }

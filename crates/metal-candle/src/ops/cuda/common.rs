@@ -18,6 +18,8 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType
 pub(super) const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
 pub(super) const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 pub(super) const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+pub(super) const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+pub(super) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 
 /// A storage element type with CUDA kernels.
 pub(super) trait Elem:
@@ -312,6 +314,24 @@ pub(super) fn row_threads(nvec: usize, per_thread: usize) -> u32 {
 /// no longer fit the registers take the looping path).
 pub(super) fn fit_threads(f: &Kernel, threads: u32) -> Result<u32> {
     Ok(threads.min(f.max_threads))
+}
+
+/// A grid-stride launch of `f` over `items` work items: blocks of 256 threads (fewer if `f`
+/// cannot launch that many), and no more blocks than the SMs hold at once, since the kernel's
+/// loop covers the rest without paying for more block launches.
+pub(super) fn grid_stride_config(
+    dev: &CudaDevice,
+    f: &Kernel,
+    items: usize,
+) -> Result<LaunchConfig> {
+    let threads = fit_threads(f, 256)?;
+    let resident = sm_count(dev)? as usize * (2048 / threads as usize);
+    let blocks = items.div_ceil(threads as usize).clamp(1, resident);
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 pub(super) fn row_config(rows: usize, threads: u32) -> LaunchConfig {

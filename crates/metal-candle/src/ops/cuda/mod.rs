@@ -12,6 +12,14 @@
 //!   runs the base GEMM `x·Wᵀ` with `beta = 1` into that same output: no extra (tokens × out)
 //!   tensor and no separate add or scale pass. The backward pass recomputes `x·A` (nothing is
 //!   saved by the forward pass) and never computes a gradient for W.
+//! - SwiGLU and the rotary embedding (`kernels/elementwise.cu`): one grid-stride loop over
+//!   16-byte packs (single elements where a length or pointer is not aligned), f32 arithmetic.
+//!   The SwiGLU backward pass writes both gradients in one kernel; the rope backward pass is the
+//!   forward kernel rotating the other way (a sign flag, no negated copy of sin).
+//! - frozen linear `x·Wᵀ + bias` (the output head, projections without an adapter): one cuBLAS
+//!   GEMM into an output that already holds the bias (beta = 1); its backward is `dy·W` only.
+//! - AdamW (`kernels/optim.cu`): the moments and the parameter updated in place, one pass each
+//!   per parameter.
 //!
 //! Non-contiguous inputs are copied into a contiguous buffer once before the kernel runs.
 //!
@@ -21,16 +29,24 @@
 pub mod check;
 mod common;
 mod gemm;
+mod linear;
 mod lora;
 mod norm;
+mod optim;
+mod rope;
 mod softmax;
+mod swiglu;
 
 pub use common::set_poison_outputs;
+pub use linear::frozen_linear_forward;
 pub use lora::{lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward};
 pub use norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
+pub use optim::{adamw_moments, adamw_param};
+pub use rope::rope_forward;
 pub use softmax::{
     cross_entropy_backward, cross_entropy_forward, softmax_backward, softmax_forward,
 };
+pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use candle_core::DType;
 

@@ -162,7 +162,10 @@ __device__ void ce_fwd_row(const T* __restrict__ x, unsigned t, float* __restric
     if (threadIdx.x == 0) *loss = t < (unsigned)n ? mx + logf(s) - to_f(x[t]) : __int_as_float(0x7fc00000);
 }
 
-// dx = g · (softmax(x) - onehot(t)), with g the row's upstream gradient.
+// dx = g · (softmax(x) - onehot(t)), with g the row's upstream gradient. The target's own
+// entry is written as −g · Σ_{j≠t} e_j / s rather than g · (e_t / s − 1): on a peaked row
+// e_t / s rounds to 1 and the difference would lose every digit, while the sum of the other
+// terms keeps them (a second block reduction, no extra pass over memory when the row is cached).
 template <typename T, int V>
 __device__ void ce_bwd_row(const T* __restrict__ x, unsigned t, float g, T* __restrict__ dx, int n, float* shm) {
     const int nv = n / V;
@@ -170,14 +173,33 @@ __device__ void ce_bwd_row(const T* __restrict__ x, unsigned t, float g, T* __re
     float v[R][V];
     const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
     const float s = exp_sum<T, V>(x, v, nv, cached, mx, shm);
+    float others = 0.f;
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) others += (unsigned)(i * V + k) == t ? 0.f : v[r][k];
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V];
+            load<T, V>(x + (size_t)i * V, a);
+#pragma unroll
+            for (int k = 0; k < V; k++) others += (unsigned)(i * V + k) == t ? 0.f : __expf(a[k] - mx);
+        }
+    }
+    others = block_reduce1(others, SumOp(), 0.f, shm);
     const float scale = g / s;
+    const float target_grad = -others * scale;
     if (cached) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
 #pragma unroll
-                for (int k = 0; k < V; k++) v[r][k] = v[r][k] * scale - ((unsigned)(i * V + k) == t ? g : 0.f);
+                for (int k = 0; k < V; k++) v[r][k] = (unsigned)(i * V + k) == t ? target_grad : v[r][k] * scale;
                 store<T, V>(dx + (size_t)i * V, v[r]);
             }
         }
@@ -186,7 +208,7 @@ __device__ void ce_bwd_row(const T* __restrict__ x, unsigned t, float g, T* __re
             float a[V];
             load<T, V>(x + (size_t)i * V, a);
 #pragma unroll
-            for (int k = 0; k < V; k++) a[k] = __expf(a[k] - mx) * scale - ((unsigned)(i * V + k) == t ? g : 0.f);
+            for (int k = 0; k < V; k++) a[k] = (unsigned)(i * V + k) == t ? target_grad : __expf(a[k] - mx) * scale;
             store<T, V>(dx + (size_t)i * V, a);
         }
     }
