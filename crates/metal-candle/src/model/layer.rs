@@ -9,7 +9,7 @@ use super::rope::RopeTables;
 use super::{KvCache, LlamaConfig};
 use crate::{ops, Result};
 
-/// `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+/// `x + attn(norm(x))`, then `x + mlp(norm(x))` (the last add fused into the next norm).
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     pub(crate) self_attn: Attention,
@@ -46,25 +46,29 @@ impl DecoderLayer {
         &self.post_attention_layernorm
     }
 
+    /// One layer on the residual stream `x` plus `pending`, the previous layer's MLP output
+    /// not yet added to it (`None` for the first layer). Returns the stream after attention
+    /// and this layer's MLP output: each residual add runs fused with the norm that reads its
+    /// result ([`ops::add_rms_norm`]), so the last add is left to the next layer or the final
+    /// norm.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
+        pending: Option<&Tensor>,
         rope: &RopeTables,
         bias: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(
-            &ops::rms_norm(x, &self.input_layernorm, self.eps)?,
-            rope,
-            bias,
-            cache,
-        )?;
-        let x = (x + attn)?;
-        let mlp = self.mlp.forward(&ops::rms_norm(
-            &x,
-            &self.post_attention_layernorm,
-            self.eps,
-        )?)?;
-        Ok((x + mlp)?)
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, normed) = match pending {
+            Some(delta) => ops::add_rms_norm(x, delta, &self.input_layernorm, self.eps)?,
+            None => (
+                x.clone(),
+                ops::rms_norm(x, &self.input_layernorm, self.eps)?,
+            ),
+        };
+        let attn = self.self_attn.forward(&normed, rope, bias, cache)?;
+        let (x, normed) = ops::add_rms_norm(&x, &attn, &self.post_attention_layernorm, self.eps)?;
+        let mlp = self.mlp.forward(&normed)?;
+        Ok((x, mlp))
     }
 }

@@ -240,11 +240,25 @@ impl Llama {
         let prepared = layout.prepare(b, s, cached, self.dtype(), self.device())?;
         let rope = self.rope.tables(&prepared.positions, self.dtype())?;
         let mut x = self.embed(input_ids)?;
+        // Each layer leaves its MLP output to be added by the next norm (ops::add_rms_norm).
+        let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, &rope, prepared.bias.as_ref(), layer_cache)?;
+            let (stream, delta) = layer.forward(
+                &x,
+                pending.as_ref(),
+                &rope,
+                prepared.bias.as_ref(),
+                layer_cache,
+            )?;
+            x = stream;
+            pending = Some(delta);
         }
-        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        let eps = self.config.rms_norm_eps;
+        match pending {
+            Some(delta) => Ok(ops::add_rms_norm(&x, &delta, &self.norm, eps)?.1),
+            None => ops::rms_norm(&x, &self.norm, eps),
+        }
     }
 
     /// Token embeddings (batch, seq, hidden).

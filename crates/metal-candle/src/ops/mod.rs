@@ -5,6 +5,7 @@
 //! | softmax over the last dim | [`softmax_last_dim`] | x |
 //! | cross-entropy against class indices | [`cross_entropy`] | logits |
 //! | RMSNorm | [`rms_norm`] | x, weight |
+//! | residual add + RMSNorm `(x + r, rms_norm(x + r))` | [`add_rms_norm`] | x, r, weight (fused on CUDA for inference; two ops when a gradient is needed) |
 //! | LayerNorm | [`layer_norm`] | x, weight, bias |
 //! | LoRA term `scale·(x·A)·B` | [`lora_delta`] | x, A, B |
 //! | LoRA linear `x·Wᵀ + bias + scale·(x·A)·B` | [`lora_linear`] | x, A, B (W, bias: see the fn) |
@@ -22,6 +23,7 @@
 //! Non-contiguous inputs are accepted: a kernel copies a strided input into a contiguous
 //! buffer once before its single pass.
 
+mod add_norm;
 pub mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -36,6 +38,7 @@ mod swiglu;
 
 use candle_core::{DType, Device};
 
+pub use add_norm::add_rms_norm;
 pub use cross_entropy::cross_entropy;
 pub use linear::frozen_linear;
 pub use lora::{lora_delta, lora_linear, FusedLoRAOp};

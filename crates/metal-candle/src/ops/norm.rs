@@ -53,7 +53,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     })
 }
 
-fn check_norm_args(
+pub(super) fn check_norm_args(
     op: &'static str,
     x: &Tensor,
     params: &[(&str, &Tensor)],

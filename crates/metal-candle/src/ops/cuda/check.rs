@@ -67,6 +67,10 @@ pub const CHECKS: &[(&str, Check)] = &[
         frozen_linear_matches_reference,
     ),
     ("adamw_matches_cpu", adamw_matches_cpu),
+    (
+        "add_rms_norm_matches_reference",
+        add_rms_norm_matches_reference,
+    ),
     ("backward_is_deterministic", backward_is_deterministic),
 ];
 
@@ -833,6 +837,49 @@ pub fn adamw_matches_cpu(dev: &Device) -> Result<()> {
             "adamw parameter {i} {:?}: GPU vs CPU relative error {e:.3e}",
             g.dims()
         );
+    }
+    Ok(())
+}
+
+/// `add_rms_norm` on CUDA (one kernel for inference) against `x + r` rounded to the dtype and
+/// RMSNorm in f64 on the CPU; outputs poisoned. The widest rows exceed the kernel's registers
+/// and take the two-op path, which must agree as well.
+pub fn add_rms_norm_matches_reference(dev: &Device) -> Result<()> {
+    let shapes: [&[usize]; 6] = [
+        &[1, 1],
+        &[1, 576],
+        &[8, 2048],
+        &[3, 17],
+        &[2, 3, 4099],
+        &[2, 40000],
+    ];
+    for dtype in DTYPES {
+        for shape in shapes {
+            let n = *shape.last().unwrap_or(&1);
+            let (x, r, w) = (
+                rand(shape, 1.0, dtype)?,
+                rand(shape, 1.0, dtype)?,
+                rand(&[n], 1.0, dtype)?,
+            );
+            let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(dev);
+            let (s, y) = mc(ops::add_rms_norm(&on(&x)?, &on(&r)?, &on(&w)?, 1e-5))?;
+            let s_ref = (x.to_dtype(DType::F64)? + r.to_dtype(DType::F64)?)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F64)?;
+            let y_ref = reference::rms_norm(&s_ref, &w.to_dtype(DType::F64)?, 1e-5)?;
+            check(
+                &format!("add_rms_norm {shape:?} {dtype:?} sum"),
+                tol(dtype),
+                &s,
+                &s_ref,
+            )?;
+            check(
+                &format!("add_rms_norm {shape:?} {dtype:?} norm"),
+                tol(dtype),
+                &y,
+                &y_ref,
+            )?;
+        }
     }
     Ok(())
 }

@@ -40,7 +40,10 @@ mod swiglu;
 pub use common::set_poison_outputs;
 pub use linear::frozen_linear_forward;
 pub use lora::{lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward};
-pub use norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
+pub use norm::{
+    add_rms_norm_forward, layer_norm_backward, layer_norm_forward, rms_norm_backward,
+    rms_norm_forward,
+};
 pub use optim::{adamw_moments, adamw_param};
 pub use rope::rope_forward;
 pub use softmax::{

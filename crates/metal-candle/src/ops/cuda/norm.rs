@@ -200,3 +200,52 @@ fn backward_groups(f: &CudaFunction, dev: &CudaDevice, threads: u32, rows: usize
         .max(1);
     Ok(((sm_count(dev)? * per_sm) as usize).min(rows).max(1))
 }
+
+/// `s = x + r` and `y = rms_norm(s) ⊙ w` in one launch, for inference (no gradients): `None`
+/// when a row does not fit the kernel's registers (the caller then runs the two ops).
+pub fn add_rms_norm_forward(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (x, r) = (x.contiguous()?, r.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (rs, rl) = r.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let xs = cuda_storage(&xs, "add_rms_norm: x")?;
+    let dev = xs.device().clone();
+    let (rows, n) = rows_and_len("add_rms_norm", xl.shape())?;
+    let (xi, ri) = (
+        input(xs, xl)?,
+        input(cuda_storage(&rs, "add_rms_norm: r")?, rl)?,
+    );
+    let wi = input(cuda_storage(&ws, "add_rms_norm: w")?, wl)?;
+    with_elem!(xs.dtype(), "add_rms_norm", T => {
+        let (xv, rv, wv) = (xi.view::<T>()?, ri.view::<T>()?, wi.view::<T>()?);
+        let vec = n % T::VEC == 0
+            && aligned16(&xv, &dev)
+            && aligned16(&rv, &dev)
+            && aligned16(&wv, &dev);
+        let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+        let f = load(&dev, &format!("add_rms_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
+        let threads = fit_threads(&f, row_threads(n / width, PER_THREAD_FWD))?;
+        // The kernel holds the whole row in registers: PER_THREAD_FWD packs per thread.
+        if n / width > PER_THREAD_FWD * threads as usize {
+            return Ok(None);
+        }
+        let mut s = alloc_out::<T>(&dev, rows * n)?;
+        let mut y = alloc_out::<T>(&dev, rows * n)?;
+        if rows > 0 {
+            let cfg = row_config(rows, threads);
+            let stream = dev.cuda_stream();
+            let (rows_i, n_i, eps_f) = (rows as i32, n as i32, eps as f32);
+            let mut l = stream.launch_builder(&f);
+            l.arg(&xv).arg(&rv).arg(&wv).arg(&mut s).arg(&mut y).arg(&rows_i).arg(&n_i).arg(&eps_f);
+            // SAFETY: argument types match the kernel signature; x, r, s and y hold rows * n
+            // elements, w n elements; each row fits the registers (checked above).
+            unsafe { l.launch(cfg) }.w()?;
+        }
+        Ok(Some((to_tensor(s, &dev, xl.shape().clone()), to_tensor(y, &dev, xl.shape().clone()))))
+    })
+}

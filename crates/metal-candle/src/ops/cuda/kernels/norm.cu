@@ -61,6 +61,45 @@ __device__ void rms_fwd_row(const T* __restrict__ x, const T* __restrict__ w, T*
     }
 }
 
+// Inference's residual step fused with the next norm: s = x + r, rounded to T as a separate add
+// would store it, then y = rms_norm(s) ⊙ w. The row stays in registers (the host launches this
+// only when it fits: nv ≤ RF · blockDim), so s is written once and never read back.
+template <typename T, int V>
+__device__ void add_rms_fwd_row(const T* __restrict__ x, const T* __restrict__ r, const T* __restrict__ w,
+                                T* __restrict__ s, T* __restrict__ y, int n, float eps, float* shm) {
+    const int nv = n / V;
+    float v[RF][V];
+    float ss = 0.f;
+#pragma unroll
+    for (int q = 0; q < RF; q++) {
+        const int i = threadIdx.x + q * blockDim.x;
+        if (i < nv) {
+            float b[V];
+            load<T, V>(x + (size_t)i * V, v[q]);
+            load<T, V>(r + (size_t)i * V, b);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                v[q][k] = to_f(from_f<T>(v[q][k] + b[k]));
+                ss += v[q][k] * v[q][k];
+            }
+            store<T, V>(s + (size_t)i * V, v[q]);
+        }
+    }
+    ss = block_reduce1(ss, SumOp(), 0.f, shm);
+    const float rstd = rsqrtf(ss / (float)n + eps);
+#pragma unroll
+    for (int q = 0; q < RF; q++) {
+        const int i = threadIdx.x + q * blockDim.x;
+        if (i < nv) {
+            float wv[V];
+            load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+            for (int k = 0; k < V; k++) v[q][k] = v[q][k] * rstd * wv[k];
+            store<T, V>(y + (size_t)i * V, v[q]);
+        }
+    }
+}
+
 template <typename T, int V>
 __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
                               int n, float eps, float* shm) {
@@ -350,6 +389,13 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
         __shared__ float shm[32];                                                                             \
         for (int row = blockIdx.x; row < rows; row += gridDim.x)                                              \
             rms_fwd_row<T, V>(x + (size_t)row * n, w, y + (size_t)row * n, n, eps, shm);                      \
+    }                                                                                                         \
+    extern "C" __global__ void add_rms_fwd_##NAME##_##SUF(const T* x, const T* r, const T* w, T* s, T* y, int rows, \
+                                                          int n, float eps) {                                 \
+        __shared__ float shm[32];                                                                             \
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)                                              \
+            add_rms_fwd_row<T, V>(x + (size_t)row * n, r + (size_t)row * n, w, s + (size_t)row * n,           \
+                                  y + (size_t)row * n, n, eps, shm);                                          \
     }                                                                                                         \
     extern "C" __global__ void layer_fwd_##NAME##_##SUF(const T* x, const T* w, const T* b, T* y, int rows, int n, \
                                                         float eps) {                                          \
