@@ -80,14 +80,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // (batch, heads, seq, head_dim) views; the rope kernel reads them strided and writes
+        // contiguous rotations, so only v is copied.
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((b, s, n, d))?.transpose(1, 2)?)
         };
         let (q, k, v) = self.project(x)?;
         // The query tables carry attention's 1/√d (see RopeTables): the scores need no scaling.
         let q = rope.apply_query(&heads(q, nh)?)?;
         let k = rope.apply(&heads(k, nkv)?)?;
-        let v = heads(v, nkv)?;
+        let v = heads(v, nkv)?.contiguous()?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v)?,
             None => (k, v),
