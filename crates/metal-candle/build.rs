@@ -10,7 +10,14 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: [&str; 5] = ["softmax", "norm", "lora", "elementwise", "optim"];
+const KERNELS: [&str; 6] = [
+    "softmax",
+    "norm",
+    "lora",
+    "elementwise",
+    "optim",
+    "attention",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

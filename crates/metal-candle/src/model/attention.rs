@@ -95,6 +95,11 @@ impl Attention {
             None => (k, v),
         };
         let t = k.dim(2)?;
+        // Decoding: one query per head and no mask (it sees every cached key).
+        if s == 1 && bias.is_none() {
+            let y = ops::single_query_attention(&q, &k, &v)?.reshape((b, 1, nh * d))?;
+            return Ok(self.o_proj.forward(&y)?);
+        }
 
         // Grouped-query attention without copying K/V: the `rep` query heads that share a
         // KV head are stacked along the sequence axis of that head.

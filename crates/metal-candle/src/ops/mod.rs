@@ -3,6 +3,7 @@
 //! | op | function | differentiable inputs |
 //! |---|---|---|
 //! | softmax over the last dim | [`softmax_last_dim`] | x |
+//! | attention of one query per head (decoding) | [`single_query_attention`] | q, k, v (fused on CUDA for inference; composed ops when a gradient is needed) |
 //! | cross-entropy against class indices | [`cross_entropy`] | logits |
 //! | RMSNorm | [`rms_norm`] | x, weight |
 //! | residual add + RMSNorm `(x + r, rms_norm(x + r))` | [`add_rms_norm`] | x, r, weight (fused on CUDA for inference; two ops when a gradient is needed) |
@@ -24,6 +25,7 @@
 //! buffer once before its single pass.
 
 mod add_norm;
+mod attention;
 pub mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -39,6 +41,7 @@ mod swiglu;
 use candle_core::{DType, Device};
 
 pub use add_norm::add_rms_norm;
+pub use attention::single_query_attention;
 pub use cross_entropy::cross_entropy;
 pub use linear::frozen_linear;
 pub use lora::{lora_delta, lora_linear, FusedLoRAOp};

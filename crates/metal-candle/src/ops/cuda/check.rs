@@ -71,6 +71,10 @@ pub const CHECKS: &[(&str, Check)] = &[
         "add_rms_norm_matches_reference",
         add_rms_norm_matches_reference,
     ),
+    (
+        "single_query_attention_matches_reference",
+        single_query_attention_matches_reference,
+    ),
     ("backward_is_deterministic", backward_is_deterministic),
 ];
 
@@ -878,6 +882,47 @@ pub fn add_rms_norm_matches_reference(dev: &Device) -> Result<()> {
                 tol(dtype),
                 &y,
                 &y_ref,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `single_query_attention` on CUDA (one kernel for decoding) against the same function on
+/// the CPU in f64 (two matmuls and a softmax), with K/V as views of larger cache buffers and
+/// grouped heads; output poisoned. The last case has more keys than shared memory holds and
+/// takes the composed path, which must agree too.
+pub fn single_query_attention_matches_reference(dev: &Device) -> Result<()> {
+    let cases = [
+        (1, 1, 1, 1, 8),
+        (1, 9, 3, 130, 64),
+        (8, 32, 8, 256, 64),
+        (2, 4, 4, 300, 128),
+        (1, 6, 2, 17, 80),
+        (1, 2, 1, 20000, 64),
+    ];
+    for dtype in DTYPES {
+        for (b, heads, kv_heads, keys, d) in cases {
+            let q = rand(&[b, heads, 1, d], 0.3, dtype)?;
+            let kbuf = rand(&[b, kv_heads, keys + 3, d], 1.0, dtype)?;
+            let vbuf = rand(&[b, kv_heads, keys + 3, d], 1.0, dtype)?;
+            let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(dev);
+            let (kd, vd) = (
+                on(&kbuf)?.narrow(2, 0, keys)?,
+                on(&vbuf)?.narrow(2, 0, keys)?,
+            );
+            let y = mc(ops::single_query_attention(&on(&q)?, &kd, &vd))?;
+            let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+            let want = mc(ops::single_query_attention(
+                &f64s(&q)?,
+                &f64s(&kbuf)?.narrow(2, 0, keys)?,
+                &f64s(&vbuf)?.narrow(2, 0, keys)?,
+            ))?;
+            check(
+                &format!("single_query_attention b {b} heads {heads}/{kv_heads} keys {keys} d {d} {dtype:?}"),
+                tol(dtype),
+                &y,
+                &want,
             )?;
         }
     }

@@ -20,6 +20,7 @@ pub(super) const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.p
 pub(super) const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 pub(super) const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 pub(super) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+pub(super) const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// A storage element type with CUDA kernels.
 pub(super) trait Elem:

@@ -18,6 +18,9 @@
 //!   forward kernel rotating the other way (a sign flag, no negated copy of sin).
 //! - frozen linear `x·Wᵀ + bias` (the output head, projections without an adapter): one cuBLAS
 //!   GEMM into an output that already holds the bias (beta = 1); its backward is `dy·W` only.
+//! - Decoding attention (`kernels/attention.cu`): one query per head against the cached keys
+//!   and values in one launch (scores, softmax and the weighted sum in shared memory), reading
+//!   K and V through their strides.
 //! - AdamW (`kernels/optim.cu`): the moments and the parameter updated in place, one pass each
 //!   per parameter.
 //!
@@ -26,6 +29,7 @@
 //! These functions are called by the ops' `CustomOp` implementations; users call
 //! [`crate::ops::softmax_last_dim`] and friends, not these.
 
+mod attention;
 pub mod check;
 mod common;
 mod gemm;
@@ -37,6 +41,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
+pub use attention::decode_attention;
 pub use common::set_poison_outputs;
 pub use linear::frozen_linear_forward;
 pub use lora::{lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward};
