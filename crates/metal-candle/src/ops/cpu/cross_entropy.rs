@@ -27,17 +27,32 @@ pub(crate) fn forward<T: Elem>(x: &[T], targets: &[u32], n: usize) -> Vec<T::A> 
                     for ((l, row), &t) in loss.iter_mut().zip(x.chunks_exact(n)).zip(targets) {
                         let row = row_in_acc(row, &mut xbuf);
                         let m = simd::max(row);
-                        let s = if fma {
-                            simd::exp_shifted_sum::<T::A, true>(row, m, &mut ebuf, &[], 0)
+                        if fma {
+                            simd::exp_shifted_sum::<T::A, true>(row, m, &mut ebuf, &[], 0);
                         } else {
-                            simd::exp_shifted_sum::<T::A, false>(row, m, &mut ebuf, &[], 0)
-                        };
-                        *l = m + s.ln() - row[t as usize];
+                            simd::exp_shifted_sum::<T::A, false>(row, m, &mut ebuf, &[], 0);
+                        }
+                        *l = m - row[t as usize] + ln_sum_shifted(row, m, &ebuf);
                     }
                 },
             )
         });
     loss
+}
+
+/// `ln Σ e^(x − m)` from the exponentials `e` of the row `x` with maximum `m`, as `ln_1p` of
+/// the sum without one maximal term: on a peaked row the full sum is `1 + ε` and its logarithm
+/// would keep only the digits of `ε` that survive the rounding of `1 + ε`.
+fn ln_sum_shifted<A: Acc>(x: &[A], m: A, e: &[A]) -> A {
+    let (mut rest, mut maxima) = (A::ZERO, A::ZERO);
+    for (&xv, &ev) in x.iter().zip(e) {
+        if xv < m {
+            rest += ev;
+        } else {
+            maxima += A::ONE;
+        }
+    }
+    (rest + (maxima - A::ONE)).ln_1p()
 }
 
 /// The logits' gradient given `g`, the upstream gradient of each row's loss.

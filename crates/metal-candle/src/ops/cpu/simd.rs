@@ -35,8 +35,8 @@ pub(crate) trait Acc:
     fn from_f64(v: f64) -> Self;
     fn from_usize(v: usize) -> Self;
     fn sqrt(self) -> Self;
-    /// The natural logarithm.
-    fn ln(self) -> Self;
+    /// `ln(1 + self)`, accurate for small `self`.
+    fn ln_1p(self) -> Self;
     /// `self·b + c` with one rounding (`mul_add`).
     fn fused_mul_add(self, b: Self, c: Self) -> Self;
     /// `self·b + c`, fused (one rounding) where `FMA`: call it with `FMA = true` only from
@@ -83,8 +83,8 @@ impl Acc for f32 {
         f32::sqrt(self)
     }
     #[inline(always)]
-    fn ln(self) -> f32 {
-        f32::ln(self)
+    fn ln_1p(self) -> f32 {
+        f32::ln_1p(self)
     }
     #[inline(always)]
     fn exp_nonpositive<const FMA: bool>(self) -> f32 {
@@ -129,8 +129,8 @@ impl Acc for f64 {
         f64::sqrt(self)
     }
     #[inline(always)]
-    fn ln(self) -> f64 {
-        f64::ln(self)
+    fn ln_1p(self) -> f64 {
+        f64::ln_1p(self)
     }
     #[inline(always)]
     fn exp_nonpositive<const FMA: bool>(self) -> f64 {
