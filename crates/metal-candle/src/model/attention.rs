@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::fused::FusedProjection;
+use super::layout::AttentionMask;
 use super::linear::load_linear;
 use super::rope::RopeTables;
 use super::{KvCache, LlamaConfig};
@@ -69,13 +70,13 @@ impl Attention {
 
     /// `x` (batch, seq, hidden) → (batch, seq, hidden).
     ///
-    /// `bias` is the additive mask (batch or 1, 1, seq, keys) or `None` when every query may
-    /// see every key; `cache` (with this layer's index) receives the new keys and values.
+    /// `mask` says which keys each query sees; `cache` (with this layer's index) receives the
+    /// new keys and values.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -94,34 +95,37 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v)?,
             None => (k, v),
         };
-        let t = k.dim(2)?;
-        // Decoding: one query per head and no mask (it sees every cached key).
-        if s == 1 && bias.is_none() {
-            let y = ops::single_query_attention(&q, &k, &v)?.reshape((b, 1, nh * d))?;
-            return Ok(self.o_proj.forward(&y)?);
-        }
-
-        // Grouped-query attention without copying K/V: the `rep` query heads that share a
-        // KV head are stacked along the sequence axis of that head.
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * s, d))?;
-        let scores = q.matmul(&k.t()?)?;
-        let scores = match bias {
-            Some(bias) => {
-                let bias = bias.unsqueeze(2)?; // (b|1, 1, 1, s, t) broadcasts over kv heads and rep
-                scores
-                    .reshape((b, nkv, rep, s, t))?
-                    .broadcast_add(&bias)?
-                    .reshape((b, nkv, rep * s, t))?
+        let y = match mask {
+            // Decoding: one query per head sees every cached key.
+            AttentionMask::Causal { first_key: None } if s == 1 => {
+                ops::single_query_attention(&q, &k, &v)?
             }
-            None => scores,
+            AttentionMask::Causal { first_key } => {
+                ops::causal_attention(&q, &k, &v, 1.0, first_key.as_ref())?
+            }
+            AttentionMask::Bias(bias) => biased_attention(&q, &k, &v, bias)?,
         };
-        let probs = ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v)?; // (b, nkv, rep*s, d)
-        let y = y
-            .reshape((b, nh, s, d))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * d))?;
+        let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
         Ok(self.o_proj.forward(&y)?)
     }
+}
+
+/// `softmax(q·kᵀ + bias)·v` composed from candle ops, for masks the fused op does not
+/// express (padded rows): `q` (b, heads, s, d), `k` and `v` (b, kv_heads, t, d), `bias`
+/// (b or 1, 1, s, t). Returns (b, heads, s, d).
+fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, nh, s, d) = q.dims4()?;
+    let (_, nkv, t, _) = k.dims4()?;
+    // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
+    // head are stacked along the sequence axis of that head.
+    let rep = nh / nkv;
+    let q = q.reshape((b, nkv, rep * s, d))?;
+    let bias = bias.unsqueeze(2)?; // (b|1, 1, 1, s, t) broadcasts over kv heads and rep
+    let scores = q
+        .matmul(&k.t()?)?
+        .reshape((b, nkv, rep, s, t))?
+        .broadcast_add(&bias)?
+        .reshape((b, nkv, rep * s, t))?;
+    let probs = ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(v)?.reshape((b, nh, s, d))?)
 }

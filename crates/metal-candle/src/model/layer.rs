@@ -4,6 +4,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::Attention;
+use super::layout::AttentionMask;
 use super::mlp::Mlp;
 use super::rope::RopeTables;
 use super::{KvCache, LlamaConfig};
@@ -56,7 +57,7 @@ impl DecoderLayer {
         x: &Tensor,
         pending: Option<&Tensor>,
         rope: &RopeTables,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         let (x, normed) = match pending {
@@ -66,7 +67,7 @@ impl DecoderLayer {
                 ops::rms_norm(x, &self.input_layernorm, self.eps)?,
             ),
         };
-        let attn = self.self_attn.forward(&normed, rope, bias, cache)?;
+        let attn = self.self_attn.forward(&normed, rope, mask, cache)?;
         let (x, normed) = ops::add_rms_norm(&x, &attn, &self.post_attention_layernorm, self.eps)?;
         let mlp = self.mlp.forward(&normed)?;
         Ok((x, mlp))

@@ -34,15 +34,27 @@ pub enum SequenceLayout {
     },
 }
 
-/// What attention needs from a layout: RoPE positions and an additive bias.
+/// Which keys each query may attend to.
+#[derive(Debug, Clone)]
+pub(crate) enum AttentionMask {
+    /// Causal over the keys: query `i` of the chunk sees keys `lo ..= cached + i`, with
+    /// `lo` from `first_key` (batch, seq) u32 for packed rows, else 0. What
+    /// [`crate::ops::causal_attention`] computes without materialising a mask.
+    Causal {
+        /// The start of each query's example (packed rows), or `None`.
+        first_key: Option<Tensor>,
+    },
+    /// Any other pattern (padded rows): an additive bias (batch, 1, seq, cached + seq) in the
+    /// compute dtype, 0 where attention is allowed and a large negative number where not.
+    Bias(Tensor),
+}
+
+/// What attention needs from a layout: RoPE positions and the mask.
 #[derive(Debug, Clone)]
 pub(crate) struct PreparedLayout {
     /// (batch, seq) u32.
     pub positions: Tensor,
-    /// (batch or 1, 1, seq, cached + seq) in the compute dtype: 0 where attention is allowed,
-    /// a large negative number where it is not. `None` when every query sees every key
-    /// (one new token, no padding).
-    pub bias: Option<Tensor>,
+    pub mask: AttentionMask,
 }
 
 impl SequenceLayout {
@@ -66,13 +78,10 @@ impl SequenceLayout {
                 }
                 let row: Vec<u32> = (cached..cached + seq).map(|p| p as u32).collect();
                 let positions = Tensor::new(row, device)?.unsqueeze(0)?.repeat((batch, 1))?;
-                let bias = if seq == 1 {
-                    None
-                } else {
-                    let allowed = |_row: usize, q: usize, k: usize| k <= cached + q;
-                    Some(bias_tensor(1, seq, cached + seq, allowed, dtype, device)?)
-                };
-                Ok(PreparedLayout { positions, bias })
+                Ok(PreparedLayout {
+                    positions,
+                    mask: AttentionMask::Causal { first_key: None },
+                })
             }
             SequenceLayout::Padded { attention_mask } => {
                 let dims = attention_mask.dims();
@@ -98,7 +107,7 @@ impl SequenceLayout {
                 let bias = bias_tensor(batch, seq, cached + seq, allowed, dtype, device)?;
                 Ok(PreparedLayout {
                     positions,
-                    bias: Some(bias),
+                    mask: AttentionMask::Bias(bias),
                 })
             }
             SequenceLayout::Packed { segment_ids } => {
@@ -130,11 +139,12 @@ impl SequenceLayout {
                     }
                 }
                 let positions = Tensor::from_vec(positions, (batch, seq), device)?;
-                let allowed = |row: usize, q: usize, k: usize| k <= q && k >= starts[row][q];
-                let bias = bias_tensor(batch, seq, seq, allowed, dtype, device)?;
+                let first_key: Vec<u32> = starts.iter().flatten().map(|&k| k as u32).collect();
                 Ok(PreparedLayout {
                     positions,
-                    bias: Some(bias),
+                    mask: AttentionMask::Causal {
+                        first_key: Some(Tensor::from_vec(first_key, (batch, seq), device)?),
+                    },
                 })
             }
         }

@@ -244,13 +244,8 @@ impl Llama {
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            let (stream, delta) = layer.forward(
-                &x,
-                pending.as_ref(),
-                &rope,
-                prepared.bias.as_ref(),
-                layer_cache,
-            )?;
+            let (stream, delta) =
+                layer.forward(&x, pending.as_ref(), &rope, &prepared.mask, layer_cache)?;
             x = stream;
             pending = Some(delta);
         }

@@ -3,6 +3,7 @@
 //! | op | function | differentiable inputs |
 //! |---|---|---|
 //! | softmax over the last dim | [`softmax_last_dim`] | x |
+//! | causal attention `softmax(scale·q·kᵀ + mask)·v` (grouped kv heads, packed rows) | [`causal_attention`] | q, k, v |
 //! | attention of one query per head (decoding) | [`single_query_attention`] | q, k, v (fused on CUDA for inference; composed ops when a gradient is needed) |
 //! | cross-entropy against class indices | [`cross_entropy`] | logits |
 //! | RMSNorm | [`rms_norm`] | x, weight |
@@ -15,7 +16,8 @@
 //! | SwiGLU `silu(gate)·up` | [`swiglu`] | gate, up |
 //!
 //! Every function accepts any number of leading batch dims and works on the last one, except
-//! [`rope`], which takes (batch, heads, seq, head_dim), and the element-wise [`swiglu`], which
+//! [`rope`], which takes (batch, heads, seq, head_dim), the attention ops, which take
+//! (batch, heads, seq, head_dim) queries and keys, and the element-wise [`swiglu`], which
 //! takes any shape. Which implementation runs is decided up front from the device and dtype
 //! ([`kernel_path`]): the fused kernels on the CPU (f32, f64, bf16, f16) and, with the `cuda`
 //! feature, on NVIDIA GPUs; candle's composed ops ([`reference`]) everywhere else (Metal). A
@@ -26,6 +28,7 @@
 
 mod add_norm;
 mod attention;
+mod causal_attention;
 pub mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -42,6 +45,7 @@ use candle_core::{DType, Device};
 
 pub use add_norm::add_rms_norm;
 pub use attention::single_query_attention;
+pub use causal_attention::causal_attention;
 pub use cross_entropy::cross_entropy;
 pub use linear::frozen_linear;
 pub use lora::{lora_delta, lora_linear, FusedLoRAOp};

@@ -112,3 +112,43 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
+
+/// Causal attention `softmax(scale·q·kᵀ + mask)·v` with grouped key/value heads: `q` (batch,
+/// heads, s, d), `k` and `v` (batch, kv_heads, t, d); query `i` sees keys
+/// `first_key[b][i] ..= i + t − s` (`first_key` (batch, s) u32, or 0), and a query that sees
+/// no key gets zeros. Scores, softmax and the weighted sum in f32.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    first_key: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let (_, kv_heads, t, _) = k.dims4()?;
+    let rep = heads / kv_heads;
+    let starts: Vec<Vec<u32>> = match first_key {
+        Some(f) => f.to_dtype(DType::U32)?.to_vec2()?,
+        None => vec![vec![0; s]; b],
+    };
+    // 1 where query i may see key j, for the rep query heads stacked along the rows.
+    let mut mask = Vec::with_capacity(b * rep * s * t);
+    for row in &starts {
+        for _ in 0..rep {
+            for (i, &lo) in row.iter().enumerate() {
+                mask.extend((0..t).map(|j| f32::from(j >= lo as usize && j <= i + t - s)));
+            }
+        }
+    }
+    let scores = (upcast(q)?
+        .reshape((b, kv_heads, rep * s, d))?
+        .matmul(&upcast(k)?.t()?)?
+        * scale)?;
+    let mask = Tensor::from_vec(mask, (b, 1, rep * s, t), q.device())?.to_dtype(scores.dtype())?;
+    let blocked = ((&mask - 1.0)? * 1e30)?;
+    let probs = softmax_last_dim(&scores.broadcast_add(&blocked)?)?.broadcast_mul(&mask)?;
+    probs
+        .matmul(&upcast(v)?)?
+        .reshape((b, heads, s, d))?
+        .to_dtype(q.dtype())
+}

@@ -5,6 +5,7 @@
 //! stored once. Rows are split across threads with rayon. Reductions use several independent
 //! lanes so that they vectorise without reassociation flags.
 
+pub(crate) mod attention;
 pub(crate) mod cross_entropy;
 mod dispatch;
 pub(crate) mod lora;

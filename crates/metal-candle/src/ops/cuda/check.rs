@@ -75,6 +75,10 @@ pub const CHECKS: &[(&str, Check)] = &[
         "single_query_attention_matches_reference",
         single_query_attention_matches_reference,
     ),
+    (
+        "causal_attention_matches_reference",
+        causal_attention_matches_reference,
+    ),
     ("backward_is_deterministic", backward_is_deterministic),
 ];
 
@@ -923,6 +927,56 @@ pub fn single_query_attention_matches_reference(dev: &Device) -> Result<()> {
                 tol(dtype),
                 &y,
                 &want,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `causal_attention` on CUDA (batched GEMMs around the masked-softmax kernels) against the
+/// composed reference on the CPU in f64, forward and the gradients of q, k and v: grouped
+/// heads, q as the model passes it (heads transposed from (batch, seq, heads, d)), prefill
+/// after cached keys, packed rows (`first_key`), and rows of keys longer than the kernels'
+/// register cache (the looping path).
+pub fn causal_attention_matches_reference(dev: &Device) -> Result<()> {
+    // (batch, heads, kv_heads, queries, keys, head_dim, packed)
+    let cases = [
+        (1, 1, 1, 1, 1, 8, false),
+        (2, 4, 2, 7, 7, 16, true),
+        (2, 9, 3, 130, 130, 64, true),
+        (1, 8, 2, 256, 256, 64, false),
+        (2, 6, 6, 5, 40, 32, false),
+        (1, 2, 1, 3, 9000, 16, false),
+        (1, 4, 1, 1100, 1100, 8, true),
+    ];
+    for dtype in DTYPES {
+        for (b, heads, kv_heads, s, t, d, packed) in cases {
+            let first_key = if packed {
+                // Examples of 1 to 48 tokens.
+                let starts: Vec<u32> = (0..b * s)
+                    .map(|i| {
+                        let i = i % s;
+                        (i - i % (1 + (i * 7919) % 48)) as u32
+                    })
+                    .collect();
+                Some(Tensor::from_vec(starts, (b, s), &Device::Cpu)?)
+            } else {
+                None
+            };
+            let fk_dev = first_key.as_ref().map(|f| f.to_device(dev)).transpose()?;
+            let scale = 1.0 / (d as f64).sqrt();
+            compare(
+                dev,
+                &format!("causal_attention b {b} heads {heads}/{kv_heads} s {s} t {t} d {d} packed {packed}"),
+                dtype,
+                &[
+                    rand(&[b, s, heads, d], 1.0, dtype)?,
+                    rand(&[b, kv_heads, t, d], 1.0, dtype)?,
+                    rand(&[b, kv_heads, t, d], 1.0, dtype)?,
+                ],
+                &[heads_first, plain, plain],
+                &|x| mc(ops::causal_attention(&x[0], &x[1], &x[2], scale, fk_dev.as_ref())),
+                &|x| reference::causal_attention(&x[0], &x[1], &x[2], scale, first_key.as_ref()),
             )?;
         }
     }

@@ -18,6 +18,9 @@
 //!   forward kernel rotating the other way (a sign flag, no negated copy of sin).
 //! - frozen linear `x·Wᵀ + bias` (the output head, projections without an adapter): one cuBLAS
 //!   GEMM into an output that already holds the bias (beta = 1); its backward is `dy·W` only.
+//! - Causal attention (training, prefill): batched cuBLAS GEMMs (scores in f32) around a
+//!   masked-softmax kernel (`kernels/attention.cu`), with grouped K/V heads read in place; the
+//!   scores and probabilities live only inside one call, and the backward pass recomputes them.
 //! - Decoding attention (`kernels/attention.cu`): one query per head against the cached keys
 //!   and values in one launch (scores, softmax and the weighted sum in shared memory), reading
 //!   K and V through their strides.
@@ -30,6 +33,7 @@
 //! [`crate::ops::softmax_last_dim`] and friends, not these.
 
 mod attention;
+mod causal_attention;
 pub mod check;
 mod common;
 mod gemm;
@@ -42,6 +46,7 @@ mod softmax;
 mod swiglu;
 
 pub use attention::decode_attention;
+pub use causal_attention::{causal_attention_backward, causal_attention_forward};
 pub use common::set_poison_outputs;
 pub use linear::frozen_linear_forward;
 pub use lora::{lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward};

@@ -151,15 +151,43 @@ __device__ void softmax_bwd_row(const T* __restrict__ x, const T* __restrict__ d
 }
 
 // Cross-entropy of one row against target index t: loss = logsumexp(x) - x[t] (NaN for a
-// target outside the row; the host checks the targets before launching).
+// target outside the row; the host checks the targets before launching). ln Σ e^(x − max) is
+// computed as ln_1p of the sum without one maximal term: ln(s) of a sum s = 1 + ε that
+// rounded to 1 would lose ε, which is the whole loss of a confidently right row (the CPU
+// kernel does the same). The terms are split into those below 1 and a count of those equal to
+// 1 (the maxima), so no single maximal term has to be singled out across threads.
 template <typename T, int V>
 __device__ void ce_fwd_row(const T* __restrict__ x, unsigned t, float* __restrict__ loss, int n, float* shm) {
     const int nv = n / V;
     const bool cached = nv <= R * (int)blockDim.x;
     float v[R][V];
     const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
-    const float s = exp_sum<T, V>(x, v, nv, cached, mx, shm);
-    if (threadIdx.x == 0) *loss = t < (unsigned)n ? mx + logf(s) - to_f(x[t]) : __int_as_float(0x7fc00000);
+    float sums[2] = {0.f, 0.f};  // Σ e below 1, number of e equal to 1
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv)
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    const float e = __expf(v[r][k] - mx);
+                    if (e < 1.f) sums[0] += e; else sums[1] += 1.f;
+                }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[V];
+            load<T, V>(x + (size_t)i * V, a);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                const float e = __expf(a[k] - mx);
+                if (e < 1.f) sums[0] += e; else sums[1] += 1.f;
+            }
+        }
+    }
+    block_reduce<2>(sums, SumOp(), 0.f, shm);
+    if (threadIdx.x == 0)
+        *loss = t < (unsigned)n ? mx + log1pf(sums[0] + (sums[1] - 1.f)) - to_f(x[t]) : __int_as_float(0x7fc00000);
 }
 
 // dx = g · (softmax(x) - onehot(t)), with g the row's upstream gradient. The target's own
@@ -226,7 +254,7 @@ __device__ void ce_bwd_row(const T* __restrict__ x, unsigned t, float g, T* __re
             softmax_bwd_row<T, V>(x + (size_t)row * n, dy + (size_t)row * n, dx + (size_t)row * n, n, shm); \
     }                                                                                                  \
     extern "C" __global__ void ce_fwd_##NAME##_##SUF(const T* x, const unsigned* t, float* loss, int rows, int n) { \
-        __shared__ float shm[32];                                                                      \
+        __shared__ float shm[64];                                                                      \
         for (int row = blockIdx.x; row < rows; row += gridDim.x)                                       \
             ce_fwd_row<T, V>(x + (size_t)row * n, t[row], loss + row, n, shm);                         \
     }                                                                                                  \
