@@ -10,7 +10,8 @@
 #                                 # generation): a re-run after a change, against peers measured before
 #   bench/run-gpu.sh OUTDIR ab    # a change measured in one session: the GPU tests, then training and
 #                                 # generation of dist/cuda/metal-candle-base(.xz) (the build before
-#                                 # the change) and of the new build, interleaved, with the peers
+#                                 # the change; skipped when absent) and of the new build,
+#                                 # interleaved, with the peers
 #
 # Every step has its own time limit and logs its exit code; a failing step does not stop the
 # others (the log says which failed).
@@ -79,14 +80,16 @@ e2e_part() {
 }
 
 ab_part() {
-  local base
+  local base sides="base new"
   base="$(mktemp -d)/metal-candle-base"
-  if [ -e "$dist/cuda/metal-candle-base.xz" ]; then xz -dc "$dist/cuda/metal-candle-base.xz" > "$base"; else cp "$dist/cuda/metal-candle-base" "$base"; fi
-  chmod +x "$base"
+  if [ -e "$dist/cuda/metal-candle-base.xz" ]; then xz -dc "$dist/cuda/metal-candle-base.xz" > "$base";
+  elif [ -e "$dist/cuda/metal-candle-base" ]; then cp "$dist/cuda/metal-candle-base" "$base";
+  else echo "no base build: the new build only, against the peers"; sides="new"; fi
+  chmod +x "$base" 2>/dev/null
   step "GPU tests" 120 "$bin" gpu-test
   for cfg in smollm2-135m llama-1b; do
     for round in 1 2; do
-      for side in base new; do
+      for side in $sides; do
         local exe="$bin"; [ "$side" = base ] && exe="$base"
         step "bench-train $cfg $side $round" 90 "$exe" bench-train --config "$cfg" --batch 8 --seq 512 \
           --rank 16 --device cuda --dtype bf16 --json "$out/train-$side-$cfg-$round.json"
@@ -96,7 +99,7 @@ ab_part() {
       --seq 512 --rank 16 --json "$out/train-peft-$cfg.json"
   done
   for cfg in smollm2-135m llama-1b; do
-    for side in base new; do
+    for side in $sides; do
       local exe="$bin"; [ "$side" = base ] && exe="$base"
       step "bench generate $cfg $side" 90 "$exe" bench generate --config "$cfg" --batch 1,8 \
         --prompt 128 --new 128 --device cuda --dtype bf16 --json
