@@ -12,6 +12,8 @@
 #                                 # generation of dist/cuda/metal-candle-base(.xz) (the build before
 #                                 # the change; skipped when absent) and of the new build,
 #                                 # interleaved, with the peers
+#   MLX_SITE=DIR bench/run-gpu.sh OUTDIR mlx   # ops vs PyTorch and MLX, generation vs mlx-lm and
+#                                 # transformers (DIR: MLX unpacked by bench/pack-mlx.sh)
 #
 # Every step has its own time limit and logs its exit code; a failing step does not stop the
 # others (the log says which failed).
@@ -111,6 +113,34 @@ ab_part() {
   done
 }
 
+# MLX (CUDA backend) and mlx-lm, unpacked by bench/pack-mlx.sh into $MLX_SITE: the ops at the
+# seed and large shapes (ours, PyTorch and MLX in one run, merged by compare.py), then
+# generation (ours, mlx-lm, transformers).
+mlx_part() {
+  local torch_nvidia
+  torch_nvidia="$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')"
+  export PYTHONPATH="${MLX_SITE:?set MLX_SITE to the unpacked MLX folder}${PYTHONPATH:+:$PYTHONPATH}"
+  export LD_LIBRARY_PATH="$torch_nvidia/cu13/lib:$torch_nvidia/cudnn/lib:$torch_nvidia/nccl/lib:$LD_LIBRARY_PATH"
+  step "MLX import" 60 python3 -c 'import mlx.core as mx, mlx_lm; print(mx.__version__, mlx_lm.__version__, mx.default_device(), (mx.ones(3) + 1).tolist())'
+  step "MLX peer (ops)" 150 python3 "$here/peers/mlx_ops.py" --shapes small,large --seconds 0.2 --json "$out/mlx.json"
+  step "metal-candle bench ops" 150 "$bin" bench ops --device cuda --seconds 0.2 --shapes small,large \
+    --json "$out/metal-candle.json"
+  step "PyTorch peer (ops)" 120 python3 "$here/peers/pytorch_ops.py" --seconds 0.2 --shapes small,large \
+    --json "$out/pytorch.json"
+  step "compare" 40 python3 "$here/compare.py" "$out/metal-candle.json" "$out/pytorch.json" "$out/mlx.json" \
+    --md "$out/compare.md" --png "$out/compare.png"
+  for cfg in smollm2-135m llama-1b; do
+    step "bench generate $cfg" 90 "$bin" bench generate --config "$cfg" --batch 1,8 --prompt 128 \
+      --new 128 --device cuda --dtype bf16 --json
+    for b in 1 8; do
+      step "mlx-lm generate $cfg batch $b" 90 python3 "$here/peers/generate_mlx.py" \
+        --config "$cfg" --batch "$b" --prompt 128 --new 128 --json
+      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
+        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+    done
+  done
+}
+
 ours_part() {
   step "metal-candle bench ops (mid, large)" 200 "$bin" bench ops --device cuda --seconds 0.2 \
     --shapes mid,large --modes fwd,bwd --json "$out/metal-candle-ours.json"
@@ -130,7 +160,8 @@ ours_part() {
     e2e) e2e_part ;;
     ours) ours_part ;;
     ab) ab_part ;;
-    *) echo "unknown part $part (ops, e2e, ours or ab)"; exit 2 ;;
+    mlx) mlx_part ;;
+    *) echo "unknown part $part (ops, e2e, ours, ab or mlx)"; exit 2 ;;
   esac
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 } 2>&1 | tee "$log"

@@ -180,6 +180,22 @@ impl Tensor {
             // derivatives but these are out of scope at the moment.
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
+            // `accumulate` stores a first gradient as is, which can be a strided view (the
+            // gradient of a transpose or a broadcast). Gathers, scatters and index adds need
+            // contiguous sources, and custom ops were always handed contiguous gradients.
+            let grad = match node.op() {
+                Some(
+                    Op::Gather(..)
+                    | Op::Scatter(..)
+                    | Op::ScatterAdd(..)
+                    | Op::IndexAdd(..)
+                    | Op::IndexSelect(..)
+                    | Op::CustomOp1(..)
+                    | Op::CustomOp2(..)
+                    | Op::CustomOp3(..),
+                ) => grad.contiguous()?,
+                _ => grad,
+            };
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
