@@ -8,8 +8,9 @@
 #   bench/run-gpu.sh OUTDIR e2e   # training, generation and embedding throughput + their peers
 #   bench/run-gpu.sh OUTDIR ours  # our side only (ops at the mid/large shapes, training,
 #                                 # generation): a re-run after a change, against peers measured before
-#   bench/run-gpu.sh OUTDIR ab    # a change measured in one session: the GPU tests, then training and
-#                                 # generation of dist/cuda/metal-candle-base(.xz) (the build before
+#   bench/run-gpu.sh OUTDIR ab    # a change measured in one session: the GPU tests, then the row
+#                                 # ops' forward, training and generation of
+#                                 # dist/cuda/metal-candle-base(.xz) (the build before
 #                                 # the change; skipped when absent) and of the new build,
 #                                 # interleaved, with the peers
 #   MLX_SITE=DIR bench/run-gpu.sh OUTDIR mlx   # ops vs PyTorch and MLX, generation vs mlx-lm and
@@ -89,6 +90,14 @@ ab_part() {
   else echo "no base build: the new build only, against the peers"; sides="new"; fi
   chmod +x "$base" 2>/dev/null
   step "GPU tests" 120 "$bin" gpu-test
+  # The row ops' forward kernels at every shape class, both builds, interleaved twice.
+  for round in 1 2; do
+    for side in $sides; do
+      local exe="$bin"; [ "$side" = base ] && exe="$base"
+      step "bench ops (row ops) $side $round" 90 "$exe" bench ops --device cuda --ops softmax,rms_norm,layer_norm \
+        --modes fwd --seconds 0.2 --json "$out/ops-$side-$round.json"
+    done
+  done
   for cfg in smollm2-135m llama-1b; do
     for round in 1 2; do
       for side in $sides; do
