@@ -21,7 +21,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // A small deterministic generator keeps the test independent of candle's RNG.
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let n: usize = shape.iter().product();
     let values: Vec<f64> = (0..n)
         .map(|_| {
@@ -87,7 +89,10 @@ fn gradients_reaching_a_tensor_twice_are_summed() {
     let a = randn(&[3, 4], 5);
     let b = randn(&[4, 3], 6);
     let first = (x.as_tensor() * &a).unwrap().sum_all().unwrap();
-    let second = (x.as_tensor().t().unwrap() * &b).unwrap().sum_all().unwrap();
+    let second = (x.as_tensor().t().unwrap() * &b)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = (first + second).unwrap().backward().unwrap();
     let got = grads.get(x.as_tensor()).expect("gradient of x");
     let want = (&a + b.t().unwrap()).unwrap();
