@@ -327,7 +327,8 @@ fn compare_with_rounded_terms(
 }
 
 /// Row shapes: odd sizes, one row, batch dims, wide rows (beyond the register-cached length,
-/// so the looping path runs too), vector-friendly sizes.
+/// so the looping path runs too), vector-friendly sizes, and many short rows (several rows
+/// for each block of the norms' backward grid).
 const ROW_SHAPES: &[&[usize]] = &[
     &[1, 1],
     &[1, 3],
@@ -338,6 +339,7 @@ const ROW_SHAPES: &[&[usize]] = &[
     &[3, 2, 4, 512],
     &[2, 40000],
     &[33, 768],
+    &[12000, 72],
 ];
 
 /// Rows of at least `min_len` elements. The norms start at 3: over one or two elements their
