@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::dispatch::{simd_level, SimdLevel};
 use super::simd::{self, Acc};
 use super::{build_row_groups, row_in_acc, rows_per_task, with_widest_simd, Elem};
 
@@ -222,55 +223,86 @@ impl<A: Acc> RowGroup<A> {
     ) {
         let mut proj = std::mem::take(&mut self.proj);
         let xs = self.load(x, first, count);
-        if fma {
-            project_group::<A, true>(xs, &f.at, f.scale, &mut proj);
-            combine_group::<A, true>(&proj, &f.b, y);
-        } else {
-            project_group::<A, false>(xs, &f.at, f.scale, &mut proj);
-            combine_group::<A, false>(&proj, &f.b, y);
+        match (fma, wide_tiles()) {
+            (true, true) => lora_rows::<A, true, true>(xs, f, &mut proj, y),
+            (true, false) => lora_rows::<A, true, false>(xs, f, &mut proj, y),
+            (false, true) => lora_rows::<A, false, true>(xs, f, &mut proj, y),
+            (false, false) => lora_rows::<A, false, false>(xs, f, &mut proj, y),
         }
         self.proj = proj;
     }
 }
 
-/// Ranks one pass over a group's rows projects onto: GROUP × RANKS × 16 accumulators, which
-/// fill half the AVX-512 register file at f32.
-const RANKS: usize = 4;
+/// `y_i += scale·(x_i·A)·B` for a group's rows `xs`, their projections going through `proj`.
+#[inline(always)]
+fn lora_rows<A: Acc, const FMA: bool, const WIDE: bool>(
+    xs: [&[A]; GROUP],
+    f: &Factors<A>,
+    proj: &mut [A],
+    y: &mut [A],
+) {
+    project_group::<A, FMA, WIDE>(xs, &f.at, f.scale, proj);
+    combine_group::<A, FMA, WIDE>(proj, &f.b, y);
+}
+
+/// Whether the register tiles of the kernels below are sized for AVX-512 (32 registers of 16
+/// f32 lanes) or for narrower code (AVX2 and below: 16 registers of at most 8 lanes), where
+/// the AVX-512 tiles would not fit the register file and spill to the stack on every step.
+#[inline(always)]
+fn wide_tiles() -> bool {
+    simd_level() == SimdLevel::Avx512
+}
 
 /// `t[i·r + j] = scale·(xs[i] · row_j)` for the GROUP rows `xs` and the r rows of the packed
-/// (r × K) matrix `m`.
+/// (r × K) matrix `m`. One pass over the rows serves several ranks at once: GROUP × 4 ranks ×
+/// 16 lanes of accumulators (half the AVX-512 register file at f32) when `WIDE`, else GROUP ×
+/// 2 × 8 (half of AVX2's).
 #[inline(always)]
-fn project_group<A: Acc, const FMA: bool>(xs: [&[A]; GROUP], m: &Packed<A>, scale: A, t: &mut [A]) {
+fn project_group<A: Acc, const FMA: bool, const WIDE: bool>(
+    xs: [&[A]; GROUP],
+    m: &Packed<A>,
+    scale: A,
+    t: &mut [A],
+) {
     let rank = m.rows;
     let mut j = 0;
     while j < rank {
-        if j + RANKS <= rank {
-            let d = dots::<A, FMA, RANKS>(xs, m, j);
-            for (i, di) in d.iter().enumerate() {
-                for (q, &v) in di.iter().enumerate() {
-                    t[i * rank + j + q] = scale * v;
-                }
-            }
-            j += RANKS;
-        } else {
-            let d = dots::<A, FMA, 1>(xs, m, j);
-            for (i, di) in d.iter().enumerate() {
-                t[i * rank + j] = scale * di[0];
-            }
-            j += 1;
-        }
+        j += match (WIDE, rank - j) {
+            (true, 4..) => project_ranks::<A, FMA, 4, 16>(xs, m, scale, j, t),
+            (false, 2..) => project_ranks::<A, FMA, 2, 8>(xs, m, scale, j, t),
+            (true, _) => project_ranks::<A, FMA, 1, 16>(xs, m, scale, j, t),
+            (false, _) => project_ranks::<A, FMA, 1, 8>(xs, m, scale, j, t),
+        };
     }
 }
 
-/// The GROUP × R dot products of `xs[i]` with rows `j0..j0 + R` of the packed matrix `m`, in
-/// one pass over the inputs.
+/// Ranks `j..j + R` of [`project_group`], `L` lanes per accumulator; returns R.
 #[inline(always)]
-fn dots<A: Acc, const FMA: bool, const R: usize>(
+fn project_ranks<A: Acc, const FMA: bool, const R: usize, const L: usize>(
+    xs: [&[A]; GROUP],
+    m: &Packed<A>,
+    scale: A,
+    j: usize,
+    t: &mut [A],
+) -> usize {
+    let rank = m.rows;
+    let d = dots::<A, FMA, R, L>(xs, m, j);
+    for (i, di) in d.iter().enumerate() {
+        for (q, &v) in di.iter().enumerate() {
+            t[i * rank + j + q] = scale * v;
+        }
+    }
+    R
+}
+
+/// The GROUP × R dot products of `xs[i]` with rows `j0..j0 + R` of the packed matrix `m`, in
+/// one pass over the inputs, with accumulators of `L` lanes (`L` divides [`BLOCK`]).
+#[inline(always)]
+fn dots<A: Acc, const FMA: bool, const R: usize, const L: usize>(
     xs: [&[A]; GROUP],
     m: &Packed<A>,
     j0: usize,
 ) -> [[A; R]; GROUP] {
-    const L: usize = 16;
     let k = m.len;
     let xs = xs.map(|x| &x[..k]);
     let full_blocks = k / BLOCK;
@@ -314,34 +346,50 @@ fn dots<A: Acc, const FMA: bool, const R: usize>(
 
 /// `y_i += Σ_j t[i·r + j]·row_j` for the GROUP rows of `y` (GROUP × N, row-major) and the r
 /// rows of the packed (r × N) matrix `m`: each block of `m` is loaded once for all GROUP rows,
-/// and each block of `y` read and written once.
+/// and each block of `y` read and written once. The GROUP sums of a block stay in registers:
+/// the whole block (GROUP × 32 lanes) when `WIDE`, else half a block at a time (GROUP × 16).
 #[inline(always)]
-fn combine_group<A: Acc, const FMA: bool>(t: &[A], m: &Packed<A>, y: &mut [A]) {
+fn combine_group<A: Acc, const FMA: bool, const WIDE: bool>(t: &[A], m: &Packed<A>, y: &mut [A]) {
+    if WIDE {
+        combine_columns::<A, FMA, BLOCK>(t, m, y);
+    } else {
+        combine_columns::<A, FMA, { BLOCK / 2 }>(t, m, y);
+    }
+}
+
+/// [`combine_group`] in column strips of `W` (a divisor of [`BLOCK`]).
+#[inline(always)]
+fn combine_columns<A: Acc, const FMA: bool, const W: usize>(t: &[A], m: &Packed<A>, y: &mut [A]) {
     let (rank, n) = (m.rows, m.len);
     for (b, block) in m.blocks().enumerate() {
-        let c = b * BLOCK;
-        let mut acc = [[A::ZERO; BLOCK]; GROUP];
-        for (j, rc) in block.chunks_exact(BLOCK).enumerate() {
-            let rc: &[A; BLOCK] = rc.try_into().unwrap();
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                let tij = t[i * rank + j];
-                for l in 0..BLOCK {
-                    acc_i[l] = tij.madd::<FMA>(rc[l], acc_i[l]);
+        for h in 0..BLOCK / W {
+            let c = b * BLOCK + h * W;
+            if c >= n {
+                break;
+            }
+            let mut acc = [[A::ZERO; W]; GROUP];
+            for (j, rc) in block.chunks_exact(BLOCK).enumerate() {
+                let rc: &[A; W] = rc[h * W..(h + 1) * W].try_into().unwrap();
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let tij = t[i * rank + j];
+                    for l in 0..W {
+                        acc_i[l] = tij.madd::<FMA>(rc[l], acc_i[l]);
+                    }
                 }
             }
-        }
-        let width = BLOCK.min(n - c);
-        for (i, sums) in acc.into_iter().enumerate() {
-            let yc = &mut y[i * n + c..i * n + c + width];
-            if let Ok(yc) = <&mut [A; BLOCK]>::try_from(&mut *yc) {
-                for l in 0..BLOCK {
-                    yc[l] += sums[l];
-                }
-            } else {
-                // The last, partial block. Its own loop over a copy: indexing `acc` by a
-                // run-time width would keep it in memory, and the loops above unvectorised.
-                for (v, a) in yc.iter_mut().zip(sums) {
-                    *v += a;
+            let width = W.min(n - c);
+            for (i, sums) in acc.into_iter().enumerate() {
+                let yc = &mut y[i * n + c..i * n + c + width];
+                if let Ok(yc) = <&mut [A; W]>::try_from(&mut *yc) {
+                    for l in 0..W {
+                        yc[l] += sums[l];
+                    }
+                } else {
+                    // The last, partial strip. Its own loop over a copy: indexing `acc` by a
+                    // run-time width would keep it in memory, and the loops above unvectorised.
+                    for (v, a) in yc.iter_mut().zip(sums) {
+                        *v += a;
+                    }
                 }
             }
         }
@@ -385,11 +433,18 @@ pub(crate) fn backward<T: Elem>(
             dy: RowGroup::new(n, rank),
         },
         #[inline(always)]
-        |task, first, count, dxg, fma| {
-            if fma {
-                backward_group::<T, true>(task, x, dy, f, dx_init, first, count, dxg);
-            } else {
-                backward_group::<T, false>(task, x, dy, f, dx_init, first, count, dxg);
+        |task, first, count, dxg, fma| match (fma, wide_tiles()) {
+            (true, true) => {
+                backward_group::<T, true, true>(task, x, dy, f, dx_init, first, count, dxg)
+            }
+            (true, false) => {
+                backward_group::<T, true, false>(task, x, dy, f, dx_init, first, count, dxg)
+            }
+            (false, true) => {
+                backward_group::<T, false, true>(task, x, dy, f, dx_init, first, count, dxg)
+            }
+            (false, false) => {
+                backward_group::<T, false, false>(task, x, dy, f, dx_init, first, count, dxg)
             }
         },
     );
@@ -410,7 +465,7 @@ pub(crate) fn backward<T: Elem>(
 /// (GROUP × K).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_group<T: Elem, const FMA: bool>(
+fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
     task: &mut BackwardTask<T::A>,
     x: &[T],
     dy: &[T],
@@ -430,13 +485,13 @@ fn backward_group<T: Elem, const FMA: bool>(
     let (mut t, mut g) = (std::mem::take(&mut xg.proj), std::mem::take(&mut dyg.proj));
     let xs = xg.load(x, first, count);
     let dys = dyg.load(dy, first, count);
-    project_group::<T::A, FMA>(xs, &f.at, f.scale, &mut t);
-    project_group::<T::A, FMA>(dys, &f.b, f.scale, &mut g);
+    project_group::<T::A, FMA, WIDE>(xs, &f.at, f.scale, &mut t);
+    project_group::<T::A, FMA, WIDE>(dys, &f.b, f.scale, &mut g);
     match dx_init {
         Some(init) => dxg[..count * k].copy_from_slice(&init[first * k..(first + count) * k]),
         None => dxg[..count * k].fill(T::A::ZERO),
     }
-    combine_group::<T::A, FMA>(&g, &f.at, dxg);
+    combine_group::<T::A, FMA, WIDE>(&g, &f.at, dxg);
     add_outer_products::<T::A, FMA>(&g, xs, dat);
     add_outer_products::<T::A, FMA>(&t, dys, db);
     xg.proj = t;
@@ -474,6 +529,77 @@ fn add_outer_products<A: Acc, const FMA: bool>(
             for (j, o) in block.chunks_exact_mut(BLOCK).enumerate() {
                 for (l, v) in o[..len - c].iter_mut().enumerate() {
                     *v = (0..GROUP).fold(*v, |s, i| s + coef[i * rank + j] * rows[i][c + l]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic spread of values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Both register tilings (the AVX-512 one and the narrower one; which one a CPU runs is
+    /// chosen at run time, so this test covers the other one too) against plain loops, for
+    /// ranks that are and are not multiples of the tiles' rank counts and lengths around the
+    /// 32-column blocks.
+    #[test]
+    fn both_tilings_match_plain_loops() {
+        for rank in [1, 2, 3, 4, 5, 8, 9] {
+            for len in [1, 7, 16, 31, 32, 33, 100] {
+                let m_rows = values(rank * len, 1);
+                let m = Packed::from_rows(&m_rows, rank, len, |v| v);
+                let xs_data = values(GROUP * len, 2);
+                let xs: [&[f64]; GROUP] = std::array::from_fn(|i| &xs_data[i * len..(i + 1) * len]);
+                let t: Vec<f64> = values(GROUP * rank, 3);
+                let scale = 0.75;
+                // t' = scale·xs·mᵀ and y = t·m, by plain loops.
+                let mut want_t = vec![0.0; GROUP * rank];
+                let mut want_y = vec![0.0; GROUP * len];
+                for i in 0..GROUP {
+                    for j in 0..rank {
+                        let dot: f64 = (0..len).map(|c| xs[i][c] * m_rows[j * len + c]).sum();
+                        want_t[i * rank + j] = scale * dot;
+                    }
+                    for c in 0..len {
+                        want_y[i * len + c] = 1.0
+                            + (0..rank)
+                                .map(|j| t[i * rank + j] * m_rows[j * len + c])
+                                .sum::<f64>();
+                    }
+                }
+                for wide in [true, false] {
+                    let mut got_t = vec![0.0; GROUP * rank];
+                    let mut got_y = vec![1.0; GROUP * len];
+                    if wide {
+                        project_group::<f64, false, true>(xs, &m, scale, &mut got_t);
+                        combine_group::<f64, false, true>(&t, &m, &mut got_y);
+                    } else {
+                        project_group::<f64, false, false>(xs, &m, scale, &mut got_t);
+                        combine_group::<f64, false, false>(&t, &m, &mut got_y);
+                    }
+                    for (what, got, want) in [("x·A", &got_t, &want_t), ("t·B", &got_y, &want_y)]
+                    {
+                        for (g, w) in got.iter().zip(want.iter()) {
+                            assert!(
+                                (g - w).abs() <= 1e-12 * (1.0 + w.abs()),
+                                "{what}, rank {rank}, length {len}, wide {wide}: {g} vs {w}"
+                            );
+                        }
+                    }
                 }
             }
         }
