@@ -18,6 +18,25 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(err)
 }
 
+/// Largest absolute elementwise difference, computed in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap(),
+        b.to_dtype(DType::F64).unwrap(),
+    );
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// The tolerance for relative error of a single op in `dtype`.
 pub fn tol(dtype: DType) -> f64 {
     match dtype {

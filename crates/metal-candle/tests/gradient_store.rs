@@ -3,21 +3,11 @@
 //! such views into the ops that need contiguous sources (gather, index_select's index_add) and
 //! into a custom op's backward, and check the gradients against ones worked out by hand.
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var};
-use metal_candle::ops;
+mod common;
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use common::max_abs_diff;
+use metal_candle::ops;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // A small deterministic generator keeps the test independent of candle's RNG.
