@@ -34,6 +34,10 @@ pub struct BenchGenerateArgs {
     /// Timed runs per batch size (medians are reported), after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// On CUDA, launch every kernel from the host instead of replaying each decoding step
+    /// as a CUDA graph.
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
     /// Print one JSON object per batch size instead of text.
     #[arg(long)]
     pub json: bool,
@@ -74,6 +78,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = LlamaConfig::from_json_str(config_json(&args.config)?, &args.config)?;
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
     let mut model = CachedLlama::new(Llama::load(vb, &config)?);
+    model.set_cuda_graphs(!args.no_cuda_graphs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     for &batch in &args.batch {
         let prompts: Vec<Vec<u32>> = (0..batch)
@@ -117,16 +122,18 @@ pub fn run(args: BenchGenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "impl": "metal-candle", "config": args.config, "device": args.device.device,
                 "dtype": format!("{dtype:?}").to_lowercase(), "batch": batch, "prompt_tokens": args.prompt,
                 "new_tokens": args.new, "prefill_tok_s": prefill, "decode_tok_s": decode,
-                "total_s": total.as_secs_f64(),
+                "total_s": total.as_secs_f64(), "cuda_graphs": model.cuda_graphs(),
+                "graph_captures": model.graph_captures(),
             });
             println!("{out}");
         } else {
             println!(
-                "{} {dtype:?} batch {batch}: prefill {prefill:.0} tok/s, decode {decode:.1} tok/s ({} + {} tokens, {:.2} s)",
+                "{} {dtype:?} batch {batch}: prefill {prefill:.0} tok/s, decode {decode:.1} tok/s ({} + {} tokens, {:.2} s, CUDA graphs {})",
                 args.config,
                 args.prompt,
                 args.new,
-                total.as_secs_f64()
+                total.as_secs_f64(),
+                if model.cuda_graphs() { "on" } else { "off" }
             );
         }
     }

@@ -53,6 +53,10 @@ pub struct ModelArgs {
     /// Fold the adapter into the weights (no LoRA work per token) instead of running it unmerged.
     #[arg(long, requires = "adapter")]
     pub merge_adapter: bool,
+    /// On CUDA, launch every kernel of a decoding step from the host instead of replaying the
+    /// step as a CUDA graph (same output; graphs are faster).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 /// A loaded language model with its tokenizer and chat template.
@@ -138,6 +142,7 @@ pub fn load_lm(args: &ModelArgs, device_args: &DeviceArgs) -> Result<LoadedLm, B
     eos_token_ids.sort_unstable();
     eos_token_ids.dedup();
     let mut model = CachedLlama::new(loaded.model);
+    model.set_cuda_graphs(!args.no_cuda_graphs);
     if let Some(dir) = &args.adapter {
         model.set_adapters(read_peft_adapter(dir, &device)?)?;
         if args.merge_adapter {

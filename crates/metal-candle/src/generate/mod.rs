@@ -5,6 +5,10 @@
 //! usual entry point and [`SamplingConfig`] for the knobs.
 
 mod chat;
+#[cfg(feature = "cuda")]
+mod decode_graph;
+#[cfg(feature = "cuda")]
+pub(crate) mod graph_check;
 mod generator;
 mod llama;
 mod sampling;

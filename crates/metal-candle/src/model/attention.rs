@@ -91,9 +91,18 @@ impl Attention {
         let q = rope.apply_query(&heads(q, nh)?)?;
         let k = rope.apply(&heads(k, nkv)?)?;
         let v = heads(v, nkv)?.contiguous()?;
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, k, v)?,
-            None => (k, v),
+        let (k, v) = match (cache, mask) {
+            (Some((cache, layer)), AttentionMask::DeviceSlots { index, .. }) => {
+                cache.write_at(layer, index, &k, &v)?
+            }
+            (Some((cache, layer)), _) => cache.append(layer, k, v)?,
+            (None, AttentionMask::DeviceSlots { .. }) => {
+                return Err(crate::Error::shape(
+                    "Attention::forward",
+                    "a step into device-held cache slots needs a KV cache",
+                ))
+            }
+            (None, _) => (k, v),
         };
         let y = match mask {
             // Decoding: one query per head sees every cached key.
@@ -103,7 +112,9 @@ impl Attention {
             AttentionMask::Causal { first_key } => {
                 ops::causal_attention(&q, &k, &v, 1.0, first_key.as_ref())?
             }
-            AttentionMask::Bias(bias) => biased_attention(&q, &k, &v, bias)?,
+            AttentionMask::Bias(bias) | AttentionMask::DeviceSlots { bias, .. } => {
+                biased_attention(&q, &k, &v, bias)?
+            }
         };
         let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
         Ok(self.o_proj.forward(&y)?)

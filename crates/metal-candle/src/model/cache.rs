@@ -1,6 +1,6 @@
 //! The key/value cache that lets generation decode one token at a time.
 
-use candle_core::Tensor;
+use candle_core::{Tensor, TensorId};
 
 use crate::{Error, Result};
 
@@ -122,6 +122,89 @@ impl KvCache {
         Ok(())
     }
 
+    /// Room for at least `capacity` positions in every layer, growing the buffers (and so
+    /// moving them) where they are smaller. Returns whether any buffer moved: a CUDA graph
+    /// that writes into the old ones must then be captured again. Layers that hold nothing
+    /// yet (before the first step) are left for that step to allocate.
+    pub fn reserve(&mut self, capacity: usize) -> Result<bool> {
+        let mut moved = false;
+        for slot in self.layers.iter_mut() {
+            if let Some(c) = slot.as_ref() {
+                if c.capacity() < capacity {
+                    let grown = LayerCache::with_capacity(&c.k, capacity, Some(c))?;
+                    *slot = Some(grown);
+                    moved = true;
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The positions every layer has room for (0 before the first step).
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.as_ref().map_or(0, LayerCache::capacity))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// `layer`'s whole buffers (batch, kv_heads, capacity, head_dim), used part or not, for a
+    /// step that writes its keys and values at positions held on the device
+    /// ([`KvCache::write_at`]) and masks the unused part itself.
+    pub(crate) fn write_at(
+        &mut self,
+        layer: usize,
+        index: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = self
+            .layers
+            .get(layer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| {
+                Error::shape(
+                    "KvCache::write_at",
+                    format!("layer {layer} holds no buffers yet; run a prefill step first"),
+                )
+            })?;
+        // `index` (batch, kv_heads, 1, head_dim) repeats each row's position: scatter along
+        // the position axis writes element (b, h, 0, j) to (b, h, position_b, j).
+        c.k.scatter_set(index, &k.contiguous()?, 2)?;
+        c.v.scatter_set(index, &v.contiguous()?, 2)?;
+        Ok((c.k.clone(), c.v.clone()))
+    }
+
+    /// Counts `steps` more positions as used in every layer: what [`KvCache::write_at`]
+    /// wrote, which the cache cannot see from the host.
+    pub fn advance(&mut self, steps: usize) -> Result<()> {
+        for c in self.layers.iter_mut().flatten() {
+            if c.len + steps > c.capacity() {
+                return Err(Error::shape(
+                    "KvCache::advance",
+                    format!(
+                        "{} positions used + {steps} exceeds the capacity of {}",
+                        c.len,
+                        c.capacity()
+                    ),
+                ));
+            }
+            c.len += steps;
+        }
+        Ok(())
+    }
+
+    /// The identities of every layer's buffers: a CUDA graph that writes into them is stale
+    /// once these change (the cache grew, was reset, or was refilled).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn buffer_ids(&self) -> Vec<Option<(TensorId, TensorId)>> {
+        self.layers
+            .iter()
+            .map(|l| l.as_ref().map(|c| (c.k.id(), c.v.id())))
+            .collect()
+    }
+
     /// Appends this step's keys and values for `layer` and returns all of them.
     pub(crate) fn append(
         &mut self,
@@ -140,7 +223,10 @@ impl KvCache {
         if let Some(c) = slot.as_ref() {
             let (cb, ch, _, cd) = c.k.dims4()?;
             let (b, h, _, d) = k.dims4()?;
-            if (cb, ch, cd) != (b, h, d) {
+            if (cb, ch, cd) != (b, h, d) && c.len == 0 {
+                // Emptied by `truncate(0)`: the buffers of the old batch shape go.
+                *slot = None;
+            } else if (cb, ch, cd) != (b, h, d) {
                 return Err(Error::shape(
                     "KvCache::append",
                     format!("the cache holds a batch of {cb} × {ch} heads × {cd} but this step has {b} × {h} × {d}; reset the cache for a new batch"),

@@ -47,6 +47,17 @@ pub(crate) enum AttentionMask {
     /// Any other pattern (padded rows): an additive bias (batch, 1, seq, cached + seq) in the
     /// compute dtype, 0 where attention is allowed and a large negative number where not.
     Bias(Tensor),
+    /// One decoding step into fixed cache slots whose positions live on the device (what a
+    /// CUDA graph replays: no shape or host value changes between steps). Each row writes
+    /// its new key and value at its position and attends to every slot up to it.
+    DeviceSlots {
+        /// (batch, kv_heads, 1, head_dim) u32: each row's position, repeated, for
+        /// `scatter_set` along the cache's position axis.
+        index: Tensor,
+        /// (batch, 1, 1, capacity) in the compute dtype: 0 for slots at or before the row's
+        /// position and a large negative number after it.
+        bias: Tensor,
+    },
 }
 
 /// What attention needs from a layout: RoPE positions and the mask.

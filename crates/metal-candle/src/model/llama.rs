@@ -3,9 +3,10 @@
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use super::fixed_step::FixedStep;
 use super::layer::DecoderLayer;
-use super::layout::SequenceLayout;
-use super::rope::Rope;
+use super::layout::{AttentionMask, SequenceLayout};
+use super::rope::{Rope, RopeTables};
 use super::targets::TargetModule;
 use super::{KvCache, LlamaConfig};
 use crate::lora::{LoRAConfig, LoRALayer, LoraLinear};
@@ -214,7 +215,7 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         layout: &SequenceLayout,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2().map_err(|_| {
             Error::shape(
@@ -239,13 +240,82 @@ impl Llama {
         let cached = cache.as_deref().map_or(0, KvCache::len);
         let prepared = layout.prepare(b, s, cached, self.dtype(), self.device())?;
         let rope = self.rope.tables(&prepared.positions, self.dtype())?;
-        let mut x = self.embed(input_ids)?;
+        let x = self.embed(input_ids)?;
+        self.run_layers(x, &rope, &prepared.mask, cache)
+    }
+
+    /// Logits (batch, vocab) in f32 of one decoding step whose inputs all live on the device
+    /// ([`FixedStep`]): the token ids and positions are read from its buffers, the keys and
+    /// values are written into `cache` at those positions, and attention covers the cache's
+    /// whole capacity with the slots after each row's position masked. Nothing here reads a
+    /// value back to the host or depends on one, and every shape is the same at every step:
+    /// the step can be captured once as a CUDA graph and replayed (`CachedLlama` does).
+    ///
+    /// The token ids are not range-checked here ([`FixedStep::set`] checks them on the host);
+    /// the cache must hold the positions before each row's (a prefill) and have exactly
+    /// [`FixedStep::capacity`] slots. `cache`'s length is not advanced (the host cannot see
+    /// the positions it was given on the device): call [`KvCache::advance`] after the step.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// use metal_candle::model::{FixedStep, Llama, LlamaConfig, SequenceLayout};
+    /// # fn main() -> metal_candle::Result<()> {
+    /// let json = r#"{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    ///   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50}"#;
+    /// let config = LlamaConfig::from_json_str(json, "config.json")?;
+    /// let model = Llama::load(VarBuilder::zeros(DType::F32, &Device::Cpu), &config)?;
+    /// let mut cache = model.new_cache();
+    /// let prompt = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+    /// model.forward(&prompt, 0, Some(&mut cache))?; // prefill: allocates the cache
+    /// let step = FixedStep::new(1, cache.capacity(), &Device::Cpu)?;
+    /// step.set(&[4], &[3], config.vocab_size)?; // token 4 at position 3
+    /// let logits = model.forward_fixed_step(&step, &mut cache)?;
+    /// assert_eq!(logits.dims(), &[1, 50]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn forward_fixed_step(&self, step: &FixedStep, cache: &mut KvCache) -> Result<Tensor> {
+        const OP: &str = "Llama::forward_fixed_step";
+        let (b, capacity) = (step.batch(), step.capacity());
+        if cache.num_layers() != self.layers.len() || cache.capacity() != capacity {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "the step has {capacity} slots but the cache has {} layers of {} slots \
+                     (the model {} layers); prefill the cache, then size the step to it",
+                    cache.num_layers(),
+                    cache.capacity(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        let dtype = self.dtype();
+        let rope = self.rope.tables(step.positions(), dtype)?;
+        let (kv_heads, head_dim) = (self.config.num_key_value_heads, self.config.head_dim);
+        let mask = step.device_slots(kv_heads, head_dim, dtype)?;
+        let x = self
+            .embed_tokens
+            .index_select(&step.ids().flatten_all()?, 0)?
+            .reshape((b, 1, self.config.hidden_size))?;
+        let hidden = self.run_layers(x, &rope, &mask, Some(cache))?;
+        self.logits(&hidden.squeeze(1)?)
+    }
+
+    /// The decoder layers and the final norm over the embedded tokens `x` (batch, seq,
+    /// hidden).
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        rope: &RopeTables,
+        mask: &AttentionMask,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         // Each layer leaves its MLP output to be added by the next norm (ops::add_rms_norm).
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            let (stream, delta) =
-                layer.forward(&x, pending.as_ref(), &rope, &prepared.mask, layer_cache)?;
+            let (stream, delta) = layer.forward(&x, pending.as_ref(), rope, mask, layer_cache)?;
             x = stream;
             pending = Some(delta);
         }

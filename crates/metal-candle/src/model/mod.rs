@@ -3,6 +3,7 @@
 //!
 //! - [`LlamaConfig`]: the model's shape, read from `config.json` or GGUF metadata.
 //! - [`Llama`]: the model; [`Llama::forward`] with a [`KvCache`] for generation,
+//!   [`Llama::forward_fixed_step`] with a [`FixedStep`] for decoding steps a CUDA graph replays,
 //!   [`Llama::forward_with_layout`] for padded or packed batches ([`SequenceLayout`]).
 //! - LoRA: [`Llama::add_lora`] with a [`LoraSpec`], [`Llama::lora_adapters`] (PEFT names),
 //!   [`Llama::trainable_vars`], [`Llama::set_training`], [`Llama::merged`].
@@ -11,6 +12,7 @@
 mod attention;
 mod cache;
 mod config;
+mod fixed_step;
 mod fused;
 mod layer;
 mod layout;
@@ -24,6 +26,7 @@ mod targets;
 pub use attention::Attention;
 pub use cache::KvCache;
 pub use config::{Architecture, LlamaConfig, RopeScaling};
+pub use fixed_step::FixedStep;
 pub use layer::DecoderLayer;
 pub use layout::SequenceLayout;
 pub use llama::{Llama, LoraSpec};

@@ -80,6 +80,10 @@ pub const CHECKS: &[(&str, Check)] = &[
         causal_attention_matches_reference,
     ),
     ("backward_is_deterministic", backward_is_deterministic),
+    (
+        "graph_decode_matches_eager",
+        crate::generate::graph_check::graph_decode_matches_eager,
+    ),
 ];
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
