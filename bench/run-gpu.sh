@@ -13,6 +13,8 @@
 #                                 # dist/cuda/metal-candle-base(.xz) (the build before
 #                                 # the change; skipped when absent) and of the new build,
 #                                 # interleaved, with the peers
+#   bench/run-gpu.sh OUTDIR decode  # the GPU tests, then generation with CUDA graphs and without
+#                                 # (interleaved, twice) and transformers, batch 1 and 8
 #   MLX_SITE=DIR bench/run-gpu.sh OUTDIR mlx   # ops vs PyTorch and MLX, generation vs mlx-lm and
 #                                 # transformers (DIR: MLX unpacked by bench/pack-mlx.sh)
 #
@@ -150,6 +152,22 @@ mlx_part() {
   done
 }
 
+decode_part() {
+  step "GPU tests" 150 "$bin" gpu-test
+  for cfg in smollm2-135m llama-1b; do
+    for round in 1 2; do
+      step "bench generate $cfg graphs $round" 90 "$bin" bench generate --config "$cfg" --batch 1,8 \
+        --prompt 128 --new 128 --device cuda --dtype bf16 --json
+      step "bench generate $cfg no-graphs $round" 90 "$bin" bench generate --config "$cfg" --batch 1,8 \
+        --prompt 128 --new 128 --device cuda --dtype bf16 --no-cuda-graphs --json
+    done
+    for b in 1 8; do
+      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
+        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+    done
+  done
+}
+
 ours_part() {
   step "metal-candle bench ops (mid, large)" 200 "$bin" bench ops --device cuda --seconds 0.2 \
     --shapes mid,large --modes fwd,bwd --json "$out/metal-candle-ours.json"
@@ -170,7 +188,8 @@ ours_part() {
     ours) ours_part ;;
     ab) ab_part ;;
     mlx) mlx_part ;;
-    *) echo "unknown part $part (ops, e2e, ours, ab or mlx)"; exit 2 ;;
+    decode) decode_part ;;
+    *) echo "unknown part $part (ops, e2e, ours, ab, mlx or decode)"; exit 2 ;;
   esac
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 } 2>&1 | tee "$log"
