@@ -64,7 +64,9 @@ fn ordinary_steps_continue_after_fixed_ones_and_stale_slots_are_masked() {
     let other = tokens(9, config.vocab_size, 8);
     model.forward(&ids(&other), 0, Some(&mut cache)).unwrap();
     cache.truncate(0).unwrap();
-    model.forward(&ids(&toks[..4]), 0, Some(&mut cache)).unwrap();
+    model
+        .forward(&ids(&toks[..4]), 0, Some(&mut cache))
+        .unwrap();
     let step = FixedStep::new(1, cache.capacity(), &Device::Cpu).unwrap();
     for (t, &tok) in toks.iter().enumerate().take(8).skip(4) {
         step.set(&[tok], &[t as u32], config.vocab_size).unwrap();
@@ -139,9 +141,7 @@ fn an_emptied_cache_keeps_its_buffers_and_takes_a_new_batch_size() {
     assert_eq!(cache.capacity(), before, "emptying keeps the buffers");
     // One row now: the emptied buffers of two rows give way to new ones.
     let full = model.forward(&ids(&rows[1]), 0, None).unwrap();
-    let got = model
-        .forward(&ids(&rows[1]), 0, Some(&mut cache))
-        .unwrap();
+    let got = model.forward(&ids(&rows[1]), 0, Some(&mut cache)).unwrap();
     assert!(max_diff(&got, &full) < 2e-4);
     // A cache that still holds positions refuses another batch size.
     let err = model

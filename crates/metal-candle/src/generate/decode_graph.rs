@@ -70,9 +70,7 @@ impl DecodeGraph {
         let graph = graph
             .map_err(|e| driver("capture failed", e))?
             .ok_or_else(|| driver("capture", "the captured graph is empty"))?;
-        graph
-            .upload()
-            .map_err(|e| driver("upload failed", e))?;
+        graph.upload().map_err(|e| driver("upload failed", e))?;
         let buffers = cache.buffer_ids();
         Ok((
             Self {

@@ -127,7 +127,15 @@ pub fn graph_decode_matches_eager(dev: &Device) -> Result<()> {
         let mut graphed = CachedLlama::new(adapted.clone());
         let mut eager = CachedLlama::new(adapted);
         eager.set_cuda_graphs(false);
-        compare_steps(&mut graphed, &mut eager, 2, 6, 10, tol, &format!("{name} LoRA"))?;
+        compare_steps(
+            &mut graphed,
+            &mut eager,
+            2,
+            6,
+            10,
+            tol,
+            &format!("{name} LoRA"),
+        )?;
     }
     Ok(())
 }

@@ -7,9 +7,9 @@
 mod chat;
 #[cfg(feature = "cuda")]
 mod decode_graph;
+mod generator;
 #[cfg(feature = "cuda")]
 pub(crate) mod graph_check;
-mod generator;
 mod llama;
 mod sampling;
 mod stream;
