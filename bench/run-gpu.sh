@@ -45,6 +45,12 @@ step() {
   echo "== $name: exit code $? after $((SECONDS - t0)) s"
 }
 
+# hf_generate CONFIG BATCH: transformers `generate` on the same config, prompt 128 + 128 new.
+hf_generate() {
+  step "transformers generate $1 batch $2" 60 python3 "$here/peers/generate_hf.py" \
+    --config "$1" --batch "$2" --prompt 128 --new 128 --device cuda --json
+}
+
 ops_part() {
   step "GPU tests" 120 "$bin" gpu-test
   local fx="$out/peft"
@@ -70,8 +76,7 @@ e2e_part() {
     step "bench generate $cfg" 90 "$bin" bench generate --config "$cfg" --batch 1,8 --prompt 128 \
       --new 128 --device cuda --dtype bf16 --json
     for b in 1 8; do
-      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
-        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+      hf_generate "$cfg" "$b"
     done
   done
   if [ -d "$dist/minilm" ]; then
@@ -118,8 +123,7 @@ ab_part() {
         --prompt 128 --new 128 --device cuda --dtype bf16 --json
     done
     for b in 1 8; do
-      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
-        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+      hf_generate "$cfg" "$b"
     done
   done
 }
@@ -146,8 +150,7 @@ mlx_part() {
     for b in 1 8; do
       step "mlx-lm generate $cfg batch $b" 90 python3 "$here/peers/generate_mlx.py" \
         --config "$cfg" --batch "$b" --prompt 128 --new 128 --json
-      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
-        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+      hf_generate "$cfg" "$b"
     done
   done
 }
@@ -162,8 +165,7 @@ decode_part() {
         --prompt 128 --new 128 --device cuda --dtype bf16 --no-cuda-graphs --json
     done
     for b in 1 8; do
-      step "transformers generate $cfg batch $b" 60 python3 "$here/peers/generate_hf.py" \
-        --config "$cfg" --batch "$b" --prompt 128 --new 128 --device cuda --json
+      hf_generate "$cfg" "$b"
     done
   done
 }

@@ -7,24 +7,9 @@
 #[path = "model/common.rs"]
 mod model_common;
 
-use candle_core::{DType, Device, IndexOp};
-use candle_nn::VarBuilder;
-use metal_candle::model::{Architecture, FixedStep, Llama, LlamaConfig};
-use model_common::{batch, ids, max_diff, random_weights, tiny_config};
-
-fn tiny_model(config: &LlamaConfig, seed: u64) -> Llama {
-    Llama::load(
-        VarBuilder::from_tensors(random_weights(config, seed), DType::F32, &Device::Cpu),
-        config,
-    )
-    .unwrap()
-}
-
-fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 37 + salt * 11 + 3) % vocab) as u32)
-        .collect()
-}
+use candle_core::{Device, IndexOp};
+use metal_candle::model::{Architecture, FixedStep};
+use model_common::{batch, ids, max_diff, tiny_config, tiny_model, tokens};
 
 #[test]
 fn fixed_steps_give_the_full_forward_for_every_row() {

@@ -7,25 +7,10 @@
 #[path = "model/common.rs"]
 mod model_common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, IndexOp, Tensor};
 use metal_candle::lora::{LoRAConfig, LoRALayer};
-use metal_candle::model::{Architecture, KvCache, Llama, LlamaConfig, TargetModule};
-use model_common::{ids, max_diff, random_weights, tiny_config};
-
-fn tiny_model(config: &LlamaConfig, seed: u64) -> Llama {
-    Llama::load(
-        VarBuilder::from_tensors(random_weights(config, seed), DType::F32, &Device::Cpu),
-        config,
-    )
-    .unwrap()
-}
-
-fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 31 + salt * 7 + 5) % vocab) as u32)
-        .collect()
-}
+use metal_candle::model::{Architecture, KvCache, Llama, TargetModule};
+use model_common::{ids, max_diff, tiny_config, tiny_model, tokens};
 
 /// Decodes `toks[start..]` one at a time into `cache`, checking each step against `full`.
 fn decode_and_check(

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use candle_nn::VarBuilder;
 use metal_candle::generate::{generate_batch, CachedLlama, GenerationConfig, GenerationStats};
+use metal_candle::model::load::RandomWeights;
 use metal_candle::model::{Llama, LlamaConfig};
 use rand::{Rng, SeedableRng};
 
 use super::bench::median;
 use super::device::DeviceArgs;
-use super::random_weights::RandomWeights;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchGenerateArgs {
@@ -76,7 +76,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let device = args.device.device()?;
     let dtype = args.device.dtype(&device)?;
     let config = LlamaConfig::from_json_str(config_json(&args.config)?, &args.config)?;
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights::new(0.02)), dtype, device.clone());
     let mut model = CachedLlama::new(Llama::load(vb, &config)?);
     model.set_cuda_graphs(!args.no_cuda_graphs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);

@@ -13,6 +13,5 @@ pub mod generate;
 pub mod gpu_test;
 pub mod merge;
 pub mod models;
-pub mod random_weights;
 pub mod sampling_args;
 pub mod train;

@@ -3,42 +3,15 @@
 //! random model, through recaptures (a cache that grows past its capacity, a new prompt, a
 //! new batch size) and for unmerged LoRA adapters.
 
-use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{CachedLlama, DecoderLm};
+use crate::model::load::RandomWeights;
 use crate::model::{Llama, LlamaConfig, LoraSpec, TargetModule};
 
 fn mc<T>(r: crate::Result<T>) -> Result<T> {
     r.map_err(crate::Error::into_candle)
-}
-
-/// Random normal weights (std 0.1: logits that differ from token to token), norm weights
-/// near 1.
-struct Random;
-
-impl SimpleBackend for Random {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Tensor> {
-        let t = Tensor::randn(0f32, 0.1, s, dev)?;
-        let t = if name.contains("norm") { (t + 1.0)? } else { t };
-        t.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
-        candle_core::bail!("random weights: {name} was asked for without a shape")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
 }
 
 fn tiny_model(dev: &Device, dtype: DType) -> Result<Llama> {
@@ -46,7 +19,8 @@ fn tiny_model(dev: &Device, dtype: DType) -> Result<Llama> {
       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
       "max_position_embeddings": 4096, "tie_word_embeddings": false}"#;
     let config = mc(LlamaConfig::from_json_str(json, "graph check"))?;
-    let vb = VarBuilder::from_backend(Box::new(Random), dtype, dev.clone());
+    // std 0.1: logits that differ clearly from token to token.
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights::new(0.1)), dtype, dev.clone());
     mc(Llama::load(vb, &config))
 }
 

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
-use metal_candle::model::{Architecture, LlamaConfig, RopeScaling};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use metal_candle::model::{Architecture, Llama, LlamaConfig, RopeScaling};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -148,4 +149,22 @@ pub fn batch(rows: &[Vec<u32>]) -> Tensor {
     let len = rows[0].len();
     assert!(rows.iter().all(|r| r.len() == len), "rows differ in length");
     Tensor::from_vec(rows.concat(), (rows.len(), len), &Device::Cpu).unwrap()
+}
+
+/// `config` with random f32 weights from `seed`, on the CPU.
+#[allow(dead_code)] // not every test binary that includes this file uses it
+pub fn tiny_model(config: &LlamaConfig, seed: u64) -> Llama {
+    Llama::load(
+        VarBuilder::from_tensors(random_weights(config, seed), DType::F32, &Device::Cpu),
+        config,
+    )
+    .unwrap()
+}
+
+/// `n` token ids below `vocab`, a different sequence for each `salt`.
+#[allow(dead_code)] // not every test binary that includes this file uses it
+pub fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 31 + salt * 7 + 5) % vocab) as u32)
+        .collect()
 }

@@ -23,6 +23,7 @@ mod gguf;
 mod gguf_names;
 mod gguf_tokenizer;
 mod hf;
+mod random;
 mod source;
 mod tokenizer;
 
@@ -34,6 +35,7 @@ pub use convert::{convert_gguf_to_hf, save_hf_dir};
 pub use gguf::{permute_rows, unpermute_rows, GgufFile};
 pub use gguf_names::{gguf_name, hf_name};
 pub use hf::{load_hf_dir, mmap_safetensors, safetensors_files};
+pub use random::RandomWeights;
 pub use source::ModelSource;
 pub use tokenizer::TextTokenizer;
 
