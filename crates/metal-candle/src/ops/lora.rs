@@ -29,7 +29,7 @@ use crate::{Error, Result};
 pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     check_lora_args("lora_delta", x, a, b, scale)?;
     Ok(match kernel_path(x.device(), x.dtype()) {
-        KernelPath::Fused => x.apply_op3(a, b, LoraDelta { scale })?,
+        KernelPath::Fused => x.apply_op3(a, b, LoraDelta::new(scale))?,
         KernelPath::Reference => reference::lora_delta(x, a, b, scale)?,
     })
 }
@@ -82,7 +82,7 @@ pub fn lora_linear(
                 Some(bias) => base.broadcast_add(bias)?,
                 None => base,
             };
-            (base + x.apply_op3(a, b, LoraDelta { scale })?)?
+            (base + x.apply_op3(a, b, LoraDelta::new(scale))?)?
         }
         KernelPath::Reference => reference::lora_linear(x, w, bias, a, b, scale)?,
     })
@@ -200,6 +200,18 @@ fn cpu_factors<T: Elem>(
 
 struct LoraDelta {
     scale: f64,
+    /// The CPU forward pass's projections `t = scale·x·A` (M, r) in accumulation precision,
+    /// for the backward pass (which would otherwise compute them again).
+    saved_t: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl LoraDelta {
+    fn new(scale: f64) -> Self {
+        Self {
+            scale,
+            saved_t: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl CustomOp3 for LoraDelta {
@@ -220,7 +232,10 @@ impl CustomOp3 for LoraDelta {
         with_float_type!(xs.dtype(), "lora_delta", T => {
             let f = cpu_factors::<T>((as_, al), (bs, bl), self.scale)?;
             let x = cpu::contiguous::<T>(xs, xl)?;
-            Ok((cpu::to_storage(cpu::lora::forward(&x, &f, m)), out_shape))
+            let (y, t) = cpu::lora::forward(&x, &f, m);
+            let t = <<T as Elem>::A as Acc>::into_tensor(t, &[m, f.rank])?;
+            *self.saved_t.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+            Ok((cpu::to_storage(y), out_shape))
         })
     }
 
@@ -249,13 +264,18 @@ impl CustomOp3 for LoraDelta {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, da, db) = lora_backward(x, a, b, dy, self.scale, None)?;
+        let saved_t = self
+            .saved_t
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (dx, da, db) = lora_backward(x, a, b, dy, self.scale, None, saved_t.as_ref())?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
 /// Gradients of the LoRA term for `x`, `a` and `b`; `dx_base` (same shape as x) is added
-/// into dx when given.
+/// into dx when given. `saved_t` is the CPU forward pass's `scale·x·A` (M, r), if kept.
 fn lora_backward(
     x: &Tensor,
     a: &Tensor,
@@ -263,6 +283,7 @@ fn lora_backward(
     dy: &Tensor,
     scale: f64,
     dx_base: Option<&Tensor>,
+    saved_t: Option<&Tensor>,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     match x.device() {
         candle_core::Device::Cpu => {
@@ -280,7 +301,12 @@ fn lora_backward(
                 let xv = cpu::contiguous::<T>(xs, xl)?;
                 let gv = cpu::contiguous::<T>(gs, gl)?;
                 let init = dx_base.map(<<T as Elem>::A as Acc>::read_tensor).transpose()?;
-                let (dx, dat, db) = cpu::lora::backward(&xv, &gv, &f, init.as_deref(), leading_rows(x.dims()));
+                let rows = leading_rows(x.dims());
+                let t = saved_t.map(<<T as Elem>::A as Acc>::read_tensor).transpose()?;
+                if t.as_ref().is_some_and(|t| t.len() != rows * f.rank) {
+                    candle_core::bail!("lora backward: the saved projections do not match x");
+                }
+                let (dx, dat, db) = cpu::lora::backward(&xv, &gv, &f, init.as_deref(), t.as_deref(), rows);
                 Ok((
                     cpu::to_tensor(dx, x.dims())?,
                     cpu::to_tensor(dat, &[f.rank, f.k])?.t()?,
@@ -415,7 +441,7 @@ impl CustomOp3 for LoraLinear {
             .reshape(((), n))?
             .matmul(&self.w.to_dtype(base_dtype)?)?
             .reshape(x.shape())?;
-        let (dx, da, db) = lora_backward(x, a, b, dy, self.scale, Some(&dx_base))?;
+        let (dx, da, db) = lora_backward(x, a, b, dy, self.scale, Some(&dx_base), None)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
@@ -501,10 +527,7 @@ impl CustomOp1 for FusedLoRAOp {
         let (Storage::Cpu(as_), Storage::Cpu(bs)) = (&*as_, &*bs) else {
             candle_core::bail!("FusedLoRAOp: lora_a and lora_b must be on the input's device (CPU)")
         };
-        LoraDelta {
-            scale: self.scaling,
-        }
-        .cpu_fwd(xs, xl, as_, al, bs, bl)
+        LoraDelta::new(self.scaling).cpu_fwd(xs, xl, as_, al, bs, bl)
     }
 
     #[cfg(feature = "cuda")]
@@ -522,14 +545,12 @@ impl CustomOp1 for FusedLoRAOp {
                 "FusedLoRAOp: lora_a and lora_b must be on the input's device (CUDA)"
             )
         };
-        LoraDelta {
-            scale: self.scaling,
-        }
-        .cuda_fwd(xs, xl, as_, al, bs, bl)
+        LoraDelta::new(self.scaling).cuda_fwd(xs, xl, as_, al, bs, bl)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (dx, _, _) = lora_backward(x, &self.lora_a, &self.lora_b, dy, self.scaling, None)?;
+        let (dx, _, _) =
+            lora_backward(x, &self.lora_a, &self.lora_b, dy, self.scaling, None, None)?;
         Ok(Some(dx))
     }
 }

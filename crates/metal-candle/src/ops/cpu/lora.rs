@@ -113,20 +113,25 @@ pub(crate) fn factors<T: Elem>(
 /// r = 8) are streamed from L2 for every row and bound the kernels.
 const GROUP: usize = 4;
 
-/// `scale·(x·A)·B` as a new (M, N) output (`rows` = M).
-pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> Vec<T> {
+/// `scale·(x·A)·B` as a new (M, N) output (`rows` = M), and the projections
+/// `t = scale·x·A` (M, r) in accumulation precision: the backward pass needs them, and
+/// handing them over saves it one of its five passes over a factor.
+pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> (Vec<T>, Vec<T::A>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
-    let (out, _) = build_row_groups::<T, _, GROUP>(
+    let (out, blocks) = build_row_groups::<T, _, GROUP>(
         rows,
         n,
-        || RowGroup::new(k, rank),
+        || (RowGroup::new(k, rank), Vec::new()),
         #[inline(always)]
-        |group, first, count, y, fma| {
+        |(group, t), first, count, y, fma| {
             y.fill(T::A::ZERO);
             group.add_lora_rows(x, first, count, f, y, fma);
+            t.extend_from_slice(&group.proj[..count * rank]);
         },
     );
-    out
+    // The blocks come back in row order, each with its rows' projections in order.
+    let t = blocks.into_iter().flat_map(|(_, t)| t).collect();
+    (out, t)
 }
 
 /// For every row: `out_row = init_row + bias + scale·(x_row·A)·B`, where `init` is the base
@@ -415,11 +420,15 @@ struct BackwardTask<A> {
 ///
 /// Per group of rows: `t = scale·x·A` and `g = scale·dy·Bᵀ`, the dx rows `g·Aᵀ`, then the
 /// outer products `g ⊗ x` and `t ⊗ dy` summed into the task's dAᵀ and dB.
+///
+/// `saved_t`, when given, is the forward pass's `t` (M, r) (see [`forward`]); otherwise `t`
+/// is computed again here.
 pub(crate) fn backward<T: Elem>(
     x: &[T],
     dy: &[T],
     f: &Factors<T::A>,
     dx_init: Option<&[T::A]>,
+    saved_t: Option<&[T::A]>,
     rows: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
@@ -435,17 +444,17 @@ pub(crate) fn backward<T: Elem>(
         #[inline(always)]
         |task, first, count, dxg, fma| match (fma, wide_tiles()) {
             (true, true) => {
-                backward_group::<T, true, true>(task, x, dy, f, dx_init, first, count, dxg)
+                backward_group::<T, true, true>(task, x, dy, f, dx_init, saved_t, first, count, dxg)
             }
-            (true, false) => {
-                backward_group::<T, true, false>(task, x, dy, f, dx_init, first, count, dxg)
-            }
-            (false, true) => {
-                backward_group::<T, false, true>(task, x, dy, f, dx_init, first, count, dxg)
-            }
-            (false, false) => {
-                backward_group::<T, false, false>(task, x, dy, f, dx_init, first, count, dxg)
-            }
+            (true, false) => backward_group::<T, true, false>(
+                task, x, dy, f, dx_init, saved_t, first, count, dxg,
+            ),
+            (false, true) => backward_group::<T, false, true>(
+                task, x, dy, f, dx_init, saved_t, first, count, dxg,
+            ),
+            (false, false) => backward_group::<T, false, false>(
+                task, x, dy, f, dx_init, saved_t, first, count, dxg,
+            ),
         },
     );
     let mut dat = Packed::zeros(rank, k);
@@ -471,11 +480,12 @@ fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
     dy: &[T],
     f: &Factors<T::A>,
     dx_init: Option<&[T::A]>,
+    saved_t: Option<&[T::A]>,
     first: usize,
     count: usize,
     dxg: &mut [T::A],
 ) {
-    let k = f.k;
+    let (k, rank) = (f.k, f.rank);
     let BackwardTask {
         dat,
         db,
@@ -485,7 +495,14 @@ fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
     let (mut t, mut g) = (std::mem::take(&mut xg.proj), std::mem::take(&mut dyg.proj));
     let xs = xg.load(x, first, count);
     let dys = dyg.load(dy, first, count);
-    project_group::<T::A, FMA, WIDE>(xs, &f.at, f.scale, &mut t);
+    match saved_t {
+        Some(saved) => {
+            // Rows past `count` are zero rows: their projections are zero.
+            t.fill(T::A::ZERO);
+            t[..count * rank].copy_from_slice(&saved[first * rank..(first + count) * rank]);
+        }
+        None => project_group::<T::A, FMA, WIDE>(xs, &f.at, f.scale, &mut t),
+    }
     project_group::<T::A, FMA, WIDE>(dys, &f.b, f.scale, &mut g);
     match dx_init {
         Some(init) => dxg[..count * k].copy_from_slice(&init[first * k..(first + count) * k]),

@@ -32,6 +32,8 @@ pub(crate) trait Acc:
     fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<Self>>;
     /// Wraps values as CPU storage of dtype [`Acc::DTYPE`].
     fn into_storage(v: Vec<Self>) -> candle_core::CpuStorage;
+    /// Wraps values as a CPU tensor of dtype [`Acc::DTYPE`] and shape `shape`.
+    fn into_tensor(v: Vec<Self>, shape: &[usize]) -> candle_core::Result<candle_core::Tensor>;
     fn from_f64(v: f64) -> Self;
     fn from_usize(v: usize) -> Self;
     fn sqrt(self) -> Self;
@@ -62,6 +64,9 @@ impl Acc for f32 {
     const DTYPE: candle_core::DType = candle_core::DType::F32;
     fn into_storage(v: Vec<f32>) -> candle_core::CpuStorage {
         candle_core::CpuStorage::F32(v)
+    }
+    fn into_tensor(v: Vec<f32>, shape: &[usize]) -> candle_core::Result<candle_core::Tensor> {
+        candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
     }
     fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
         super::tensor_data::<f32>(t)
@@ -108,6 +113,9 @@ impl Acc for f64 {
     const DTYPE: candle_core::DType = candle_core::DType::F64;
     fn into_storage(v: Vec<f64>) -> candle_core::CpuStorage {
         candle_core::CpuStorage::F64(v)
+    }
+    fn into_tensor(v: Vec<f64>, shape: &[usize]) -> candle_core::Result<candle_core::Tensor> {
+        candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
     }
     fn read_tensor(t: &candle_core::Tensor) -> candle_core::Result<Vec<f64>> {
         super::tensor_data::<f64>(t)
