@@ -82,8 +82,9 @@ impl CachedLlama {
         cfg!(feature = "cuda") && self.cuda_graphs && self.model.device().is_cuda()
     }
 
-    /// How many decoding steps have been captured as CUDA graphs: one per prompt, plus one
-    /// whenever the batch size changes or the cache outgrows the captured capacity.
+    /// How many decoding steps have been captured as CUDA graphs: one at the first decoding
+    /// step, then one whenever the batch size changes or the cache outgrows the captured
+    /// capacity (later prompts of the same batch size replay the same capture).
     pub fn graph_captures(&self) -> usize {
         self.captures
     }
