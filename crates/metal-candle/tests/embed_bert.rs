@@ -5,11 +5,14 @@
 //! - sentence-transformers' all-MiniLM-L6-v2 vectors (`fixtures/minilm/embeddings.json`), for
 //!   the real model from the fetched assets (ignored by default: needs `METAL_CANDLE_ASSETS`).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use common::max_abs_diff;
 use metal_candle::embed::{
     load_tokenizer, options_from_dir, pad_batch, BertConfig, BertModel, EmbedOptions, Pooling,
     SentenceEmbedder,
@@ -19,19 +22,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("fixtures")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
