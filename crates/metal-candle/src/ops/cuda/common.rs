@@ -304,6 +304,20 @@ pub(super) fn rows_and_len(op: &str, shape: &Shape) -> Result<(usize, usize)> {
     Ok((rows, n))
 }
 
+/// Packs of `width` elements a row kernel's thread keeps in registers (`row_packs` in
+/// common.cuh): `elems` elements for the 16-byte-pack kernels whatever the storage type, so a
+/// 16-bit row gets half as many packs per thread as an f32 row and twice the threads (the
+/// same packs for every type left bf16 threads with twice the registers, and bf16 norms at
+/// 70–80% of the copy bandwidth against 95% for f32); `scalar` packs for the one-element
+/// kernels (`width` 1).
+pub(super) const fn row_packs(width: usize, elems: usize, scalar: usize) -> usize {
+    if width == 1 {
+        scalar
+    } else {
+        elems / width
+    }
+}
+
 /// Threads per block for a row of `nvec` vectors, `per_thread` vectors held by each thread.
 pub(super) fn row_threads(nvec: usize, per_thread: usize) -> u32 {
     let t = nvec.div_ceil(per_thread).div_ceil(32) * 32;

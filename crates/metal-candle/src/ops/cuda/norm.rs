@@ -9,14 +9,20 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Tensor};
 
 use super::common::{
-    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_threads,
-    rows_and_len, sm_count, to_tensor, with_elem, Elem, NORM_PTX,
+    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_packs,
+    row_threads, rows_and_len, sm_count, to_tensor, with_elem, Elem, NORM_PTX,
 };
 
 const MODULE: &str = "metal_candle_norm";
-/// Packs per thread held in registers: `RF` (forward) and `RB` (backward) in norm.cu.
-const PER_THREAD_FWD: usize = 4;
-const PER_THREAD_BWD: usize = 2;
+/// Packs per thread held in registers, forward (`RF` in norm.cu), for packs of `width`.
+const fn fwd_packs(width: usize) -> usize {
+    row_packs(width, 16, 4)
+}
+
+/// Backward (`RB` in norm.cu): x, dy and the weight-gradient sums all live in registers.
+const fn bwd_packs(width: usize) -> usize {
+    row_packs(width, 8, 2)
+}
 
 /// `x / sqrt(mean(x²) + eps) ⊙ w` over the last dimension.
 pub fn rms_norm_forward(
@@ -71,7 +77,7 @@ fn forward(
                 && bv.as_ref().is_none_or(|b| aligned16(b, &dev));
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("{kind}_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD_FWD))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, fwd_packs(width)))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i, eps_f) = (rows as i32, n as i32, eps as f32);
             let mut l = stream.launch_builder(&f);
@@ -157,7 +163,7 @@ fn backward(
         let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&wv, &dev) && aligned16(&gv, &dev);
         let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
         let f = load(&dev, &format!("{kind}_bwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-        let threads = fit_threads(&f, row_threads(n / width, PER_THREAD_BWD))?;
+        let threads = fit_threads(&f, row_threads(n / width, bwd_packs(width)))?;
         let groups = backward_groups(&f, &dev, threads, rows)?;
         // One partial row per block and parameter, fully written by the kernel.
         let mut parts: Vec<CudaSlice<f32>> = Vec::with_capacity(n_params);
@@ -229,9 +235,9 @@ pub fn add_rms_norm_forward(
             && aligned16(&wv, &dev);
         let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
         let f = load(&dev, &format!("add_rms_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-        let threads = fit_threads(&f, row_threads(n / width, PER_THREAD_FWD))?;
-        // The kernel holds the whole row in registers: PER_THREAD_FWD packs per thread.
-        if n / width > PER_THREAD_FWD * threads as usize {
+        let threads = fit_threads(&f, row_threads(n / width, fwd_packs(width)))?;
+        // The kernel holds the whole row in registers: fwd_packs packs per thread.
+        if n / width > fwd_packs(width) * threads as usize {
             return Ok(None);
         }
         let mut s = alloc_out::<T>(&dev, rows * n)?;

@@ -7,13 +7,19 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Layout, Result, Tensor};
 
 use super::common::{
-    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_threads,
-    rows_and_len, to_tensor, with_elem, Elem, SOFTMAX_PTX,
+    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_packs,
+    row_threads, rows_and_len, to_tensor, with_elem, Elem, SOFTMAX_PTX,
 };
 
 const MODULE: &str = "metal_candle_softmax";
-/// Packs each thread keeps in registers (`R` in softmax.cu).
-const PER_THREAD: usize = 4;
+/// Packs of `width` each thread keeps in registers in softmax (`RS` in softmax.cu).
+const fn softmax_packs(width: usize) -> usize {
+    row_packs(width, 16, 4)
+}
+
+/// Packs per thread in the cross-entropy (`RCE` in softmax.cu), whatever the type: its rows
+/// are a vocabulary long and stay in registers up to 4096 packs.
+const CE_PACKS: usize = 4;
 
 /// `softmax(x)` over the last dimension of `x` (storage `s` under layout `l`).
 pub fn softmax_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
@@ -27,7 +33,7 @@ pub fn softmax_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
             let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("softmax_fwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, softmax_packs(width)))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
@@ -60,7 +66,7 @@ pub fn softmax_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
             let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&gv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("softmax_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, softmax_packs(width)))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
@@ -92,7 +98,7 @@ pub fn cross_entropy_forward(
             let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("ce_fwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, CE_PACKS))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
@@ -128,7 +134,7 @@ pub fn cross_entropy_backward(x: &Tensor, t: &Tensor, g: &Tensor) -> Result<Tens
             let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("ce_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, PER_THREAD))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, CE_PACKS))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);

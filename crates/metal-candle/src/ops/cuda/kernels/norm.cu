@@ -8,18 +8,20 @@
 // The row statistics are recomputed from x (nothing is saved by the forward pass).
 #include "common.cuh"
 
-constexpr int RF = 4;  // packs per thread held in registers, forward
-constexpr int RB = 2;  // backward (x, dy and the gradient accumulators all live in registers)
+// Packs per thread held in registers: 16 elements forward; 8 backward, where x, dy and the
+// gradient accumulators all live in registers (`fwd_packs` and `bwd_packs` in norm.rs).
+template <int V> constexpr int RF = row_packs(V, 16, 4);
+template <int V> constexpr int RB = row_packs(V, 8, 2);
 
 template <typename T, int V>
 __device__ void rms_fwd_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n, float eps, float* shm) {
     const int nv = n / V;
-    const bool cached = nv <= RF * (int)blockDim.x;
-    float v[RF][V];
+    const bool cached = nv <= RF<V> * (int)blockDim.x;
+    float v[RF<V>][V];
     float ss = 0.f;
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF; r++) {
+        for (int r = 0; r < RF<V>; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
                 load<T, V>(x + (size_t)i * V, v[r]);
@@ -39,7 +41,7 @@ __device__ void rms_fwd_row(const T* __restrict__ x, const T* __restrict__ w, T*
     const float rstd = rsqrtf(ss / (float)n + eps);
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF; r++) {
+        for (int r = 0; r < RF<V>; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
                 float wv[V];
@@ -68,10 +70,10 @@ template <typename T, int V>
 __device__ void add_rms_fwd_row(const T* __restrict__ x, const T* __restrict__ r, const T* __restrict__ w,
                                 T* __restrict__ s, T* __restrict__ y, int n, float eps, float* shm) {
     const int nv = n / V;
-    float v[RF][V];
+    float v[RF<V>][V];
     float ss = 0.f;
 #pragma unroll
-    for (int q = 0; q < RF; q++) {
+    for (int q = 0; q < RF<V>; q++) {
         const int i = threadIdx.x + q * blockDim.x;
         if (i < nv) {
             float b[V];
@@ -88,7 +90,7 @@ __device__ void add_rms_fwd_row(const T* __restrict__ x, const T* __restrict__ r
     ss = block_reduce1(ss, SumOp(), 0.f, shm);
     const float rstd = rsqrtf(ss / (float)n + eps);
 #pragma unroll
-    for (int q = 0; q < RF; q++) {
+    for (int q = 0; q < RF<V>; q++) {
         const int i = threadIdx.x + q * blockDim.x;
         if (i < nv) {
             float wv[V];
@@ -104,12 +106,12 @@ template <typename T, int V>
 __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
                               int n, float eps, float* shm) {
     const int nv = n / V;
-    const bool cached = nv <= RF * (int)blockDim.x;
-    float v[RF][V];
+    const bool cached = nv <= RF<V> * (int)blockDim.x;
+    float v[RF<V>][V];
     float s = 0.f;
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF; r++) {
+        for (int r = 0; r < RF<V>; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
                 load<T, V>(x + (size_t)i * V, v[r]);
@@ -130,7 +132,7 @@ __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, 
     float q = 0.f;
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF; r++) {
+        for (int r = 0; r < RF<V>; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv)
 #pragma unroll
@@ -147,7 +149,7 @@ __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, 
     const float rstd = rsqrtf(block_reduce1(q, SumOp(), 0.f, shm) / (float)n + eps);
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF; r++) {
+        for (int r = 0; r < RF<V>; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
                 float wv[V], bv[V];
@@ -179,10 +181,10 @@ __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ w, const 
                         float* __restrict__ part_dw, int rows, int n, float eps) {
     __shared__ float shm[2 * 32];
     const int nv = n / V;
-    const bool cached = nv <= RB * (int)blockDim.x;
-    float acc[RB][V];
+    const bool cached = nv <= RB<V> * (int)blockDim.x;
+    float acc[RB<V>][V];
 #pragma unroll
-    for (int r = 0; r < RB; r++)
+    for (int r = 0; r < RB<V>; r++)
 #pragma unroll
         for (int k = 0; k < V; k++) acc[r][k] = 0.f;
     float* prow = part_dw + (size_t)blockIdx.x * n;
@@ -191,11 +193,11 @@ __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ w, const 
         const T* xr = x + (size_t)row * n;
         const T* gr = dy + (size_t)row * n;
         T* dr = dx + (size_t)row * n;
-        float xv[RB][V], gv[RB][V];
+        float xv[RB<V>][V], gv[RB<V>][V];
         float s[2] = {0.f, 0.f};  // Σx², Σ(dy·w)·x
         if (cached) {
 #pragma unroll
-            for (int r = 0; r < RB; r++) {
+            for (int r = 0; r < RB<V>; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
                 if (i < nv) {
                     float wv[V];
@@ -221,7 +223,7 @@ __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ w, const 
         const float c = s[1] * rstd * rstd / (float)n;  // mean(g·x̂) · r⁻¹ folded: x̂·mean(g·x̂) = x·r²·Σ(g·x)/n
         if (cached) {
 #pragma unroll
-            for (int r = 0; r < RB; r++) {
+            for (int r = 0; r < RB<V>; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
                 if (i < nv) {
                     float wv[V], o[V];
@@ -252,7 +254,7 @@ __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ w, const 
     }
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RB; r++) {
+        for (int r = 0; r < RB<V>; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv)
 #pragma unroll
@@ -268,10 +270,10 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
                           float* __restrict__ part_dw, float* __restrict__ part_db, int rows, int n, float eps) {
     __shared__ float shm[4 * 32];  // [0, 32): the mean; [32, 128): the three row sums
     const int nv = n / V;
-    const bool cached = nv <= RB * (int)blockDim.x;
-    float accw[RB][V], accb[RB][V];
+    const bool cached = nv <= RB<V> * (int)blockDim.x;
+    float accw[RB<V>][V], accb[RB<V>][V];
 #pragma unroll
-    for (int r = 0; r < RB; r++)
+    for (int r = 0; r < RB<V>; r++)
 #pragma unroll
         for (int k = 0; k < V; k++) { accw[r][k] = 0.f; accb[r][k] = 0.f; }
     float* pw = part_dw + (size_t)blockIdx.x * n;
@@ -281,11 +283,11 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
         const T* xr = x + (size_t)row * n;
         const T* gr = dy + (size_t)row * n;
         T* dr = dx + (size_t)row * n;
-        float xv[RB][V], gv[RB][V];
+        float xv[RB<V>][V], gv[RB<V>][V];
         float s1 = 0.f;
         if (cached) {
 #pragma unroll
-            for (int r = 0; r < RB; r++) {
+            for (int r = 0; r < RB<V>; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
                 if (i < nv) {
                     load<T, V>(xr + (size_t)i * V, xv[r]);
@@ -306,7 +308,7 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
         float s[3] = {0.f, 0.f, 0.f};  // Σ(x−mean)², Σg, Σg·(x−mean)
         if (cached) {
 #pragma unroll
-            for (int r = 0; r < RB; r++) {
+            for (int r = 0; r < RB<V>; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
                 if (i < nv) {
                     float wv[V];
@@ -337,7 +339,7 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
         const float mgx = s[2] * rstd / (float)n;  // mean(g·x̂)
         if (cached) {
 #pragma unroll
-            for (int r = 0; r < RB; r++) {
+            for (int r = 0; r < RB<V>; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
                 if (i < nv) {
                     float wv[V], o[V];
@@ -372,7 +374,7 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
     }
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RB; r++) {
+        for (int r = 0; r < RB<V>; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv)
 #pragma unroll

@@ -3,13 +3,17 @@
 // Also the cross-entropy of each row against a target index, which is a softmax in disguise.
 #include "common.cuh"
 
-constexpr int R = 4;  // packs per thread held in registers
+// Packs per thread held in registers: 16 elements for softmax (`softmax_packs` in softmax.rs);
+// 4 packs whatever the type for the cross-entropy, whose rows are a vocabulary long and should
+// stay in registers up to 4096 packs (`CE_PACKS`).
+template <int V> constexpr int RS = row_packs(V, 16, 4);
+constexpr int RCE = 4;
 
 // The row's maximum, reduced over the block (every thread gets it). When `cached`, the row is
 // left in `v` (pack r of this thread at v[r]) and, if `dy` is given, the same packs of `dy` in
 // `g`, loaded in the same loop so that all of a thread's loads are in flight together;
 // otherwise the row is only read (and `dy` not at all).
-template <typename T, int V>
+template <typename T, int V, int R>
 __device__ float load_row_max(const T* __restrict__ x, float (&v)[R][V], const T* __restrict__ dy, float (&g)[R][V],
                               int nv, bool cached, float* shm) {
     float mx = -INFINITY;
@@ -37,7 +41,7 @@ __device__ float load_row_max(const T* __restrict__ x, float (&v)[R][V], const T
 
 // Σ e^(x − mx) over the row, reduced over the block. When `cached`, the packs in `v` are
 // replaced by their exponentials on the way; otherwise the row is read again.
-template <typename T, int V>
+template <typename T, int V, int R>
 __device__ float exp_sum(const T* __restrict__ x, float (&v)[R][V], int nv, bool cached, float mx, float* shm) {
     float s = 0.f;
     if (cached) {
@@ -62,10 +66,11 @@ __device__ float exp_sum(const T* __restrict__ x, float (&v)[R][V], int nv, bool
 template <typename T, int V>
 __device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int n, float* shm) {
     const int nv = n / V;
+    constexpr int R = RS<V>;
     const bool cached = nv <= R * (int)blockDim.x;
     float v[R][V];
-    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
-    const float s = exp_sum<T, V>(x, v, nv, cached, mx, shm);
+    const float mx = load_row_max<T, V, R>(x, v, nullptr, v, nv, cached, shm);
+    const float s = exp_sum<T, V, R>(x, v, nv, cached, mx, shm);
     const float inv = 1.f / s;
     if (cached) {
 #pragma unroll
@@ -95,9 +100,10 @@ __device__ void softmax_fwd_row(const T* __restrict__ x, T* __restrict__ y, int 
 template <typename T, int V>
 __device__ void softmax_bwd_row(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int n, float* shm) {
     const int nv = n / V;
+    constexpr int R = RS<V>;
     const bool cached = nv <= R * (int)blockDim.x;
     float xv[R][V], gv[R][V];
-    const float mx = load_row_max<T, V>(x, xv, dy, gv, nv, cached, shm);
+    const float mx = load_row_max<T, V, R>(x, xv, dy, gv, nv, cached, shm);
     // Σ e^(x - max) and Σ e^(x - max)·dy; y·dy summed = the second over the first.
     float se = 0.f, sg = 0.f;
     if (cached) {
@@ -159,9 +165,10 @@ __device__ void softmax_bwd_row(const T* __restrict__ x, const T* __restrict__ d
 template <typename T, int V>
 __device__ void ce_fwd_row(const T* __restrict__ x, unsigned t, float* __restrict__ loss, int n, float* shm) {
     const int nv = n / V;
+    constexpr int R = RCE;
     const bool cached = nv <= R * (int)blockDim.x;
     float v[R][V];
-    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
+    const float mx = load_row_max<T, V, R>(x, v, nullptr, v, nv, cached, shm);
     float sums[2] = {0.f, 0.f};  // Σ e below 1, number of e equal to 1
     if (cached) {
 #pragma unroll
@@ -197,10 +204,11 @@ __device__ void ce_fwd_row(const T* __restrict__ x, unsigned t, float* __restric
 template <typename T, int V>
 __device__ void ce_bwd_row(const T* __restrict__ x, unsigned t, float g, T* __restrict__ dx, int n, float* shm) {
     const int nv = n / V;
+    constexpr int R = RCE;
     const bool cached = nv <= R * (int)blockDim.x;
     float v[R][V];
-    const float mx = load_row_max<T, V>(x, v, nullptr, v, nv, cached, shm);
-    const float s = exp_sum<T, V>(x, v, nv, cached, mx, shm);
+    const float mx = load_row_max<T, V, R>(x, v, nullptr, v, nv, cached, shm);
+    const float s = exp_sum<T, V, R>(x, v, nv, cached, mx, shm);
     float others = 0.f;
     if (cached) {
 #pragma unroll
