@@ -28,6 +28,19 @@ __device__ __forceinline__ void load(const T* __restrict__ p, float (&out)[V]) {
     for (int i = 0; i < V; i++) out[i] = to_f(pk.v[i]);
 }
 
+// A pack as stored, for holding a row in registers: a 16-bit pack takes half the registers
+// of its f32 values (converted where used, which costs a shift or two per element).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_raw(const T* __restrict__ p) {
+    return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const Pack<T, V>& pk, float (&out)[V]) {
+#pragma unroll
+    for (int i = 0; i < V; i++) out[i] = to_f(pk.v[i]);
+}
+
 template <typename T, int V>
 __device__ __forceinline__ void store(T* __restrict__ p, const float (&in)[V]) {
     Pack<T, V> pk;

@@ -1,7 +1,8 @@
 // RMSNorm and LayerNorm over the last dimension, forward and backward.
 //
-// Forward: one block per row (grid-stride), the row in registers, f32 statistics, one read of
-// x and one write of y (the weight and bias rows come from L1/L2).
+// Forward: one block per row (grid-stride), the row in registers as stored (a 16-bit row takes
+// half the registers of its f32 values), f32 statistics, one read of x and one write of y (the
+// weight and bias rows come from L1/L2).
 // Backward: a grid of G blocks strides over the rows; each thread keeps the weight-gradient
 // partial sums of its own columns in registers across all the rows it visits and writes them
 // once to a per-block partial row (no atomics); `reduce_cols` then sums the G partial rows.
@@ -15,18 +16,25 @@ template <int V> constexpr int RB = row_packs(V, 8, 2);
 
 template <typename T, int V>
 __device__ void rms_fwd_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n, float eps, float* shm) {
+    constexpr int R = RF<V>;
     const int nv = n / V;
-    const bool cached = nv <= RF<V> * (int)blockDim.x;
-    float v[RF<V>][V];
+    const bool cached = nv <= R * (int)blockDim.x;
+    Pack<T, V> xr[R];
     float ss = 0.f;
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF<V>; r++) {
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) xr[r] = load_raw<T, V>(x + (size_t)i * V);
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
-                load<T, V>(x + (size_t)i * V, v[r]);
+                float t[V];
+                unpack<T, V>(xr[r], t);
 #pragma unroll
-                for (int k = 0; k < V; k++) ss += v[r][k] * v[r][k];
+                for (int k = 0; k < V; k++) ss += t[k] * t[k];
             }
         }
     } else {
@@ -41,14 +49,15 @@ __device__ void rms_fwd_row(const T* __restrict__ x, const T* __restrict__ w, T*
     const float rstd = rsqrtf(ss / (float)n + eps);
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF<V>; r++) {
+        for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
-                float wv[V];
+                float t[V], wv[V];
+                unpack<T, V>(xr[r], t);
                 load<T, V>(w + (size_t)i * V, wv);
 #pragma unroll
-                for (int k = 0; k < V; k++) v[r][k] = v[r][k] * rstd * wv[k];
-                store<T, V>(y + (size_t)i * V, v[r]);
+                for (int k = 0; k < V; k++) t[k] = t[k] * rstd * wv[k];
+                store<T, V>(y + (size_t)i * V, t);
             }
         }
     } else {
@@ -69,95 +78,142 @@ __device__ void rms_fwd_row(const T* __restrict__ x, const T* __restrict__ w, T*
 template <typename T, int V>
 __device__ void add_rms_fwd_row(const T* __restrict__ x, const T* __restrict__ r, const T* __restrict__ w,
                                 T* __restrict__ s, T* __restrict__ y, int n, float eps, float* shm) {
+    constexpr int R = RF<V>;
     const int nv = n / V;
-    float v[RF<V>][V];
+    Pack<T, V> sr[R];
     float ss = 0.f;
 #pragma unroll
-    for (int q = 0; q < RF<V>; q++) {
+    for (int q = 0; q < R; q++) {
         const int i = threadIdx.x + q * blockDim.x;
         if (i < nv) {
-            float b[V];
-            load<T, V>(x + (size_t)i * V, v[q]);
+            float a[V], b[V];
+            load<T, V>(x + (size_t)i * V, a);
             load<T, V>(r + (size_t)i * V, b);
 #pragma unroll
             for (int k = 0; k < V; k++) {
-                v[q][k] = to_f(from_f<T>(v[q][k] + b[k]));
-                ss += v[q][k] * v[q][k];
+                sr[q].v[k] = from_f<T>(a[k] + b[k]);
+                const float t = to_f(sr[q].v[k]);
+                ss += t * t;
             }
-            store<T, V>(s + (size_t)i * V, v[q]);
+            *reinterpret_cast<Pack<T, V>*>(s + (size_t)i * V) = sr[q];
         }
     }
     ss = block_reduce1(ss, SumOp(), 0.f, shm);
     const float rstd = rsqrtf(ss / (float)n + eps);
 #pragma unroll
-    for (int q = 0; q < RF<V>; q++) {
+    for (int q = 0; q < R; q++) {
         const int i = threadIdx.x + q * blockDim.x;
         if (i < nv) {
-            float wv[V];
+            float t[V], wv[V];
+            unpack<T, V>(sr[q], t);
             load<T, V>(w + (size_t)i * V, wv);
 #pragma unroll
-            for (int k = 0; k < V; k++) v[q][k] = v[q][k] * rstd * wv[k];
-            store<T, V>(y + (size_t)i * V, v[q]);
+            for (int k = 0; k < V; k++) t[k] = t[k] * rstd * wv[k];
+            store<T, V>(y + (size_t)i * V, t);
         }
     }
 }
 
+// For 16-bit rows held in registers, LayerNorm's statistics take one block reduction, of
+// Σ(x − p) and Σ(x − p)² about a pivot p = x[0]: mean = p + Σ(x − p)/n and
+// var = Σ(x − p)²/n − (mean − p)². The subtraction loses f32 digits in proportion to
+// (mean − p)²/var, at most n (when p is an outlier), so the variance keeps a relative precision
+// of n·2⁻²⁴ or better: under 1e-3 for the rows held in registers (n ≤ 16384), below a 16-bit
+// output's rounding. A block reduction's barriers are time in which the block has no loads in
+// flight, and a bf16 row is only 8 KB: RMSNorm (one reduction) ran at 79.7 µs where LayerNorm
+// (a mean, then the centred sum of squares) took 89.6 (8×2048×4096, H200). f32 rows keep the
+// exact two-pass form: their 16 KB hide the reductions (95% of the copy bandwidth either way).
+template <typename T> constexpr bool kPivotStats = sizeof(T) == 2;
+
 template <typename T, int V>
 __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
                               int n, float eps, float* shm) {
+    constexpr int R = RF<V>;
     const int nv = n / V;
-    const bool cached = nv <= RF<V> * (int)blockDim.x;
-    float v[RF<V>][V];
-    float s = 0.f;
+    const bool cached = nv <= R * (int)blockDim.x;
+    Pack<T, V> xr[R];
+    float mean, var;
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF<V>; r++) {
+        for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
-            if (i < nv) {
-                load<T, V>(x + (size_t)i * V, v[r]);
+            if (i < nv) xr[r] = load_raw<T, V>(x + (size_t)i * V);
+        }
+        if constexpr (kPivotStats<T>) {
+            const float p = to_f(x[0]);
+            float s[2] = {0.f, 0.f};  // Σ(x − p), Σ(x − p)²
 #pragma unroll
-                for (int k = 0; k < V; k++) s += v[r][k];
+            for (int r = 0; r < R; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    float t[V];
+                    unpack<T, V>(xr[r], t);
+#pragma unroll
+                    for (int k = 0; k < V; k++) { const float d = t[k] - p; s[0] += d; s[1] += d * d; }
+                }
             }
+            block_reduce<2>(s, SumOp(), 0.f, shm);
+            const float dm = s[0] / (float)n;
+            mean = p + dm;
+            var = fmaxf(s[1] / (float)n - dm * dm, 0.f);
+        } else {
+            float s = 0.f;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    float t[V];
+                    unpack<T, V>(xr[r], t);
+#pragma unroll
+                    for (int k = 0; k < V; k++) s += t[k];
+                }
+            }
+            mean = block_reduce1(s, SumOp(), 0.f, shm) / (float)n;
+            // Variance from the centred values (a second pass over registers): no cancellation.
+            float q = 0.f;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    float t[V];
+                    unpack<T, V>(xr[r], t);
+#pragma unroll
+                    for (int k = 0; k < V; k++) { const float d = t[k] - mean; q += d * d; }
+                }
+            }
+            var = block_reduce1(q, SumOp(), 0.f, shm) / (float)n;
         }
     } else {
+        float s = 0.f;
         for (int i = threadIdx.x; i < nv; i += blockDim.x) {
             float t[V];
             load<T, V>(x + (size_t)i * V, t);
 #pragma unroll
             for (int k = 0; k < V; k++) s += t[k];
         }
-    }
-    const float mean = block_reduce1(s, SumOp(), 0.f, shm) / (float)n;
-    // Variance from the centred values (two passes over registers): no cancellation.
-    float q = 0.f;
-    if (cached) {
-#pragma unroll
-        for (int r = 0; r < RF<V>; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            if (i < nv)
-#pragma unroll
-                for (int k = 0; k < V; k++) { const float d = v[r][k] - mean; q += d * d; }
-        }
-    } else {
+        mean = block_reduce1(s, SumOp(), 0.f, shm) / (float)n;
+        float q = 0.f;
         for (int i = threadIdx.x; i < nv; i += blockDim.x) {
             float t[V];
             load<T, V>(x + (size_t)i * V, t);
 #pragma unroll
             for (int k = 0; k < V; k++) { const float d = t[k] - mean; q += d * d; }
         }
+        var = block_reduce1(q, SumOp(), 0.f, shm) / (float)n;
     }
-    const float rstd = rsqrtf(block_reduce1(q, SumOp(), 0.f, shm) / (float)n + eps);
+    const float rstd = rsqrtf(var + eps);
     if (cached) {
 #pragma unroll
-        for (int r = 0; r < RF<V>; r++) {
+        for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) {
-                float wv[V], bv[V];
+                float t[V], wv[V], bv[V];
+                unpack<T, V>(xr[r], t);
                 load<T, V>(w + (size_t)i * V, wv);
                 load<T, V>(b + (size_t)i * V, bv);
 #pragma unroll
-                for (int k = 0; k < V; k++) v[r][k] = (v[r][k] - mean) * rstd * wv[k] + bv[k];
-                store<T, V>(y + (size_t)i * V, v[r]);
+                for (int k = 0; k < V; k++) t[k] = (t[k] - mean) * rstd * wv[k] + bv[k];
+                store<T, V>(y + (size_t)i * V, t);
             }
         }
     } else {
@@ -196,13 +252,20 @@ __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ w, const 
         float xv[RB<V>][V], gv[RB<V>][V];
         float s[2] = {0.f, 0.f};  // Σx², Σ(dy·w)·x
         if (cached) {
+            // Every load of the row issued before the first use.
+#pragma unroll
+            for (int r = 0; r < RB<V>; r++) {
+                const int i = threadIdx.x + r * blockDim.x;
+                if (i < nv) {
+                    load<T, V>(xr + (size_t)i * V, xv[r]);
+                    load<T, V>(gr + (size_t)i * V, gv[r]);
+                }
+            }
 #pragma unroll
             for (int r = 0; r < RB<V>; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
                 if (i < nv) {
                     float wv[V];
-                    load<T, V>(xr + (size_t)i * V, xv[r]);
-                    load<T, V>(gr + (size_t)i * V, gv[r]);
                     load<T, V>(w + (size_t)i * V, wv);
 #pragma unroll
                     for (int k = 0; k < V; k++) { s[0] += xv[r][k] * xv[r][k]; s[1] += gv[r][k] * wv[k] * xv[r][k]; }
@@ -284,7 +347,6 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
         const T* gr = dy + (size_t)row * n;
         T* dr = dx + (size_t)row * n;
         float xv[RB<V>][V], gv[RB<V>][V];
-        float s1 = 0.f;
         if (cached) {
 #pragma unroll
             for (int r = 0; r < RB<V>; r++) {
@@ -292,21 +354,15 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
                 if (i < nv) {
                     load<T, V>(xr + (size_t)i * V, xv[r]);
                     load<T, V>(gr + (size_t)i * V, gv[r]);
-#pragma unroll
-                    for (int k = 0; k < V; k++) s1 += xv[r][k];
                 }
             }
-        } else {
-            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-                float a[V];
-                load<T, V>(xr + (size_t)i * V, a);
-#pragma unroll
-                for (int k = 0; k < V; k++) s1 += a[k];
-            }
         }
-        const float mean = block_reduce1(s1, SumOp(), 0.f, shm) / (float)n;
-        float s[3] = {0.f, 0.f, 0.f};  // Σ(x−mean)², Σg, Σg·(x−mean)
-        if (cached) {
+        float mean, rstd, mg, mgx;
+        if (cached && kPivotStats<T>) {
+            // One reduction about the pivot p = x[0] (see kPivotStats): Σ(x − p), Σ(x − p)², Σg,
+            // Σg·(x − p); then Σg·(x − mean) = Σg·(x − p) − (mean − p)·Σg.
+            const float p = to_f(xr[0]);
+            float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int r = 0; r < RB<V>; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
@@ -315,28 +371,69 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
                     load<T, V>(w + (size_t)i * V, wv);
 #pragma unroll
                     for (int k = 0; k < V; k++) {
-                        const float d = xv[r][k] - mean, g = gv[r][k] * wv[k];
+                        const float d = xv[r][k] - p, g = gv[r][k] * wv[k];
+                        s[0] += d; s[1] += d * d; s[2] += g; s[3] += g * d;
+                    }
+                }
+            }
+            block_reduce<4>(s, SumOp(), 0.f, shm);
+            const float dm = s[0] / (float)n;
+            mean = p + dm;
+            rstd = rsqrtf(fmaxf(s[1] / (float)n - dm * dm, 0.f) + eps);
+            mg = s[2] / (float)n;
+            mgx = (s[3] - dm * s[2]) * rstd / (float)n;
+        } else {
+            float s1 = 0.f;
+            if (cached) {
+#pragma unroll
+                for (int r = 0; r < RB<V>; r++) {
+                    const int i = threadIdx.x + r * blockDim.x;
+                    if (i < nv)
+#pragma unroll
+                        for (int k = 0; k < V; k++) s1 += xv[r][k];
+                }
+            } else {
+                for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                    float a[V];
+                    load<T, V>(xr + (size_t)i * V, a);
+#pragma unroll
+                    for (int k = 0; k < V; k++) s1 += a[k];
+                }
+            }
+            mean = block_reduce1(s1, SumOp(), 0.f, shm) / (float)n;
+            float s[3] = {0.f, 0.f, 0.f};  // Σ(x−mean)², Σg, Σg·(x−mean)
+            if (cached) {
+#pragma unroll
+                for (int r = 0; r < RB<V>; r++) {
+                    const int i = threadIdx.x + r * blockDim.x;
+                    if (i < nv) {
+                        float wv[V];
+                        load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                        for (int k = 0; k < V; k++) {
+                            const float d = xv[r][k] - mean, g = gv[r][k] * wv[k];
+                            s[0] += d * d; s[1] += g; s[2] += g * d;
+                        }
+                    }
+                }
+            } else {
+                for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                    float a[V], b[V], wv[V];
+                    load<T, V>(xr + (size_t)i * V, a);
+                    load<T, V>(gr + (size_t)i * V, b);
+                    load<T, V>(w + (size_t)i * V, wv);
+#pragma unroll
+                    for (int k = 0; k < V; k++) {
+                        const float d = a[k] - mean, g = b[k] * wv[k];
                         s[0] += d * d; s[1] += g; s[2] += g * d;
                     }
                 }
             }
-        } else {
-            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-                float a[V], b[V], wv[V];
-                load<T, V>(xr + (size_t)i * V, a);
-                load<T, V>(gr + (size_t)i * V, b);
-                load<T, V>(w + (size_t)i * V, wv);
-#pragma unroll
-                for (int k = 0; k < V; k++) {
-                    const float d = a[k] - mean, g = b[k] * wv[k];
-                    s[0] += d * d; s[1] += g; s[2] += g * d;
-                }
-            }
+            block_reduce<3>(s, SumOp(), 0.f, shm + 32);
+            rstd = rsqrtf(s[0] / (float)n + eps);
+            mg = s[1] / (float)n;
+            mgx = s[2] * rstd / (float)n;  // mean(g·x̂)
         }
-        block_reduce<3>(s, SumOp(), 0.f, shm + 32);
-        const float rstd = rsqrtf(s[0] / (float)n + eps);
-        const float mg = s[1] / (float)n;
-        const float mgx = s[2] * rstd / (float)n;  // mean(g·x̂)
         if (cached) {
 #pragma unroll
             for (int r = 0; r < RB<V>; r++) {
@@ -401,7 +498,7 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
     }                                                                                                         \
     extern "C" __global__ void layer_fwd_##NAME##_##SUF(const T* x, const T* w, const T* b, T* y, int rows, int n, \
                                                         float eps) {                                          \
-        __shared__ float shm[32];                                                                             \
+        __shared__ float shm[3 * 32];                                                                         \
         for (int row = blockIdx.x; row < rows; row += gridDim.x)                                              \
             layer_fwd_row<T, V>(x + (size_t)row * n, w, b, y + (size_t)row * n, n, eps, shm);                 \
     }                                                                                                         \
