@@ -6,8 +6,6 @@
 //! N. The rank r is small (4–64), so the factors stay in cache while x streams through once;
 //! a group of four rows shares every load of them.
 
-use std::ops::Range;
-
 use rayon::prelude::*;
 
 use super::dispatch::{simd_level, SimdLevel};
@@ -70,24 +68,6 @@ impl<A: Acc> Packed<A> {
         self.data.chunks_exact((self.rows * BLOCK).max(1))
     }
 
-    /// Number of column blocks (the last one zero-padded past `len`).
-    fn num_blocks(&self) -> usize {
-        self.len.div_ceil(BLOCK)
-    }
-
-    /// Column block `b`.
-    #[inline(always)]
-    fn block(&self, b: usize) -> &[A] {
-        let size = self.rows * BLOCK;
-        &self.data[b * size..(b + 1) * size]
-    }
-
-    #[inline(always)]
-    fn block_mut(&mut self, b: usize) -> &mut [A] {
-        let size = self.rows * BLOCK;
-        &mut self.data[b * size..(b + 1) * size]
-    }
-
     fn blocks_mut(&mut self) -> std::slice::ChunksExactMut<'_, A> {
         self.data.chunks_exact_mut((self.rows * BLOCK).max(1))
     }
@@ -128,58 +108,25 @@ pub(crate) fn factors<T: Elem>(
     }
 }
 
-/// Rows of x (and of dy) a register tile handles together: every load of a row of Aᵀ or B
-/// then serves four rows. One row at a time, the factors (2·r·K values, 128 KiB at K = N =
-/// 2048, r = 8) are streamed from L2 for every row and bound the kernels.
+/// Rows of x (and of dy) a kernel handles together: every load of a row of Aᵀ or B then
+/// serves four rows. One row at a time, the factors (2·r·K values, 128 KiB at K = N = 2048,
+/// r = 8) are streamed from L2 for every row and bound the kernels.
 const GROUP: usize = 4;
-
-/// Rows the kernels take together: four groups, which pass over the factors (and, backward,
-/// the gradient sums) one column tile at a time. A tile stays in L1 while the four groups use
-/// it, so the factors and sums move between L1 and the outer caches once per chunk rather
-/// than once per group. At K = N = 4096, r = 16 they are 1 MiB, twice an AVX2 core's L2 on
-/// the development machine, where going group by group over whole rows made the backward pass
-/// slower than candle's matmuls.
-const CHUNK: usize = 4 * GROUP;
-
-/// Column blocks per tile: 8 × 32 columns, so that a tile of a rank-16 factor and one of a
-/// gradient sum (16 KiB each at f32) and the chunk's 16 row pieces (16 KiB) fit in L1 together.
-const TILE_BLOCKS: usize = 8;
-
-/// The column tiles of a packed matrix: ranges of at most [`TILE_BLOCKS`] blocks.
-fn tiles<A: Acc>(m: &Packed<A>) -> impl Iterator<Item = Range<usize>> {
-    let blocks = m.num_blocks();
-    static TB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let tb = *TB.get_or_init(|| {
-        std::env::var("MC_TILE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(TILE_BLOCKS)
-    });
-    (0..blocks)
-        .step_by(tb)
-        .map(move |b| b..(b + tb).min(blocks))
-}
-
-/// The rows of group `q` of a chunk.
-#[inline(always)]
-fn group_of<'a, A>(rows: &[&'a [A]; CHUNK], q: usize) -> [&'a [A]; GROUP] {
-    std::array::from_fn(|i| rows[q * GROUP + i])
-}
 
 /// `scale·(x·A)·B` as a new (M, N) output (`rows` = M), and the projections
 /// `t = scale·x·A` (M, r) in accumulation precision: the backward pass needs them, and
 /// handing them over saves it one of its five passes over a factor.
 pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> (Vec<T>, Vec<T::A>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
-    let (out, blocks) = build_row_groups::<T, _, CHUNK>(
+    let (out, blocks) = build_row_groups::<T, _, GROUP>(
         rows,
         n,
-        || (RowChunk::new(k, rank), Vec::new()),
+        || (RowGroup::new(k, rank), Vec::new()),
         #[inline(always)]
-        |(chunk, t), first, count, y, fma| {
+        |(group, t), first, count, y, fma| {
             y.fill(T::A::ZERO);
-            chunk.add_lora_rows(x, first, count, f, y, fma);
-            t.extend_from_slice(&chunk.proj[..count * rank]);
+            group.add_lora_rows(x, first, count, f, y, fma);
+            t.extend_from_slice(&group.proj[..count * rank]);
         },
     );
     // The blocks come back in row order, each with its rows' projections in order.
@@ -199,12 +146,12 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
     if n == 0 {
         return;
     }
-    out.par_chunks_mut(CHUNK * n)
+    out.par_chunks_mut(GROUP * n)
         .enumerate()
-        .with_min_len(rows_per_task(k.max(n)).div_ceil(CHUNK))
+        .with_min_len(rows_per_task(k.max(n)).div_ceil(GROUP))
         .for_each_init(
-            || (RowChunk::new(k, rank), vec![T::A::ZERO; CHUNK * n]),
-            |(chunk, yb), (c, o)| {
+            || (RowGroup::new(k, rank), vec![T::A::ZERO; GROUP * n]),
+            |(group, yb), (g, o)| {
                 with_widest_simd(
                     #[inline(always)]
                     |fma| {
@@ -218,7 +165,7 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
                                 }
                             }
                         }
-                        chunk.add_lora_rows(x, c * CHUNK, count, f, yb, fma);
+                        group.add_lora_rows(x, g * GROUP, count, f, yb, fma);
                         T::store(&yb[..count * n], o);
                     },
                 )
@@ -226,35 +173,35 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
         );
 }
 
-/// Scratch for one chunk of rows of an input: the rows in accumulation precision (for
+/// Scratch for one group of rows of an input: the rows in accumulation precision (for
 /// storage types that are not the accumulation type), a zero row standing in for the missing
-/// rows of a short chunk, and the chunk's projections (CHUNK × r).
-struct RowChunk<A> {
+/// rows of a short group, and the group's `scale·row·F` projections (GROUP × r).
+struct RowGroup<A> {
     rows: Vec<A>,
     zero: Vec<A>,
     proj: Vec<A>,
 }
 
-impl<A: Acc> RowChunk<A> {
+impl<A: Acc> RowGroup<A> {
     fn new(len: usize, rank: usize) -> Self {
         Self {
-            rows: vec![A::ZERO; CHUNK * len],
+            rows: vec![A::ZERO; GROUP * len],
             zero: vec![A::ZERO; len],
-            proj: vec![A::ZERO; CHUNK * rank],
+            proj: vec![A::ZERO; GROUP * rank],
         }
     }
 
     /// Rows `first..first + count` of the row-major `src` in accumulation precision; the
-    /// missing rows of a short chunk are zero rows, so their projections are zero.
+    /// missing rows of a short group are zero rows, so their projections are zero.
     #[inline(always)]
     fn load<'a, T: Elem<A = A>>(
         &'a mut self,
         src: &'a [T],
         first: usize,
         count: usize,
-    ) -> [&'a [A]; CHUNK] {
+    ) -> [&'a [A]; GROUP] {
         let len = self.zero.len();
-        let mut rows: [&[A]; CHUNK] = [&self.zero[..]; CHUNK];
+        let mut rows: [&[A]; GROUP] = [&self.zero[..]; GROUP];
         for (i, (slot, buf)) in rows
             .iter_mut()
             .zip(self.rows.chunks_mut(len.max(1)))
@@ -267,8 +214,8 @@ impl<A: Acc> RowChunk<A> {
         rows
     }
 
-    /// `y_i += scale·(x_i·A)·B` for the chunk's rows of `x` (`y`: CHUNK × N, row i of the chunk
-    /// in row i; the projections are left in `proj`).
+    /// `y_i += scale·(x_i·A)·B` for the group's rows of `x` (`y`: GROUP × N, row i of the group
+    /// in row i; rows past `count` get the zero row's term, nothing).
     #[inline(always)]
     fn add_lora_rows<T: Elem<A = A>>(
         &mut self,
@@ -280,57 +227,27 @@ impl<A: Acc> RowChunk<A> {
         fma: bool,
     ) {
         let mut proj = std::mem::take(&mut self.proj);
-        proj.fill(A::ZERO);
-        let groups = count.div_ceil(GROUP);
         let xs = self.load(x, first, count);
         match (fma, wide_tiles()) {
-            (true, true) => lora_chunk::<A, true, true>(&xs, groups, f, &mut proj, y),
-            (true, false) => lora_chunk::<A, true, false>(&xs, groups, f, &mut proj, y),
-            (false, true) => lora_chunk::<A, false, true>(&xs, groups, f, &mut proj, y),
-            (false, false) => lora_chunk::<A, false, false>(&xs, groups, f, &mut proj, y),
+            (true, true) => lora_rows::<A, true, true>(xs, f, &mut proj, y),
+            (true, false) => lora_rows::<A, true, false>(xs, f, &mut proj, y),
+            (false, true) => lora_rows::<A, false, true>(xs, f, &mut proj, y),
+            (false, false) => lora_rows::<A, false, false>(xs, f, &mut proj, y),
         }
         self.proj = proj;
     }
 }
 
-/// `y_i += scale·(x_i·A)·B` for the first `groups` groups of a chunk's rows `xs`, their
-/// projections going through `proj`.
+/// `y_i += scale·(x_i·A)·B` for a group's rows `xs`, their projections going through `proj`.
 #[inline(always)]
-fn lora_chunk<A: Acc, const FMA: bool, const WIDE: bool>(
-    xs: &[&[A]; CHUNK],
-    groups: usize,
+fn lora_rows<A: Acc, const FMA: bool, const WIDE: bool>(
+    xs: [&[A]; GROUP],
     f: &Factors<A>,
     proj: &mut [A],
     y: &mut [A],
 ) {
-    project_chunk::<A, FMA, WIDE>(xs, groups, &f.at, f.scale, proj);
-    let (rank, n) = (f.rank, f.n);
-    for tile in tiles(&f.b) {
-        for (tq, yq) in proj
-            .chunks_exact(GROUP * rank)
-            .zip(y.chunks_exact_mut((GROUP * n).max(1)))
-            .take(groups)
-        {
-            combine_group::<A, FMA, WIDE>(tq, &f.b, yq, tile.clone());
-        }
-    }
-}
-
-/// `t += scale·xs·mᵀ` (t: CHUNK × r) for the first `groups` groups of a chunk's rows, tile by
-/// tile of the packed (r × len) `m`.
-#[inline(always)]
-fn project_chunk<A: Acc, const FMA: bool, const WIDE: bool>(
-    xs: &[&[A]; CHUNK],
-    groups: usize,
-    m: &Packed<A>,
-    scale: A,
-    t: &mut [A],
-) {
-    for tile in tiles(m) {
-        for (q, tq) in t.chunks_exact_mut(GROUP * m.rows).take(groups).enumerate() {
-            project_group::<A, FMA, WIDE>(group_of(xs, q), m, scale, tq, tile.clone());
-        }
-    }
+    project_group::<A, FMA, WIDE>(xs, &f.at, f.scale, proj);
+    combine_group::<A, FMA, WIDE>(proj, &f.b, y);
 }
 
 /// Whether the register tiles of the kernels below are sized for AVX-512 (32 registers of 16
@@ -341,9 +258,8 @@ fn wide_tiles() -> bool {
     simd_level() == SimdLevel::Avx512
 }
 
-/// `t[i·r + j] += scale·(xs[i] · row_j)` over the column blocks `blocks`, for the GROUP rows
-/// `xs` and the r rows of the packed (r × K) matrix `m` (all the blocks give the whole product;
-/// a range, its share). One pass over the rows serves several ranks at once: GROUP × 4 ranks ×
+/// `t[i·r + j] = scale·(xs[i] · row_j)` for the GROUP rows `xs` and the r rows of the packed
+/// (r × K) matrix `m`. One pass over the rows serves several ranks at once: GROUP × 4 ranks ×
 /// 16 lanes of accumulators (half the AVX-512 register file at f32) when `WIDE`, else GROUP ×
 /// 2 × 8 (half of AVX2's).
 #[inline(always)]
@@ -352,17 +268,15 @@ fn project_group<A: Acc, const FMA: bool, const WIDE: bool>(
     m: &Packed<A>,
     scale: A,
     t: &mut [A],
-    blocks: Range<usize>,
 ) {
     let rank = m.rows;
     let mut j = 0;
     while j < rank {
-        let b = blocks.clone();
         j += match (WIDE, rank - j) {
-            (true, 4..) => project_ranks::<A, FMA, 4, 16>(xs, m, scale, j, t, b),
-            (false, 2..) => project_ranks::<A, FMA, 2, 8>(xs, m, scale, j, t, b),
-            (true, _) => project_ranks::<A, FMA, 1, 16>(xs, m, scale, j, t, b),
-            (false, _) => project_ranks::<A, FMA, 1, 8>(xs, m, scale, j, t, b),
+            (true, 4..) => project_ranks::<A, FMA, 4, 16>(xs, m, scale, j, t),
+            (false, 2..) => project_ranks::<A, FMA, 2, 8>(xs, m, scale, j, t),
+            (true, _) => project_ranks::<A, FMA, 1, 16>(xs, m, scale, j, t),
+            (false, _) => project_ranks::<A, FMA, 1, 8>(xs, m, scale, j, t),
         };
     }
 }
@@ -375,27 +289,24 @@ fn project_ranks<A: Acc, const FMA: bool, const R: usize, const L: usize>(
     scale: A,
     j: usize,
     t: &mut [A],
-    blocks: Range<usize>,
 ) -> usize {
     let rank = m.rows;
-    let d = dots::<A, FMA, R, L>(xs, m, j, blocks);
+    let d = dots::<A, FMA, R, L>(xs, m, j);
     for (i, di) in d.iter().enumerate() {
         for (q, &v) in di.iter().enumerate() {
-            t[i * rank + j + q] += scale * v;
+            t[i * rank + j + q] = scale * v;
         }
     }
     R
 }
 
-/// The GROUP × R dot products of `xs[i]` with rows `j0..j0 + R` of the packed matrix `m` over
-/// the column blocks `blocks`, in one pass over the inputs, with accumulators of `L` lanes
-/// (`L` divides [`BLOCK`]).
+/// The GROUP × R dot products of `xs[i]` with rows `j0..j0 + R` of the packed matrix `m`, in
+/// one pass over the inputs, with accumulators of `L` lanes (`L` divides [`BLOCK`]).
 #[inline(always)]
 fn dots<A: Acc, const FMA: bool, const R: usize, const L: usize>(
     xs: [&[A]; GROUP],
     m: &Packed<A>,
     j0: usize,
-    blocks: Range<usize>,
 ) -> [[A; R]; GROUP] {
     let k = m.len;
     let xs = xs.map(|x| &x[..k]);
@@ -407,8 +318,7 @@ fn dots<A: Acc, const FMA: bool, const R: usize, const L: usize>(
         [[A::ZERO; L]; R],
         [[A::ZERO; L]; R],
     );
-    for b in blocks.start.min(full_blocks)..blocks.end.min(full_blocks) {
-        let block = m.block(b);
+    for (b, block) in m.blocks().take(full_blocks).enumerate() {
         for h in 0..BLOCK / L {
             let c = b * BLOCK + h * L;
             let [x0, x1, x2, x3]: [&[A; L]; GROUP] = xs.map(|x| x[c..c + L].try_into().unwrap());
@@ -425,9 +335,9 @@ fn dots<A: Acc, const FMA: bool, const R: usize, const L: usize>(
         }
     }
     let acc = [a0, a1, a2, a3];
-    // The last, partial block (zero-padded past k), if in range.
+    // The last, partial block (zero-padded past k).
     let c0 = full_blocks * BLOCK;
-    let tail = (blocks.contains(&full_blocks) && c0 < k).then(|| m.block(full_blocks));
+    let tail = m.blocks().nth(full_blocks);
     std::array::from_fn(|i| {
         std::array::from_fn(|q| {
             let t = tail.map_or(A::ZERO, |block| {
@@ -444,31 +354,19 @@ fn dots<A: Acc, const FMA: bool, const R: usize, const L: usize>(
 /// and each block of `y` read and written once. The GROUP sums of a block stay in registers:
 /// the whole block (GROUP × 32 lanes) when `WIDE`, else half a block at a time (GROUP × 16).
 #[inline(always)]
-fn combine_group<A: Acc, const FMA: bool, const WIDE: bool>(
-    t: &[A],
-    m: &Packed<A>,
-    y: &mut [A],
-    blocks: Range<usize>,
-) {
+fn combine_group<A: Acc, const FMA: bool, const WIDE: bool>(t: &[A], m: &Packed<A>, y: &mut [A]) {
     if WIDE {
-        combine_columns::<A, FMA, BLOCK>(t, m, y, blocks);
+        combine_columns::<A, FMA, BLOCK>(t, m, y);
     } else {
-        combine_columns::<A, FMA, { BLOCK / 2 }>(t, m, y, blocks);
+        combine_columns::<A, FMA, { BLOCK / 2 }>(t, m, y);
     }
 }
 
-/// [`combine_group`] over the column blocks `blocks`, in column strips of `W` (a divisor of
-/// [`BLOCK`]).
+/// [`combine_group`] in column strips of `W` (a divisor of [`BLOCK`]).
 #[inline(always)]
-fn combine_columns<A: Acc, const FMA: bool, const W: usize>(
-    t: &[A],
-    m: &Packed<A>,
-    y: &mut [A],
-    blocks: Range<usize>,
-) {
+fn combine_columns<A: Acc, const FMA: bool, const W: usize>(t: &[A], m: &Packed<A>, y: &mut [A]) {
     let (rank, n) = (m.rows, m.len);
-    for b in blocks {
-        let block = m.block(b);
+    for (b, block) in m.blocks().enumerate() {
         for h in 0..BLOCK / W {
             let c = b * BLOCK + h * W;
             if c >= n {
@@ -504,23 +402,23 @@ fn combine_columns<A: Acc, const FMA: bool, const W: usize>(
 }
 
 /// One task's share of the backward pass: its partial parameter gradients and the scratch
-/// of the chunk of rows in flight.
+/// of the group of rows in flight.
 struct BackwardTask<A> {
     /// Σ over this task's rows of `g ⊗ x`: dAᵀ, (r, K).
     dat: Packed<A>,
     /// Σ of `t ⊗ dy`: dB, (r, N).
     db: Packed<A>,
-    /// The chunk's rows of x and their projections `t = scale·x·A`.
-    x: RowChunk<A>,
-    /// The chunk's rows of dy and their projections `g = scale·dy·Bᵀ`.
-    dy: RowChunk<A>,
+    /// The group's rows of x and their projections `t = scale·x·A`.
+    x: RowGroup<A>,
+    /// The group's rows of dy and their projections `g = scale·dy·Bᵀ`.
+    dy: RowGroup<A>,
 }
 
 /// Gradients of `scale·(x·A)·B` given `dy`: returns `(dx, dAᵀ, dB)` with dx (M, K),
 /// dAᵀ (r, K), dB (r, N). `dx_init`, when given, is added into dx before its single rounding
 /// to `T` (the base layer's dx, kept in accumulation precision).
 ///
-/// Per chunk of rows: `t = scale·x·A` and `g = scale·dy·Bᵀ`, the dx rows `g·Aᵀ`, then the
+/// Per group of rows: `t = scale·x·A` and `g = scale·dy·Bᵀ`, the dx rows `g·Aᵀ`, then the
 /// outer products `g ⊗ x` and `t ⊗ dy` summed into the task's dAᵀ and dB.
 ///
 /// `saved_t`, when given, is the forward pass's `t` (M, r) (see [`forward`]); otherwise `t`
@@ -534,32 +432,29 @@ pub(crate) fn backward<T: Elem>(
     rows: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
-    let (dx, tasks) = build_row_groups::<T, _, CHUNK>(
+    let (dx, tasks) = build_row_groups::<T, _, GROUP>(
         rows,
         k,
         || BackwardTask {
             dat: Packed::zeros(rank, k),
             db: Packed::zeros(rank, n),
-            x: RowChunk::new(k, rank),
-            dy: RowChunk::new(n, rank),
+            x: RowGroup::new(k, rank),
+            dy: RowGroup::new(n, rank),
         },
         #[inline(always)]
-        |task, first, count, dxc, fma| {
-            let rows = ChunkRange { first, count };
-            match (fma, wide_tiles()) {
-                (true, true) => {
-                    backward_chunk::<T, true, true>(task, x, dy, f, dx_init, saved_t, rows, dxc)
-                }
-                (true, false) => {
-                    backward_chunk::<T, true, false>(task, x, dy, f, dx_init, saved_t, rows, dxc)
-                }
-                (false, true) => {
-                    backward_chunk::<T, false, true>(task, x, dy, f, dx_init, saved_t, rows, dxc)
-                }
-                (false, false) => {
-                    backward_chunk::<T, false, false>(task, x, dy, f, dx_init, saved_t, rows, dxc)
-                }
+        |task, first, count, dxg, fma| match (fma, wide_tiles()) {
+            (true, true) => {
+                backward_group::<T, true, true>(task, x, dy, f, dx_init, saved_t, first, count, dxg)
             }
+            (true, false) => backward_group::<T, true, false>(
+                task, x, dy, f, dx_init, saved_t, first, count, dxg,
+            ),
+            (false, true) => backward_group::<T, false, true>(
+                task, x, dy, f, dx_init, saved_t, first, count, dxg,
+            ),
+            (false, false) => backward_group::<T, false, false>(
+                task, x, dy, f, dx_init, saved_t, first, count, dxg,
+            ),
         },
     );
     let mut dat = Packed::zeros(rank, k);
@@ -575,88 +470,63 @@ pub(crate) fn backward<T: Elem>(
     (dx, dat_t, db_t)
 }
 
-/// Rows `first..first + count` of a chunk (1 ≤ count ≤ CHUNK).
-#[derive(Clone, Copy)]
-struct ChunkRange {
-    first: usize,
-    count: usize,
-}
-
-/// The backward pass over one chunk of rows, writing their dx rows into `dxc` (CHUNK × K).
-/// Two passes over column tiles: along N, `g = scale·dy·Bᵀ` and `dB += tᵀ·dy` while a tile
-/// of dy is in L1; along K, `dx = g·Aᵀ` and `dAᵀ += gᵀ·x`.
+/// The backward pass over rows `first..first + count`, writing their dx rows into `dxg`
+/// (GROUP × K).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_chunk<T: Elem, const FMA: bool, const WIDE: bool>(
+fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
     task: &mut BackwardTask<T::A>,
     x: &[T],
     dy: &[T],
     f: &Factors<T::A>,
     dx_init: Option<&[T::A]>,
     saved_t: Option<&[T::A]>,
-    ChunkRange { first, count }: ChunkRange,
-    dxc: &mut [T::A],
+    first: usize,
+    count: usize,
+    dxg: &mut [T::A],
 ) {
     let (k, rank) = (f.k, f.rank);
     let BackwardTask {
         dat,
         db,
-        x: xc,
-        dy: dyc,
+        x: xg,
+        dy: dyg,
     } = task;
-    let (mut t, mut g) = (std::mem::take(&mut xc.proj), std::mem::take(&mut dyc.proj));
-    let groups = count.div_ceil(GROUP);
-    let xs = xc.load(x, first, count);
-    let dys = dyc.load(dy, first, count);
-    // Rows past `count` are zero rows: their projections stay zero.
-    t.fill(T::A::ZERO);
+    let (mut t, mut g) = (std::mem::take(&mut xg.proj), std::mem::take(&mut dyg.proj));
+    let xs = xg.load(x, first, count);
+    let dys = dyg.load(dy, first, count);
     match saved_t {
         Some(saved) => {
-            t[..count * rank].copy_from_slice(&saved[first * rank..(first + count) * rank])
+            // Rows past `count` are zero rows: their projections are zero.
+            t.fill(T::A::ZERO);
+            t[..count * rank].copy_from_slice(&saved[first * rank..(first + count) * rank]);
         }
-        None => project_chunk::<T::A, FMA, WIDE>(&xs, groups, &f.at, f.scale, &mut t),
+        None => project_group::<T::A, FMA, WIDE>(xs, &f.at, f.scale, &mut t),
     }
-    g.fill(T::A::ZERO);
-    let per_group = GROUP * rank;
-    for tile in tiles(&f.b) {
-        for q in 0..groups {
-            let rows = group_of(&dys, q);
-            let gq = &mut g[q * per_group..(q + 1) * per_group];
-            project_group::<T::A, FMA, WIDE>(rows, &f.b, f.scale, gq, tile.clone());
-            let tq = &t[q * per_group..(q + 1) * per_group];
-            add_outer_products::<T::A, FMA>(tq, rows, db, tile.clone());
-        }
-    }
+    project_group::<T::A, FMA, WIDE>(dys, &f.b, f.scale, &mut g);
     match dx_init {
-        Some(init) => dxc[..count * k].copy_from_slice(&init[first * k..(first + count) * k]),
-        None => dxc[..count * k].fill(T::A::ZERO),
+        Some(init) => dxg[..count * k].copy_from_slice(&init[first * k..(first + count) * k]),
+        None => dxg[..count * k].fill(T::A::ZERO),
     }
-    for tile in tiles(&f.at) {
-        for q in 0..groups {
-            let gq = &g[q * per_group..(q + 1) * per_group];
-            let dxq = &mut dxc[q * GROUP * k..(q + 1) * GROUP * k];
-            combine_group::<T::A, FMA, WIDE>(gq, &f.at, dxq, tile.clone());
-            add_outer_products::<T::A, FMA>(gq, group_of(&xs, q), dat, tile.clone());
-        }
-    }
-    xc.proj = t;
-    dyc.proj = g;
+    combine_group::<T::A, FMA, WIDE>(&g, &f.at, dxg);
+    add_outer_products::<T::A, FMA>(&g, xs, dat);
+    add_outer_products::<T::A, FMA>(&t, dys, db);
+    xg.proj = t;
+    dyg.proj = g;
 }
 
-/// `out_j += Σ_i coef[i·r + j]·rows_i` for the r rows `j` of the packed (r × len) `out` over
-/// the column blocks `blocks`, with `coef` (GROUP × r) and GROUP rows of length `len`: each
-/// block of the input rows is loaded once and serves all r output rows.
+/// `out_j += Σ_i coef[i·r + j]·rows_i` for the r rows `j` of the packed (r × len) `out`,
+/// with `coef` (GROUP × r) and GROUP rows of length `len`: each block of the input rows is
+/// loaded once and serves all r output rows.
 #[inline(always)]
 fn add_outer_products<A: Acc, const FMA: bool>(
     coef: &[A],
     rows: [&[A]; GROUP],
     out: &mut Packed<A>,
-    blocks: Range<usize>,
 ) {
     let (rank, len) = (out.rows, out.len);
     let rows = rows.map(|row| &row[..len]);
-    for b in blocks {
-        let block = out.block_mut(b);
+    for (b, block) in out.blocks_mut().enumerate() {
         let c = b * BLOCK;
         if c + BLOCK <= len {
             let chunks: [&[A; BLOCK]; GROUP] =
@@ -731,13 +601,12 @@ mod tests {
                 for wide in [true, false] {
                     let mut got_t = vec![0.0; GROUP * rank];
                     let mut got_y = vec![1.0; GROUP * len];
-                    let all = 0..m.num_blocks();
                     if wide {
-                        project_group::<f64, false, true>(xs, &m, scale, &mut got_t, all.clone());
-                        combine_group::<f64, false, true>(&t, &m, &mut got_y, all);
+                        project_group::<f64, false, true>(xs, &m, scale, &mut got_t);
+                        combine_group::<f64, false, true>(&t, &m, &mut got_y);
                     } else {
-                        project_group::<f64, false, false>(xs, &m, scale, &mut got_t, all.clone());
-                        combine_group::<f64, false, false>(&t, &m, &mut got_y, all);
+                        project_group::<f64, false, false>(xs, &m, scale, &mut got_t);
+                        combine_group::<f64, false, false>(&t, &m, &mut got_y);
                     }
                     for (what, got, want) in [("x·A", &got_t, &want_t), ("t·B", &got_y, &want_y)]
                     {
