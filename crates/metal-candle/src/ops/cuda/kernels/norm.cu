@@ -114,16 +114,41 @@ __device__ void add_rms_fwd_row(const T* __restrict__ x, const T* __restrict__ r
     }
 }
 
-// For 16-bit rows held in registers, LayerNorm's statistics take one block reduction, of
-// Σ(x − p) and Σ(x − p)² about a pivot p = x[0]: mean = p + Σ(x − p)/n and
-// var = Σ(x − p)²/n − (mean − p)². The subtraction loses f32 digits in proportion to
-// (mean − p)²/var, at most n (when p is an outlier), so the variance keeps a relative precision
-// of n·2⁻²⁴ or better: under 1e-3 for the rows held in registers (n ≤ 16384), below a 16-bit
-// output's rounding. A block reduction's barriers are time in which the block has no loads in
-// flight, and a bf16 row is only 8 KB: RMSNorm (one reduction) ran at 79.7 µs where LayerNorm
-// (a mean, then the centred sum of squares) took 89.6 (8×2048×4096, H200). f32 rows keep the
-// exact two-pass form: their 16 KB hide the reductions (95% of the copy bandwidth either way).
+// LayerNorm's statistics come from sums about a centre c: with dm = Σ(x − c)/n,
+// mean = c + dm and var = Σ(x − c)²/n − dm². For f32 rows c is the mean (a first reduction), so
+// dm is only its rounding and the variance is exact in the algebra. For 16-bit rows held in
+// registers c is a pivot, x[0], and one block reduction gives both: the subtraction then loses
+// f32 digits in proportion to (mean − c)²/var, at most n (when x[0] is an outlier), so the
+// variance keeps a relative precision of n·2⁻²⁴ or better, under 1e-3 for those rows
+// (n ≤ 16384) and below a 16-bit output's rounding. A block reduction's barriers are time in which
+// the block has no loads in flight, and a bf16 row is only 8 KB: with the mean first, LayerNorm
+// bf16 ran at 89.6 µs where RMSNorm (one reduction) took 78.8 (8×2048×4096, H200); about x[0],
+// 78.7. f32 rows hide the reductions behind their 16 KB (95% of the copy bandwidth either way).
 template <typename T> constexpr bool kPivotStats = sizeof(T) == 2;
+
+// Calls f(i, t) for each pack i of this thread's share of a row, with t its values: from the
+// registers `xr` when the row is held there (unrolled, so that they stay registers), else
+// loaded from `x`.
+template <typename T, int V, int R, typename F>
+__device__ __forceinline__ void for_each_pack(bool cached, int nv, const Pack<T, V> (&xr)[R], const T* __restrict__ x, F f) {
+    if (cached) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < nv) {
+                float t[V];
+                unpack<T, V>(xr[r], t);
+                f(i, t);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float t[V];
+            load<T, V>(x + (size_t)i * V, t);
+            f(i, t);
+        }
+    }
+}
 
 template <typename T, int V>
 __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
@@ -132,101 +157,42 @@ __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, 
     const int nv = n / V;
     const bool cached = nv <= R * (int)blockDim.x;
     Pack<T, V> xr[R];
-    float mean, var;
     if (cached) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
             if (i < nv) xr[r] = load_raw<T, V>(x + (size_t)i * V);
         }
-        if constexpr (kPivotStats<T>) {
-            const float p = to_f(x[0]);
-            float s[2] = {0.f, 0.f};  // Σ(x − p), Σ(x − p)²
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const int i = threadIdx.x + r * blockDim.x;
-                if (i < nv) {
-                    float t[V];
-                    unpack<T, V>(xr[r], t);
-#pragma unroll
-                    for (int k = 0; k < V; k++) { const float d = t[k] - p; s[0] += d; s[1] += d * d; }
-                }
-            }
-            block_reduce<2>(s, SumOp(), 0.f, shm);
-            const float dm = s[0] / (float)n;
-            mean = p + dm;
-            var = fmaxf(s[1] / (float)n - dm * dm, 0.f);
-        } else {
-            float s = 0.f;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const int i = threadIdx.x + r * blockDim.x;
-                if (i < nv) {
-                    float t[V];
-                    unpack<T, V>(xr[r], t);
-#pragma unroll
-                    for (int k = 0; k < V; k++) s += t[k];
-                }
-            }
-            mean = block_reduce1(s, SumOp(), 0.f, shm) / (float)n;
-            // Variance from the centred values (a second pass over registers): no cancellation.
-            float q = 0.f;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const int i = threadIdx.x + r * blockDim.x;
-                if (i < nv) {
-                    float t[V];
-                    unpack<T, V>(xr[r], t);
-#pragma unroll
-                    for (int k = 0; k < V; k++) { const float d = t[k] - mean; q += d * d; }
-                }
-            }
-            var = block_reduce1(q, SumOp(), 0.f, shm) / (float)n;
-        }
+    }
+    // The centre: x[0], or the mean from a first reduction.
+    float c;
+    if (cached && kPivotStats<T>) {
+        c = to_f(x[0]);
     } else {
         float s = 0.f;
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float t[V];
-            load<T, V>(x + (size_t)i * V, t);
+        for_each_pack<T, V, R>(cached, nv, xr, x, [&](int, const float (&t)[V]) {
 #pragma unroll
             for (int k = 0; k < V; k++) s += t[k];
-        }
-        mean = block_reduce1(s, SumOp(), 0.f, shm) / (float)n;
-        float q = 0.f;
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float t[V];
-            load<T, V>(x + (size_t)i * V, t);
-#pragma unroll
-            for (int k = 0; k < V; k++) { const float d = t[k] - mean; q += d * d; }
-        }
-        var = block_reduce1(q, SumOp(), 0.f, shm) / (float)n;
+        });
+        c = block_reduce1(s, SumOp(), 0.f, shm) / (float)n;
     }
-    const float rstd = rsqrtf(var + eps);
-    if (cached) {
+    float s[2] = {0.f, 0.f};  // Σ(x − c), Σ(x − c)²
+    for_each_pack<T, V, R>(cached, nv, xr, x, [&](int, const float (&t)[V]) {
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            if (i < nv) {
-                float t[V], wv[V], bv[V];
-                unpack<T, V>(xr[r], t);
-                load<T, V>(w + (size_t)i * V, wv);
-                load<T, V>(b + (size_t)i * V, bv);
+        for (int k = 0; k < V; k++) { const float d = t[k] - c; s[0] += d; s[1] += d * d; }
+    });
+    block_reduce<2>(s, SumOp(), 0.f, shm + 32);
+    const float dm = s[0] / (float)n;
+    const float mean = c + dm;
+    const float rstd = rsqrtf(fmaxf(s[1] / (float)n - dm * dm, 0.f) + eps);
+    for_each_pack<T, V, R>(cached, nv, xr, x, [&](int i, const float (&t)[V]) {
+        float o[V], wv[V], bv[V];
+        load<T, V>(w + (size_t)i * V, wv);
+        load<T, V>(b + (size_t)i * V, bv);
 #pragma unroll
-                for (int k = 0; k < V; k++) t[k] = (t[k] - mean) * rstd * wv[k] + bv[k];
-                store<T, V>(y + (size_t)i * V, t);
-            }
-        }
-    } else {
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            float t[V], wv[V], bv[V];
-            load<T, V>(x + (size_t)i * V, t);
-            load<T, V>(w + (size_t)i * V, wv);
-            load<T, V>(b + (size_t)i * V, bv);
-#pragma unroll
-            for (int k = 0; k < V; k++) t[k] = (t[k] - mean) * rstd * wv[k] + bv[k];
-            store<T, V>(y + (size_t)i * V, t);
-        }
-    }
+        for (int k = 0; k < V; k++) o[k] = (t[k] - mean) * rstd * wv[k] + bv[k];
+        store<T, V>(y + (size_t)i * V, o);
+    });
 }
 
 // RMSNorm backward. With r = rsqrt(mean(x²) + eps), x̂ = x·r, g = dy ⊙ w:
@@ -360,7 +326,9 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
         float mean, rstd, mg, mgx;
         if (cached && kPivotStats<T>) {
             // One reduction about the pivot p = x[0] (see kPivotStats): Σ(x − p), Σ(x − p)², Σg,
-            // Σg·(x − p); then Σg·(x − mean) = Σg·(x − p) − (mean − p)·Σg.
+            // Σg·(x − p); then Σg·(x − mean) = Σg·(x − p) − (mean − p)·Σg. The other rows keep
+            // a mean and then three centred sums: written as sums about one centre, as the
+            // forward pass is, f32 rows took 238 µs instead of 225 (8×2048×4096, H200).
             const float p = to_f(xr[0]);
             float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
