@@ -49,11 +49,9 @@ __device__ __forceinline__ void store(T* __restrict__ p, const float (&in)[V]) {
     *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
 
-// Packs of V elements a row kernel's thread keeps in registers (`row_packs` in common.rs): a
-// fixed number of *elements* for the 16-byte-pack kernels, so that a 16-bit row takes half as
-// many packs per thread as an f32 row and twice the threads. With the same packs for every
-// type, a bf16 thread held twice the elements of an f32 one, which cost occupancy: bf16 norms
-// reached 70–80% of the copy bandwidth against 95% for f32. `scalar` packs for V = 1.
+// Packs of V elements a row kernel's thread keeps in registers: `elems` elements whatever the
+// type (a 16-bit row takes half the packs per thread of an f32 row), `scalar` packs for V = 1.
+// The host's copy, and why, is `row_packs` in common.rs.
 __host__ __device__ constexpr int row_packs(int v, int elems, int scalar) { return v == 1 ? scalar : elems / v; }
 
 struct SumOp { __device__ __forceinline__ float operator()(float a, float b) const { return a + b; } };
