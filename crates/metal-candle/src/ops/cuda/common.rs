@@ -292,6 +292,35 @@ pub(super) fn sm_count(dev: &CudaDevice) -> Result<u32> {
     Ok(n)
 }
 
+/// Dynamic shared memory every kernel may take without asking (48 KiB less its static part).
+const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
+
+/// Whether kernel `f` can launch with `bytes` of dynamic shared memory on `dev`: up to 48 KiB
+/// (with its static shared memory) it always can; beyond, up to the device's opt-in limit, once
+/// the kernel's limit is raised, which this does.
+pub(super) fn allow_dynamic_smem(dev: &CudaDevice, f: &CudaFunction, bytes: usize) -> Result<bool> {
+    let static_bytes = f
+        .get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        .w()? as usize;
+    if bytes + static_bytes <= DEFAULT_DYNAMIC_SMEM {
+        return Ok(true);
+    }
+    let opt_in = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()? as usize;
+    if bytes + static_bytes > opt_in {
+        return Ok(false);
+    }
+    f.set_attribute(
+        sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()?;
+    Ok(true)
+}
+
 /// Rows and row length of a row op, checked to fit the kernels' 32-bit indices.
 pub(super) fn rows_and_len(op: &str, shape: &Shape) -> Result<(usize, usize)> {
     let n = shape.dims().last().copied().unwrap_or(1);

@@ -9,20 +9,21 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Tensor};
 
 use super::common::{
-    aligned16, alloc_out, cuda_storage, fit_threads, input, load, row_config, row_packs,
-    row_threads, rows_and_len, sm_count, to_tensor, with_elem, Elem, NORM_PTX,
+    aligned16, alloc_out, allow_dynamic_smem, cuda_storage, fit_threads, input, load, row_config,
+    row_packs, row_threads, rows_and_len, sm_count, to_tensor, with_elem, Elem, Kernel, NORM_PTX,
 };
 
 const MODULE: &str = "metal_candle_norm";
-/// Packs per thread held in registers, forward (`RF` in norm.cu), for packs of `width`.
-const fn fwd_packs(width: usize) -> usize {
-    row_packs(width, 16, 4)
-}
+/// Packs per thread held in registers, forward (`RF` in norm.cu), whatever their width.
+const FWD_PACKS: usize = 4;
 
 /// Backward (`RB` in norm.cu): x, dy and the weight-gradient sums all live in registers.
 const fn bwd_packs(width: usize) -> usize {
     row_packs(width, 8, 2)
 }
+
+/// Packs per thread of the staged backward of 16-bit rows (`RBS` in norm.cu).
+const STAGED_PACKS: usize = 2;
 
 /// `x / sqrt(mean(x²) + eps) ⊙ w` over the last dimension.
 pub fn rms_norm_forward(
@@ -77,7 +78,7 @@ fn forward(
                 && bv.as_ref().is_none_or(|b| aligned16(b, &dev));
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("{kind}_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, fwd_packs(width)))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, FWD_PACKS))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i, eps_f) = (rows as i32, n as i32, eps as f32);
             let mut l = stream.launch_builder(&f);
@@ -161,10 +162,16 @@ fn backward(
             return Ok((to_tensor(dx, &dev, xl.shape().clone()), grads));
         }
         let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&wv, &dev) && aligned16(&gv, &dev);
-        let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
-        let f = load(&dev, &format!("{kind}_bwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-        let threads = fit_threads(&f, row_threads(n / width, bwd_packs(width)))?;
-        let groups = backward_groups(&f, &dev, threads, rows)?;
+        let (f, threads, smem) = match staged_kernel::<T>(kind, &dev, vec, n)? {
+            Some(staged) => staged,
+            None => {
+                let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
+                let f = load(&dev, &format!("{kind}_bwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
+                let threads = fit_threads(&f, row_threads(n / width, bwd_packs(width)))?;
+                (f, threads, 0)
+            }
+        };
+        let groups = backward_groups(&f, &dev, threads, smem, rows)?;
         // One partial row per block and parameter, fully written by the kernel.
         let mut parts: Vec<CudaSlice<f32>> = Vec::with_capacity(n_params);
         for _ in 0..n_params {
@@ -179,9 +186,10 @@ fn backward(
             l.arg(p);
         }
         l.arg(&rows_i).arg(&n_i).arg(&eps_f);
-        let cfg = LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
         // SAFETY: argument types match the kernel signature; x, dy, dx hold rows * n elements,
-        // w n elements, each partial buffer groups * n floats; the grid has `groups` blocks.
+        // w n elements, each partial buffer groups * n floats; the grid has `groups` blocks,
+        // at most `rows`; a staged kernel gets the shared memory it needs (`staged_kernel`).
         unsafe { l.launch(cfg) }.w()?;
         let reduce = load(&dev, &format!("reduce_cols_{}", T::NAME), MODULE, NORM_PTX)?;
         for p in &parts {
@@ -199,12 +207,46 @@ fn backward(
 
 /// Blocks of the backward grid: as many as fit on the GPU at once (each keeps its partial
 /// sums in registers across rows), never more than there are rows.
-fn backward_groups(f: &CudaFunction, dev: &CudaDevice, threads: u32, rows: usize) -> Result<usize> {
+fn backward_groups(
+    f: &CudaFunction,
+    dev: &CudaDevice,
+    threads: u32,
+    smem: u32,
+    rows: usize,
+) -> Result<usize> {
     let per_sm = f
-        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
         .w()?
         .max(1);
     Ok(((sm_count(dev)? * per_sm) as usize).min(rows).max(1))
+}
+
+/// The staged backward kernel of `kind` (`norm_bwd_staged` in norm.cu), its threads per block
+/// and its shared memory in bytes, when it applies: 16-bit rows in 16-byte packs that fit
+/// [`STAGED_PACKS`] per thread, and two slots of x and dy rows (4·n·2 bytes) within what the
+/// device grants a block. `None` otherwise; the register-only kernel then runs.
+fn staged_kernel<T: Elem>(
+    kind: &str,
+    dev: &CudaDevice,
+    vec: bool,
+    n: usize,
+) -> Result<Option<(Kernel, u32, u32)>> {
+    if !vec || std::mem::size_of::<T>() != 2 {
+        return Ok(None);
+    }
+    let f = load(
+        dev,
+        &format!("{kind}_bwd_staged_{}", T::NAME),
+        MODULE,
+        NORM_PTX,
+    )?;
+    let packs = n / T::VEC;
+    let threads = fit_threads(&f, row_threads(packs, STAGED_PACKS))?;
+    let smem = 4 * n * std::mem::size_of::<T>();
+    if packs > STAGED_PACKS * threads as usize || !allow_dynamic_smem(dev, &f, smem)? {
+        return Ok(None);
+    }
+    Ok(Some((f, threads, smem as u32)))
 }
 
 /// `s = x + r` and `y = rms_norm(s) ⊙ w` in one launch, for inference (no gradients): `None`
@@ -235,9 +277,9 @@ pub fn add_rms_norm_forward(
             && aligned16(&wv, &dev);
         let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
         let f = load(&dev, &format!("add_rms_fwd_{}_{suffix}", T::NAME), MODULE, NORM_PTX)?;
-        let threads = fit_threads(&f, row_threads(n / width, fwd_packs(width)))?;
+        let threads = fit_threads(&f, row_threads(n / width, FWD_PACKS))?;
         // The kernel holds the whole row in registers: fwd_packs packs per thread.
-        if n / width > fwd_packs(width) * threads as usize {
+        if n / width > FWD_PACKS * threads as usize {
             return Ok(None);
         }
         let mut s = alloc_out::<T>(&dev, rows * n)?;

@@ -12,8 +12,13 @@ use super::common::{
 };
 
 const MODULE: &str = "metal_candle_softmax";
-/// Packs of `width` each thread keeps in registers in softmax (`RS` in softmax.cu).
-const fn softmax_packs(width: usize) -> usize {
+/// Packs each thread of the softmax forward pass keeps in registers (`RSF` in softmax.cu):
+/// four whatever the type, so 16-bit rows take half the threads of f32 rows.
+const SOFTMAX_FWD_PACKS: usize = 4;
+
+/// Packs of `width` each thread of the backward pass keeps (`RSB` in softmax.cu): it holds x
+/// and dy, 16 elements of each.
+const fn softmax_bwd_packs(width: usize) -> usize {
     row_packs(width, 16, 4)
 }
 
@@ -33,7 +38,7 @@ pub fn softmax_forward(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
             let vec = n % T::VEC == 0 && aligned16(&xv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("softmax_fwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, softmax_packs(width)))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, SOFTMAX_FWD_PACKS))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
@@ -66,7 +71,7 @@ pub fn softmax_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
             let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&gv, &dev);
             let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
             let f = load(&dev, &format!("softmax_bwd_{}_{suffix}", T::NAME), MODULE, SOFTMAX_PTX)?;
-            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, softmax_packs(width)))?);
+            let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, softmax_bwd_packs(width)))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i) = (rows as i32, n as i32);
             let mut b = stream.launch_builder(&f);
