@@ -541,6 +541,13 @@ __global__ void norm_bwd_2row(const T* __restrict__ x, const T* __restrict__ w, 
     }
 }
 
+// The shipped staged backward with its row held in registers across the reduction instead of
+// read again from shared memory.
+template <bool LN>
+__global__ void staged_held(const bf* x, const bf* w, const bf* dy, bf* dx, float* pw, float* pb, int rows, int n, float eps) {
+    norm_bwd_staged<bf, 8, LN, false>(x, w, dy, dx, pw, pb, rows, n, eps);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Harness.
 
@@ -713,26 +720,32 @@ int main(int argc, char** argv) {
         char name[96];
         snprintf(name, sizeof name, "%s bwd registers (512 thr, %d/SM)", kind, per);
         report(name, t, bwd_bytes, 0);
-        {
-            // The shipped staged kernel, as norm.rs launches it.
-            auto kern = ln ? (void*)layer_bwd_staged_bf16 : (void*)rms_bwd_staged_bf16;
+        // The shipped staged kernel (as norm.rs launches it: the most blocks per SM that fit)
+        // and the variant holding its rows in registers, at several blocks per SM.
+        auto staged = [&](void* kern, const char* what, bool all_occ, bool has_pb) {
             const int threads = nv / 2, smem = 4 * n * 2;
             CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             int occ;
             CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, threads, smem));
-            const int g = sms * occ;
-            char nm[96];
-            snprintf(nm, sizeof nm, "%s bwd shipped staged (%d thr) %d/SM", kind, threads, occ);
-            clear(y);
-            const float ts = time_us([&] {
-                if (ln) layer_bwd_staged_bf16<<<g, threads, smem>>>(x, w, dy, y, pw2, pb2, rows, n, eps);
-                else rms_bwd_staged_bf16<<<g, threads, smem>>>(x, w, dy, y, pw2, rows, n, eps);
-                reduce(g, pw2, pb2, dw, db);
-            });
-            double e = std::max(diff(to_host(y, N), ref), diff(to_host(dw, n), refw));
-            if (ln) e = std::max(e, diff(to_host(db, n), refb));
-            report(nm, ts, bwd_bytes, e);
-        }
+            for (int p = all_occ ? 1 : occ; p <= occ; p++) {
+                const int g = sms * p;
+                char nm[96];
+                snprintf(nm, sizeof nm, "%s bwd %s (%d thr) %d/SM%s", kind, what, threads, p, p == occ ? " max" : "");
+                clear(y);
+                const float ts = time_us([&] {
+                    void* args[] = {(void*)&x, (void*)&w, (void*)&dy, (void*)&y, (void*)&pw2, (void*)&pb2,
+                                    (void*)&rows, (void*)&n, (void*)&eps};
+                    if (!has_pb) args[5] = (void*)&rows, args[6] = (void*)&n, args[7] = (void*)&eps;
+                    CK(cudaLaunchKernel(kern, g, threads, args, smem, 0));
+                    reduce(g, pw2, pb2, dw, db);
+                });
+                double e = std::max(diff(to_host(y, N), ref), diff(to_host(dw, n), refw));
+                if (ln) e = std::max(e, diff(to_host(db, n), refb));
+                report(nm, ts, bwd_bytes, e);
+            }
+        };
+        staged(ln ? (void*)layer_bwd_staged_bf16 : (void*)rms_bwd_staged_bf16, "shipped staged", true, ln);
+        staged(ln ? (void*)staged_held<true> : (void*)staged_held<false>, "staged held", false, true);
         auto run = [&](const char* name, int groups, const std::function<void()>& f) {
             clear(y);
             const float t = time_us([&] { f(); reduce(groups, pw2, pb2, dw, db); });

@@ -465,7 +465,7 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
 // has no loads in flight from the end of a row's loads to the start of the next row's: RMSNorm
 // bf16 at 8×2048×4096 (H200) took 146 µs, staged 132. Each thread copies and reads its own packs
 // only, so the copies need no barrier.
-template <typename T, int V, bool LN>
+template <typename T, int V, bool LN, bool REREAD = true>
 __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ dx,
                                 float* __restrict__ part_dw, float* __restrict__ part_db, int rows, int n, float eps) {
     extern __shared__ __align__(16) unsigned char stage_mem[];
@@ -507,31 +507,44 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
             copy_commit();  // an empty group, so that the wait below still means "this row"
         }
         copy_wait<1>();
+        // This thread's packs of the row, x and dy, in f32: read from the slot when used
+        // (REREAD), so that no register holds them across the reduction, or held from here.
         float xv[R][V], gv[R][V];
+        auto row_pack = [&](int q, int i, float (&xo)[V], float (&go)[V]) {
+            if (REREAD) {
+                unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sx[slot * nv + i])), xo);
+                unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sg[slot * nv + i])), go);
+            } else {
 #pragma unroll
-        for (int q = 0; q < R; q++) {
-            const int i = threadIdx.x + q * blockDim.x;
-            if (i < nv) {
-                unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sx[slot * nv + i])), xv[q]);
-                unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sg[slot * nv + i])), gv[q]);
+                for (int k = 0; k < V; k++) { xo[k] = xv[q][k]; go[k] = gv[q][k]; }
             }
-        }
+        };
+        if (!REREAD)
+#pragma unroll
+            for (int q = 0; q < R; q++) {
+                const int i = threadIdx.x + q * blockDim.x;
+                if (i < nv) {
+                    unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sx[slot * nv + i])), xv[q]);
+                    unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sg[slot * nv + i])), gv[q]);
+                }
+            }
         // RMSNorm: Σx², Σg·x. LayerNorm: Σ(x − p), Σ(x − p)², Σg, Σg·(x − p) (see layer_bwd).
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int q = 0; q < R; q++) {
             const int i = threadIdx.x + q * blockDim.x;
             if (i < nv) {
-                float wv[V];
+                float wv[V], xq[V], gq[V];
                 load<T, V>(w + (size_t)i * V, wv);
+                row_pack(q, i, xq, gq);
 #pragma unroll
                 for (int k = 0; k < V; k++) {
-                    const float g = gv[q][k] * wv[k];
+                    const float g = gq[k] * wv[k];
                     if (LN) {
-                        const float d = xv[q][k] - pivot;
+                        const float d = xq[k] - pivot;
                         s[0] += d; s[1] += d * d; s[2] += g; s[3] += g * d;
                     } else {
-                        s[0] += xv[q][k] * xv[q][k]; s[1] += g * xv[q][k];
+                        s[0] += xq[k] * xq[k]; s[1] += g * xq[k];
                     }
                 }
             }
@@ -555,18 +568,19 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
         for (int q = 0; q < R; q++) {
             const int i = threadIdx.x + q * blockDim.x;
             if (i < nv) {
-                float wv[V], o[V];
+                float wv[V], o[V], xq[V], gq[V];
                 load<T, V>(w + (size_t)i * V, wv);
+                row_pack(q, i, xq, gq);
 #pragma unroll
                 for (int k = 0; k < V; k++) {
                     if (LN) {
-                        const float xh = (xv[q][k] - mean) * rstd;
-                        o[k] = rstd * (gv[q][k] * wv[k] - mg - xh * c);
-                        accw[q][k] += gv[q][k] * xh;
-                        accb[q][k] += gv[q][k];
+                        const float xh = (xq[k] - mean) * rstd;
+                        o[k] = rstd * (gq[k] * wv[k] - mg - xh * c);
+                        accw[q][k] += gq[k] * xh;
+                        accb[q][k] += gq[k];
                     } else {
-                        o[k] = rstd * (gv[q][k] * wv[k] - xv[q][k] * c);
-                        accw[q][k] += gv[q][k] * xv[q][k] * rstd;
+                        o[k] = rstd * (gq[k] * wv[k] - xq[k] * c);
+                        accw[q][k] += gq[k] * xq[k] * rstd;
                     }
                 }
                 store<T, V>(dr + (size_t)i * V, o);
