@@ -541,11 +541,10 @@ __global__ void norm_bwd_2row(const T* __restrict__ x, const T* __restrict__ w, 
     }
 }
 
-// The shipped staged backward with its row held in registers across the reduction instead of
-// read again from shared memory.
-template <bool LN>
-__global__ void staged_held(const bf* x, const bf* w, const bf* dy, bf* dx, float* pw, float* pb, int rows, int n, float eps) {
-    norm_bwd_staged<bf, 8, LN, false>(x, w, dy, dx, pw, pb, rows, n, eps);
+// The shipped staged backward with a ring of S slots (S − 1 rows in flight ahead).
+template <bool LN, int S>
+__global__ void staged_ring(const bf* x, const bf* w, const bf* dy, bf* dx, float* pw, float* pb, int rows, int n, float eps) {
+    norm_bwd_staged<bf, 8, LN, S>(x, w, dy, dx, pw, pb, rows, n, eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -722,8 +721,8 @@ int main(int argc, char** argv) {
         report(name, t, bwd_bytes, 0);
         // The shipped staged kernel (as norm.rs launches it: the most blocks per SM that fit)
         // and the variant holding its rows in registers, at several blocks per SM.
-        auto staged = [&](void* kern, const char* what, bool all_occ, bool has_pb) {
-            const int threads = nv / 2, smem = 4 * n * 2;
+        auto staged = [&](void* kern, const char* what, bool all_occ, bool has_pb, int stages) {
+            const int threads = nv / 2, smem = 2 * stages * n * 2;
             CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             int occ;
             CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, threads, smem));
@@ -744,8 +743,9 @@ int main(int argc, char** argv) {
                 report(nm, ts, bwd_bytes, e);
             }
         };
-        staged(ln ? (void*)layer_bwd_staged_bf16 : (void*)rms_bwd_staged_bf16, "shipped staged", true, ln);
-        staged(ln ? (void*)staged_held<true> : (void*)staged_held<false>, "staged held", false, true);
+        staged(ln ? (void*)layer_bwd_staged_bf16 : (void*)rms_bwd_staged_bf16, "shipped staged", true, ln, 2);
+        staged(ln ? (void*)staged_ring<true, 3> : (void*)staged_ring<false, 3>, "staged ring 3", true, true, 3);
+        staged(ln ? (void*)staged_ring<true, 4> : (void*)staged_ring<false, 4>, "staged ring 4", true, true, 4);
         auto run = [&](const char* name, int groups, const std::function<void()>& f) {
             clear(y);
             const float t = time_us([&] { f(); reduce(groups, pw2, pb2, dw, db); });

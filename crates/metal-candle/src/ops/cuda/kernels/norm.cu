@@ -459,31 +459,45 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
 
 // Backward for 16-bit rows of at most RBS packs per thread, RMSNorm (LN = false) or LayerNorm:
 // the same persistent blocks and algebra as rms_bwd and layer_bwd (LayerNorm about the pivot
-// x[0]), but the next row's x and dy are copied into shared memory (copy_async16, two slots of
-// nv packs each, 4·n·sizeof(T) bytes in all from the host) while the current row is reduced and
-// written, and the reductions take one barrier each. With the rows in registers only, a block
-// has no loads in flight from the end of a row's loads to the start of the next row's: RMSNorm
-// bf16 at 8×2048×4096 (H200) took 146 µs, staged 132. Each thread copies and reads its own packs
-// only, so the copies need no barrier.
-template <typename T, int V, bool LN, bool REREAD = true>
+// x[0]), but the rows' x and dy are copied into shared memory (copy_async16) STAGES − 1 rows
+// ahead of the one being reduced and written, in a ring of STAGES slots of nv packs each
+// (2·STAGES·n·sizeof(T) bytes from the host), and the reductions take one barrier each. With
+// the rows in registers only, a block has no loads in flight from the end of a row's loads to
+// the start of the next row's: RMSNorm bf16 at 8×2048×4096 (H200) took 145 µs, staged 121.
+// Each thread copies and reads its own packs only, so the copies need no barrier. A thread reads
+// its packs from the slot at each use rather than holding them across the reduction, which
+// keeps LayerNorm at 64 registers instead of 95 (measured: 166 µs against 188 held). The host
+// launches STAGES = 2: rings of 3 and 4 slots were not faster (LayerNorm 171.6 and 172.8 µs
+// against 166.8 at 3 blocks per SM), so LayerNorm's remaining gap to RMSNorm is not the memory
+// latency a deeper ring would hide.
+template <typename T, int V, bool LN, int STAGES = 2>
 __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ dx,
                                 float* __restrict__ part_dw, float* __restrict__ part_db, int rows, int n, float eps) {
+    static_assert(STAGES >= 2, "the ring needs a slot being read and one being filled");
     extern __shared__ __align__(16) unsigned char stage_mem[];
     __shared__ float shm[2 * 4 * 32];
     RowReducer<4> red(shm);
     constexpr int R = RBS;
     const int nv = n / V;
-    Pack<T, V>* sx = reinterpret_cast<Pack<T, V>*>(stage_mem);  // [2][nv]
-    Pack<T, V>* sg = sx + 2 * nv;                                // [2][nv]
-    // Starts the copies of row `r` into `slot` and commits them as one group.
-    auto stage_row = [&](int r, int slot) {
+    Pack<T, V>* sx = reinterpret_cast<Pack<T, V>*>(stage_mem);  // [STAGES][nv]
+    Pack<T, V>* sg = sx + STAGES * nv;                           // [STAGES][nv]
+    // LayerNorm's pivots, x[0] of the current row and of the rows staged ahead, loaded with them
+    // (read from shared memory, a pivot would need a barrier; from global memory when needed, a
+    // full memory latency per row).
+    float pivot[STAGES];
+    // Starts the copies of row `r` into `slot` and commits them as one group (an empty group
+    // past the last row, so that the waits below keep their meaning).
+    auto stage_row = [&](int r, int slot, float& p) {
+        if (r < rows) {
 #pragma unroll
-        for (int q = 0; q < R; q++) {
-            const int i = threadIdx.x + q * blockDim.x;
-            if (i < nv) {
-                copy_async16(&sx[slot * nv + i], x + (size_t)r * n + (size_t)i * V);
-                copy_async16(&sg[slot * nv + i], dy + (size_t)r * n + (size_t)i * V);
+            for (int q = 0; q < R; q++) {
+                const int i = threadIdx.x + q * blockDim.x;
+                if (i < nv) {
+                    copy_async16(&sx[slot * nv + i], x + (size_t)r * n + (size_t)i * V);
+                    copy_async16(&sg[slot * nv + i], dy + (size_t)r * n + (size_t)i * V);
+                }
             }
+            if (LN) p = to_f(x[(size_t)r * n]);
         }
         copy_commit();
     };
@@ -493,41 +507,17 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
 #pragma unroll
         for (int k = 0; k < V; k++) { accw[q][k] = 0.f; accb[q][k] = 0.f; }
     int row = blockIdx.x;  // the host launches at most `rows` blocks
-    stage_row(row, 0);
-    // LayerNorm's pivot, loaded a row ahead like the row itself (read from shared memory, it
-    // would need a barrier; from global memory when needed, a full memory latency per row).
-    float pivot = LN ? to_f(x[(size_t)row * n]) : 0.f;
-    for (int slot = 0; row < rows; row += gridDim.x, slot ^= 1) {
-        const int next = row + gridDim.x;
-        float next_pivot = 0.f;
-        if (next < rows) {
-            stage_row(next, slot ^ 1);
-            if (LN) next_pivot = to_f(x[(size_t)next * n]);
-        } else {
-            copy_commit();  // an empty group, so that the wait below still means "this row"
-        }
-        copy_wait<1>();
-        // This thread's packs of the row, x and dy, in f32: read from the slot when used
-        // (REREAD), so that no register holds them across the reduction, or held from here.
-        float xv[R][V], gv[R][V];
-        auto row_pack = [&](int q, int i, float (&xo)[V], float (&go)[V]) {
-            if (REREAD) {
-                unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sx[slot * nv + i])), xo);
-                unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sg[slot * nv + i])), go);
-            } else {
 #pragma unroll
-                for (int k = 0; k < V; k++) { xo[k] = xv[q][k]; go[k] = gv[q][k]; }
-            }
+    for (int j = 0; j < STAGES - 1; j++) stage_row(row + j * gridDim.x, j, pivot[j]);
+    for (int slot = 0; row < rows; row += gridDim.x, slot = slot + 1 == STAGES ? 0 : slot + 1) {
+        const int ahead_slot = slot == 0 ? STAGES - 1 : slot - 1;
+        stage_row(row + (STAGES - 1) * gridDim.x, ahead_slot, pivot[STAGES - 1]);
+        copy_wait<STAGES - 1>();  // this row's group is complete
+        // This thread's packs of the row, x and dy, in f32, read from the slot.
+        auto row_pack = [&](int i, float (&xo)[V], float (&go)[V]) {
+            unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sx[slot * nv + i])), xo);
+            unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sg[slot * nv + i])), go);
         };
-        if (!REREAD)
-#pragma unroll
-            for (int q = 0; q < R; q++) {
-                const int i = threadIdx.x + q * blockDim.x;
-                if (i < nv) {
-                    unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sx[slot * nv + i])), xv[q]);
-                    unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sg[slot * nv + i])), gv[q]);
-                }
-            }
         // RMSNorm: Σx², Σg·x. LayerNorm: Σ(x − p), Σ(x − p)², Σg, Σg·(x − p) (see layer_bwd).
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -536,12 +526,12 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
             if (i < nv) {
                 float wv[V], xq[V], gq[V];
                 load<T, V>(w + (size_t)i * V, wv);
-                row_pack(q, i, xq, gq);
+                row_pack(i, xq, gq);
 #pragma unroll
                 for (int k = 0; k < V; k++) {
                     const float g = gq[k] * wv[k];
                     if (LN) {
-                        const float d = xq[k] - pivot;
+                        const float d = xq[k] - pivot[0];
                         s[0] += d; s[1] += d * d; s[2] += g; s[3] += g * d;
                     } else {
                         s[0] += xq[k] * xq[k]; s[1] += g * xq[k];
@@ -553,7 +543,7 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
         if (LN) {
             red.reduce<4>(s, SumOp(), 0.f);
             const float dm = s[0] / (float)n;
-            mean = pivot + dm;
+            mean = pivot[0] + dm;
             rstd = rsqrtf(fmaxf(s[1] / (float)n - dm * dm, 0.f) + eps);
             mg = s[2] / (float)n;
             c = (s[3] - dm * s[2]) * rstd / (float)n;  // mean(g·x̂)
@@ -570,7 +560,7 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
             if (i < nv) {
                 float wv[V], o[V], xq[V], gq[V];
                 load<T, V>(w + (size_t)i * V, wv);
-                row_pack(q, i, xq, gq);
+                row_pack(i, xq, gq);
 #pragma unroll
                 for (int k = 0; k < V; k++) {
                     if (LN) {
@@ -586,7 +576,8 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
                 store<T, V>(dr + (size_t)i * V, o);
             }
         }
-        pivot = next_pivot;
+#pragma unroll
+        for (int j = 0; j + 1 < STAGES; j++) pivot[j] = pivot[j + 1];
     }
     float* pw = part_dw + (size_t)blockIdx.x * n;
 #pragma unroll
