@@ -36,39 +36,13 @@ __global__ void fill(bf* p, size_t n, uint32_t seed, float scale, float offset) 
 // ---------------------------------------------------------------------------------------------
 // Helpers of the variants.
 
-// A block reduction with one barrier: the partials go to one of two slots, alternating, so the
-// next reduction cannot overwrite a slot still being read (a barrier lies between).
+// RowReducer's reduction for the variants below, with slots of K * 32 floats (a kernel uses one K
+// throughout, so its two slots never overlap).
 template <int K, typename Op>
 __device__ __forceinline__ void reduce_alt(float (&v)[K], Op op, float identity, float* shm, int& parity) {
-#pragma unroll
-    for (int k = 0; k < K; k++)
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
-    const int nw = blockDim.x >> 5;
-    if (nw == 1) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* s = shm + parity * K * 32;
+    reduce_through<K>(v, op, identity, shm + parity * K * 32, false);
     parity ^= 1;
-    if (lane == 0)
-#pragma unroll
-        for (int k = 0; k < K; k++) s[k * 32 + warp] = v[k];
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        float t = lane < nw ? s[k * 32 + lane] : identity;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) t = op(t, __shfl_xor_sync(0xffffffffu, t, o));
-        v[k] = t;
-    }
 }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // ---------------------------------------------------------------------------------------------
 // Softmax forward. One block per row, R packs per thread (threads = nv / R), the reductions with
@@ -148,19 +122,19 @@ __global__ void fwd_pf(const T* __restrict__ x0, const T* __restrict__ w, const 
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
-            cp_async16(&stage[i], x0 + (size_t)row * n + (size_t)i * V);
+            copy_async16(&stage[i], x0 + (size_t)row * n + (size_t)i * V);
         }
-    cp_commit();
+    copy_commit();
     for (int it = 0; row < rows; row += gridDim.x, it ^= 1) {
         const int next = row + gridDim.x;
         if (next < rows)
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
-                cp_async16(&stage[(it ^ 1) * nv + i], x0 + (size_t)next * n + (size_t)i * V);
+                copy_async16(&stage[(it ^ 1) * nv + i], x0 + (size_t)next * n + (size_t)i * V);
             }
-        cp_commit();
-        cp_wait<1>();
+        copy_commit();
+        copy_wait<1>();
         T* y = y0 + (size_t)row * n;
         float v[R][V];
 #pragma unroll
@@ -225,7 +199,7 @@ __global__ void fwd_pf(const T* __restrict__ x0, const T* __restrict__ w, const 
             }
         }
     }
-    cp_wait<0>();
+    copy_wait<0>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,21 +304,21 @@ __global__ void norm_bwd_pf(const T* __restrict__ x, const T* __restrict__ w, co
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int i = threadIdx.x + r * blockDim.x;
-            cp_async16(&sx[i], x + (size_t)row * n + (size_t)i * V);
-            cp_async16(&sg[i], dy + (size_t)row * n + (size_t)i * V);
+            copy_async16(&sx[i], x + (size_t)row * n + (size_t)i * V);
+            copy_async16(&sg[i], dy + (size_t)row * n + (size_t)i * V);
         }
-    cp_commit();
+    copy_commit();
     for (int it = 0; row < rows; row += gridDim.x, it ^= 1) {
         const int next = row + gridDim.x;
         if (next < rows)
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const int i = threadIdx.x + r * blockDim.x;
-                cp_async16(&sx[(it ^ 1) * nv + i], x + (size_t)next * n + (size_t)i * V);
-                cp_async16(&sg[(it ^ 1) * nv + i], dy + (size_t)next * n + (size_t)i * V);
+                copy_async16(&sx[(it ^ 1) * nv + i], x + (size_t)next * n + (size_t)i * V);
+                copy_async16(&sg[(it ^ 1) * nv + i], dy + (size_t)next * n + (size_t)i * V);
             }
-        cp_commit();
-        cp_wait<1>();
+        copy_commit();
+        copy_wait<1>();
         float xv[R][V], gv[R][V];
 #pragma unroll
         for (int r = 0; r < R; r++) {
@@ -417,7 +391,7 @@ __global__ void norm_bwd_pf(const T* __restrict__ x, const T* __restrict__ w, co
             }
         }
     }
-    cp_wait<0>();
+    copy_wait<0>();
     float* pw = part_dw + (size_t)blockIdx.x * n;
     float* pb = LN ? part_db + (size_t)blockIdx.x * n : nullptr;
 #pragma unroll

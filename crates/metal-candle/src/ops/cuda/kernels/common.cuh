@@ -57,10 +57,12 @@ __host__ __device__ constexpr int row_packs(int v, int elems, int scalar) { retu
 struct SumOp { __device__ __forceinline__ float operator()(float a, float b) const { return a + b; } };
 struct MaxOp { __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); } };
 
-// Reduces K values across the block; every thread gets the results. blockDim.x must be a
-// multiple of 32. `shm` holds K * 32 floats. Safe to call repeatedly (leading barrier).
+// The body of a block reduction of K values: shuffles within each warp, the warps' partials
+// through `slot` (K * 32 floats) and one barrier, shuffles again; every thread gets the results.
+// blockDim.x must be a multiple of 32. `lead`: a barrier first, for a slot that the previous
+// reduction may still be reading.
 template <int K, typename Op>
-__device__ __forceinline__ void block_reduce(float (&v)[K], Op op, float identity, float* shm) {
+__device__ __forceinline__ void reduce_through(float (&v)[K], Op op, float identity, float* slot, bool lead) {
 #pragma unroll
     for (int k = 0; k < K; k++)
 #pragma unroll
@@ -68,18 +70,25 @@ __device__ __forceinline__ void block_reduce(float (&v)[K], Op op, float identit
     const int nw = blockDim.x >> 5;
     if (nw == 1) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    __syncthreads();
+    if (lead) __syncthreads();
     if (lane == 0)
 #pragma unroll
-        for (int k = 0; k < K; k++) shm[k * 32 + warp] = v[k];
+        for (int k = 0; k < K; k++) slot[k * 32 + warp] = v[k];
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < K; k++) {
-        float t = lane < nw ? shm[k * 32 + lane] : identity;
+        float t = lane < nw ? slot[k * 32 + lane] : identity;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) t = op(t, __shfl_xor_sync(0xffffffffu, t, o));
         v[k] = t;
     }
+}
+
+// Reduces K values across the block; every thread gets the results. `shm` holds K * 32 floats.
+// Safe to call repeatedly (leading barrier).
+template <int K, typename Op>
+__device__ __forceinline__ void block_reduce(float (&v)[K], Op op, float identity, float* shm) {
+    reduce_through<K>(v, op, identity, shm, true);
 }
 
 // Block reductions of a row kernel, one barrier each where `block_reduce` takes two. The warps'
@@ -97,26 +106,9 @@ struct RowReducer {
     template <int K, typename Op>
     __device__ __forceinline__ void reduce(float (&v)[K], Op op, float identity) {
         static_assert(K <= KMAX, "a reduction wider than the reducer's slots");
-#pragma unroll
-        for (int k = 0; k < K; k++)
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
-        const int nw = blockDim.x >> 5;
-        if (nw == 1) return;
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
         float* slot = shm + parity * KMAX * 32;
         parity ^= 1;
-        if (lane == 0)
-#pragma unroll
-            for (int k = 0; k < K; k++) slot[k * 32 + warp] = v[k];
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            float t = lane < nw ? slot[k * 32 + lane] : identity;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) t = op(t, __shfl_xor_sync(0xffffffffu, t, o));
-            v[k] = t;
-        }
+        reduce_through<K>(v, op, identity, slot, false);
     }
 
     template <typename Op>
