@@ -339,7 +339,9 @@ pub(super) fn rows_and_len(op: &str, shape: &Shape) -> Result<(usize, usize)> {
 /// packs for the one-element kernels (`width` 1). With the same packs for every type, bf16
 /// threads held twice the elements and registers of f32 ones; the change took bf16 softmax
 /// backward from 131 to 118 µs and LayerNorm backward from 212 to 196 µs at 8×2048×4096 on an
-/// H200 (BENCHMARKS.md, session 7).
+/// H200 (BENCHMARKS.md, session 7). The forward kernels now keep 4 packs whatever the type
+/// instead (`FWD_PACKS` in norm.rs, `SOFTMAX_FWD_PACKS` in softmax.rs): with one barrier per
+/// reduction, fewer and fuller threads were faster for 16-bit rows (session 8).
 pub(super) const fn row_packs(width: usize, elems: usize, scalar: usize) -> usize {
     if width == 1 {
         scalar

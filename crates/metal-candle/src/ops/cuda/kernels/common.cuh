@@ -1,8 +1,9 @@
 // Shared helpers for the row kernels: element conversion, 16-byte packs, block reductions.
 //
-// Every row kernel keeps a row in registers (R packs of V elements per thread) so that the
-// data is read once and written once; rows longer than blockDim * R * V take a looping path
-// that re-reads the row (correct for any length, slower).
+// Every row kernel keeps a row in registers (R packs of V elements per thread), or for the
+// staged norm backward in shared memory, so that the data is read once and written once; rows
+// longer than blockDim * R * V take a looping path that re-reads the row (correct for any
+// length, slower).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
