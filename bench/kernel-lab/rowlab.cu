@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "../../crates/metal-candle/src/ops/cuda/kernels/norm.cu"
@@ -518,7 +519,134 @@ __global__ void norm_bwd_2row(const T* __restrict__ x, const T* __restrict__ w, 
 // The shipped staged backward with a ring of S slots (S − 1 rows in flight ahead).
 template <bool LN, int S>
 __global__ void staged_ring(const bf* x, const bf* w, const bf* dy, bf* dx, float* pw, float* pb, int rows, int n, float eps) {
-    norm_bwd_staged<bf, 8, LN, S>(x, w, dy, dx, pw, pb, rows, n, eps);
+    norm_bwd_staged<bf, 8, LN, S>(x, w, dy, dx, pw, pb, nullptr, rows, n, eps);
+}
+
+// LayerNorm backward with the row statistics saved by the forward pass (mean and 1/std per row,
+// as PyTorch keeps them), so that a row reduces two sums (Σg, Σg·x̂) instead of four, and no pivot
+// is loaded. Otherwise the shipped staged kernel: the next row copied into shared memory with
+// cp.async while this one is worked on, each thread reading back only the packs it copied.
+__global__ void ln_stats(const bf* __restrict__ x, float2* __restrict__ stats, int rows, int n, float eps) {
+    __shared__ float shm[2 * 32];
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        float s = 0.f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) s += __bfloat162float(x[(size_t)row * n + i]);
+        const float mean = block_reduce1(s, SumOp(), 0.f, shm) / n;
+        float v = 0.f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float d = __bfloat162float(x[(size_t)row * n + i]) - mean;
+            v += d * d;
+        }
+        const float var = block_reduce1(v, SumOp(), 0.f, shm) / n;
+        if (threadIdx.x == 0) stats[row] = make_float2(mean, rsqrtf(var + eps));
+    }
+}
+
+// RP: packs per thread; WREG: the weight's packs loaded once, before the rows, and kept in registers.
+template <int STAGES, int RP = 2, bool WREG = false>
+__global__ void ln_bwd_saved(const bf* __restrict__ x, const bf* __restrict__ w, const bf* __restrict__ dy,
+                             bf* __restrict__ dx, float* __restrict__ part_dw, float* __restrict__ part_db,
+                             const float2* __restrict__ stats, int rows, int n) {
+    constexpr int V = 8, R = RP;
+    extern __shared__ __align__(16) unsigned char stage_mem[];
+    __shared__ float shm[2 * 2 * 32];
+    RowReducer<2> red(shm);
+    const int nv = n / V;
+    Pack<bf, V>* sx = reinterpret_cast<Pack<bf, V>*>(stage_mem);
+    Pack<bf, V>* sg = sx + STAGES * nv;
+    float2 st[STAGES];
+    auto stage_row = [&](int r, int slot, float2& s) {
+        if (r < rows) {
+#pragma unroll
+            for (int q = 0; q < R; q++) {
+                const int i = threadIdx.x + q * blockDim.x;
+                if (i < nv) {
+                    copy_async16(&sx[slot * nv + i], x + (size_t)r * n + (size_t)i * V);
+                    copy_async16(&sg[slot * nv + i], dy + (size_t)r * n + (size_t)i * V);
+                }
+            }
+            s = stats[r];
+        }
+        copy_commit();
+    };
+    float accw[R][V], accb[R][V];
+#pragma unroll
+    for (int q = 0; q < R; q++)
+#pragma unroll
+        for (int k = 0; k < V; k++) { accw[q][k] = 0.f; accb[q][k] = 0.f; }
+    Pack<bf, V> wr[R];
+    if (WREG) {
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const int i = threadIdx.x + q * blockDim.x;
+            if (i < nv) wr[q] = load_raw<bf, V>(w + (size_t)i * V);
+        }
+    }
+    auto wpack = [&](int q, int i, float (&wv)[V]) {
+        if (WREG) unpack<bf, V>(wr[q], wv);
+        else load<bf, V>(w + (size_t)i * V, wv);
+    };
+    int row = blockIdx.x;
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; j++) stage_row(row + j * gridDim.x, j, st[j]);
+    for (int slot = 0; row < rows; row += gridDim.x, slot = slot + 1 == STAGES ? 0 : slot + 1) {
+        const int ahead_slot = slot == 0 ? STAGES - 1 : slot - 1;
+        stage_row(row + (STAGES - 1) * gridDim.x, ahead_slot, st[STAGES - 1]);
+        copy_wait<STAGES - 1>();
+        const float mean = st[0].x, rstd = st[0].y;
+        auto row_pack = [&](int i, float (&xo)[V], float (&go)[V]) {
+            unpack<bf, V>(load_raw<bf, V>(reinterpret_cast<const bf*>(&sx[slot * nv + i])), xo);
+            unpack<bf, V>(load_raw<bf, V>(reinterpret_cast<const bf*>(&sg[slot * nv + i])), go);
+        };
+        float s[2] = {0.f, 0.f};
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const int i = threadIdx.x + q * blockDim.x;
+            if (i < nv) {
+                float wv[V], xq[V], gq[V];
+                wpack(q, i, wv);
+                row_pack(i, xq, gq);
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    const float g = gq[k] * wv[k];
+                    s[0] += g;
+                    s[1] += g * (xq[k] - mean);
+                }
+            }
+        }
+        red.reduce<2>(s, SumOp(), 0.f);
+        const float mg = s[0] / (float)n, c = s[1] * rstd / (float)n;
+        bf* dr = dx + (size_t)row * n;
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const int i = threadIdx.x + q * blockDim.x;
+            if (i < nv) {
+                float wv[V], o[V], xq[V], gq[V];
+                wpack(q, i, wv);
+                row_pack(i, xq, gq);
+#pragma unroll
+                for (int k = 0; k < V; k++) {
+                    const float xh = (xq[k] - mean) * rstd;
+                    o[k] = rstd * (gq[k] * wv[k] - mg - xh * c);
+                    accw[q][k] += gq[k] * xh;
+                    accb[q][k] += gq[k];
+                }
+                store<bf, V>(dr + (size_t)i * V, o);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j + 1 < STAGES; j++) st[j] = st[j + 1];
+    }
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+        const int i = threadIdx.x + q * blockDim.x;
+        if (i < nv)
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                part_dw[(size_t)blockIdx.x * n + (size_t)i * V + k] = accw[q][k];
+                part_db[(size_t)blockIdx.x * n + (size_t)i * V + k] = accb[q][k];
+            }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -570,6 +698,8 @@ static void report(const char* name, float us, double bytes, double err) {
 }
 
 int main(int argc, char** argv) {
+    // `rowlab ln-bwd`: only the backward section (the staged kernels and the saved-stats variant).
+    const bool only_ln_bwd = argc > 1 && std::string(argv[1]) == "ln-bwd";
     const int rows = 16384, n = 4096;
     const size_t N = (size_t)rows * n;
     const float eps = 1e-5f;
@@ -615,6 +745,7 @@ int main(int argc, char** argv) {
         }
     };
 
+    if (!only_ln_bwd) {
     // ---- softmax forward
     {
         clear(yref);
@@ -639,7 +770,7 @@ int main(int argc, char** argv) {
     // ---- LayerNorm forward
     {
         clear(yref);
-        const float t = time_us([&] { layer_fwd_bf16_v<<<rows, nv / 4>>>(x, w, b, yref, rows, n, eps); });
+        const float t = time_us([&] { layer_fwd_bf16_v<<<rows, nv / 4>>>(x, w, b, yref, nullptr, rows, n, eps); });
         auto ref = to_host(yref, N);
         report("layer fwd shipped (128 thr)", t, fwd_bytes, 0);
         auto run = [&](const char* name, const std::function<void()>& f) {
@@ -670,6 +801,7 @@ int main(int argc, char** argv) {
         run("rms fwd alt R4 (128)", [&] { rms_fwd_lab<bf, 8, 4><<<rows, nv / 4>>>(x, w, y, rows, n, eps); });
         run("rms fwd alt R8 (64)", [&] { rms_fwd_lab<bf, 8, 8><<<rows, nv / 8>>>(x, w, y, rows, n, eps); });
         pf_fwd(run, fwd_pf<bf, 8, 2, 2>, 2, "rms");
+    }
     }
     // ---- backward (main kernel + column reductions)
     for (int ln = 0; ln < 2; ln++) {
@@ -720,6 +852,43 @@ int main(int argc, char** argv) {
         staged(ln ? (void*)layer_bwd_staged_bf16 : (void*)rms_bwd_staged_bf16, "shipped staged", true, ln, 2);
         staged(ln ? (void*)staged_ring<true, 3> : (void*)staged_ring<false, 3>, "staged ring 3", true, true, 3);
         staged(ln ? (void*)staged_ring<true, 4> : (void*)staged_ring<false, 4>, "staged ring 4", true, true, 4);
+        if (ln) {
+            // Saved statistics: computed once here (the forward pass would write them).
+            float2* stats;
+            CK(cudaMalloc(&stats, (size_t)rows * sizeof(float2)));
+            ln_stats<<<rows, 256>>>(x, stats, rows, n, eps);
+            auto saved = [&](void* kern, int stages, int rp = 2, const char* tag = "") {
+                const int threads = nv / rp, smem = 2 * stages * n * 2;
+                CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+                int occ;
+                CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, threads, smem));
+                for (int p = 2; p <= occ; p++) {
+                    const int g = sms * p;
+                    char nm[96];
+                    snprintf(nm, sizeof nm, "layer bwd saved S%d%s (%d thr) %d/SM%s", stages, tag, threads, p,
+                             p == occ ? " max" : "");
+                    clear(y);
+                    const float ts = time_us([&] {
+                        void* args[] = {(void*)&x, (void*)&w, (void*)&dy, (void*)&y, (void*)&pw2, (void*)&pb2,
+                                        (void*)&stats, (void*)&rows, (void*)&n};
+                        CK(cudaLaunchKernel(kern, g, threads, args, smem, 0));
+                        reduce(g, pw2, pb2, dw, db);
+                    });
+                    const double e = std::max({diff(to_host(y, N), ref), diff(to_host(dw, n), refw),
+                                               diff(to_host(db, n), refb)});
+                    report(nm, ts, bwd_bytes, e);
+                }
+            };
+            saved((void*)layer_bwd_saved_bf16, 2, 2, " shipped");
+            saved((void*)ln_bwd_saved<2>, 2);
+            saved((void*)ln_bwd_saved<3>, 3);
+            saved((void*)ln_bwd_saved<2, 2, true>, 2, 2, " wreg");
+            saved((void*)ln_bwd_saved<2, 4>, 2, 4, " R4");
+            saved((void*)ln_bwd_saved<2, 4, true>, 2, 4, " R4 wreg");
+            saved((void*)ln_bwd_saved<2, 1>, 2, 1, " R1");
+            CK(cudaFree(stats));
+        }
+        if (only_ln_bwd) continue;
         auto run = [&](const char* name, int groups, const std::function<void()>& f) {
             clear(y);
             const float t = time_us([&] { f(); reduce(groups, pw2, pb2, dw, db); });

@@ -44,6 +44,11 @@ fn layer_norm_matches_reference() {
 }
 
 #[test]
+fn layer_norm_backward_without_saved_stats() {
+    run(check::layer_norm_backward_without_saved_stats);
+}
+
+#[test]
 fn lora_delta_matches_reference() {
     run(check::lora_delta_matches_reference);
 }

@@ -3,12 +3,14 @@
 //!
 //! For each (op, shape, dtype, mode, implementation) it reports
 //! - `latency_us`: one call, then wait for the result (`Device::synchronize`), median;
+//! - `host_us`: within those calls, the time until the call returned (before the wait), median:
+//!   the host's share of the latency (on a GPU, queuing the work; on the CPU, all of it);
 //! - `per_call_us`: many calls queued, one wait at the end, divided by the count, median;
 //! - `gbps` (bytes that must move: every input read once, every output written once, over
 //!   `per_call_us`) and `tflops` for the GEMM-bound rows.
 //!
 //! Modes: `fwd`; `bwd` (the fused backward kernels called directly with a random upstream
-//! gradient; CUDA only), and `fwd_bwd` (forward, then candle's autograd from y with a fixed
+//! gradient, LayerNorm's with the row statistics its forward saves in training; CUDA only), and `fwd_bwd` (forward, then candle's autograd from y with a fixed
 //! upstream gradient r, through `metal_candle::autograd::backward_with`: the same for every
 //! implementation, and without the multiply, sum and their backward that a `sum(y ⊙ r)` loss
 //! would add). The run also measures
@@ -126,9 +128,11 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// Median call latency and median per-call time of queued calls, in microseconds.
+/// Median call latency, its host part and median per-call time of queued calls, in
+/// microseconds.
 struct Timing {
     latency_us: f64,
+    host_us: f64,
     per_call_us: f64,
 }
 
@@ -142,10 +146,11 @@ fn time(
     }
     dev.synchronize()?;
     let start = Instant::now();
-    let mut lat = Vec::new();
+    let (mut lat, mut host) = (Vec::new(), Vec::new());
     while lat.len() < 5 || (lat.len() < 200 && start.elapsed().as_secs_f64() < budget / 2.0) {
         let t = Instant::now();
         f()?;
+        host.push(t.elapsed().as_secs_f64() * 1e6);
         dev.synchronize()?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
@@ -164,6 +169,7 @@ fn time(
     }
     Ok(Timing {
         latency_us,
+        host_us: median(host),
         per_call_us: median(per),
     })
 }
@@ -205,7 +211,7 @@ impl Recorder {
             None
         };
         println!(
-            "{:<12} {:<12} r{:<3} {:<5} {:<8} {:<15} latency {:>10.2} us  per call {:>10.2} us  {:>8} GB/s  {:>7} TFLOP/s",
+            "{:<12} {:<12} r{:<3} {:<5} {:<8} {:<15} latency {:>10.2} us (host {:>9.2})  per call {:>10.2} us  {:>8} GB/s  {:>7} TFLOP/s",
             row.op,
             row.shape.label(),
             row.shape.rank,
@@ -213,13 +219,14 @@ impl Recorder {
             row.mode,
             imp,
             t.latency_us,
+            t.host_us,
             t.per_call_us,
             gbps.map_or("-".into(), |g| format!("{g:.1}")),
             tflops.map_or("-".into(), |g| format!("{g:.2}")),
         );
         self.rows.push(json!({
             "op": row.op, "shape": row.shape.label(), "rank": row.shape.rank, "dtype": dtype_name(row.dtype),
-            "mode": row.mode, "impl": imp, "latency_us": t.latency_us, "per_call_us": t.per_call_us,
+            "mode": row.mode, "impl": imp, "latency_us": t.latency_us, "host_us": t.host_us, "per_call_us": t.per_call_us,
             "bytes": bytes, "flops": flops, "gbps": gbps, "tflops": tflops,
         }));
         Ok(())
@@ -285,7 +292,7 @@ pub fn run(args: OpsArgs) -> BoxResult<()> {
                 "gpu": gpu_name(&dev),
                 "command": std::env::args().collect::<Vec<_>>().join(" "),
                 "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                "timing": "latency_us: one call then synchronize (host clock), median; per_call_us: calls queued, one synchronize, median",
+                "timing": "latency_us: one call then synchronize (host clock), median; host_us: the part of it until the call returned, median; per_call_us: calls queued, one synchronize, median",
             },
             "copy_gbps": copy_gbps,
             "results": rec.rows,
@@ -401,10 +408,17 @@ fn bench_one(
             let bytes = 3.0 * mf * nf * s + nf * s * 3.0;
             #[cfg(feature = "cuda")]
             {
+                // LayerNorm's backward takes the row statistics its forward saves in training.
+                let stats = match op {
+                    "layer_norm" => {
+                        Some(ops::cuda::layer_norm_forward_with_stats(&x, &w, &b, eps)?.1)
+                    }
+                    _ => None,
+                };
                 rec.measure(&row, "fused", bytes, 0.0, &mut || match op {
                     "softmax" => ops::cuda::softmax_backward(&x, &dy).map(drop),
                     "rms_norm" => ops::cuda::rms_norm_backward(&x, &w, &dy, eps).map(drop),
-                    _ => ops::cuda::layer_norm_backward(&x, &w, &dy, eps).map(drop),
+                    _ => ops::cuda::layer_norm_backward(&x, &w, &dy, eps, stats.as_ref()).map(drop),
                 })?;
             }
             let _ = bytes;

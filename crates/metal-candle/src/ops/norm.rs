@@ -32,7 +32,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// LayerNorm over the last dimension: `(x − mean) / sqrt(var + eps) ⊙ weight + bias`, with the
-/// biased variance (as PyTorch). Differentiable in `x`, `weight` and `bias`.
+/// biased variance (as PyTorch). Differentiable in `x`, `weight` and `bias`; when any of them
+/// takes gradients, the CUDA forward keeps each row's mean and 1/σ (8 bytes per row) for the
+/// backward pass, as PyTorch does.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -47,8 +49,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// ```
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check_norm_args("layer_norm", x, &[("weight", weight), ("bias", bias)], eps)?;
+    let tracked = x.track_op() || weight.track_op() || bias.track_op();
     Ok(match kernel_path(x.device(), x.dtype()) {
-        KernelPath::Fused => x.apply_op3(weight, bias, LayerNorm { eps })?,
+        KernelPath::Fused => x.apply_op3(weight, bias, LayerNorm::new(eps, tracked))?,
         KernelPath::Reference => reference::layer_norm(x, weight, bias, eps)?,
     })
 }
@@ -165,6 +168,23 @@ impl CustomOp2 for RmsNorm {
 
 struct LayerNorm {
     eps: f64,
+    /// The row statistics of the CUDA forward pass, kept for the backward when gradients are
+    /// tracked (`None` when they are not: nothing is saved for inference).
+    #[cfg(feature = "cuda")]
+    saved: Option<std::sync::Mutex<Option<super::cuda::LayerNormStats>>>,
+}
+
+impl LayerNorm {
+    /// `tracked`: whether any input takes gradients (so the backward pass will run).
+    fn new(eps: f64, tracked: bool) -> Self {
+        #[cfg(not(feature = "cuda"))]
+        let _ = tracked;
+        Self {
+            eps,
+            #[cfg(feature = "cuda")]
+            saved: tracked.then(|| std::sync::Mutex::new(None)),
+        }
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -200,10 +220,21 @@ impl CustomOp3 for LayerNorm {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            super::cuda::layer_norm_forward(xs, xl, ws, wl, bs, bl, self.eps)?,
-            xl.shape().clone(),
-        ))
+        let (y, stats) = super::cuda::layer_norm_forward(
+            xs,
+            xl,
+            ws,
+            wl,
+            bs,
+            bl,
+            self.eps,
+            self.saved.is_some(),
+        )?;
+        if let Some(slot) = &self.saved {
+            // The slot only ever holds finished statistics: a poisoned lock is still consistent.
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        }
+        Ok((y, xl.shape().clone()))
     }
 
     fn bwd(
@@ -232,7 +263,12 @@ impl CustomOp3 for LayerNorm {
             }
             #[cfg(feature = "cuda")]
             candle_core::Device::Cuda(_) => {
-                let (dx, dw, db) = super::cuda::layer_norm_backward(x, w, dy, self.eps)?;
+                let guard = self
+                    .saved
+                    .as_ref()
+                    .map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()));
+                let stats = guard.as_ref().and_then(|g| g.as_ref());
+                let (dx, dw, db) = super::cuda::layer_norm_backward(x, w, dy, self.eps, stats)?;
                 Ok((Some(dx), Some(dw), Some(db)))
             }
             _ => candle_core::bail!(

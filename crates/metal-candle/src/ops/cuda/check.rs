@@ -51,6 +51,10 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("rms_norm_matches_reference", rms_norm_matches_reference),
     ("layer_norm_matches_reference", layer_norm_matches_reference),
+    (
+        "layer_norm_backward_without_saved_stats",
+        layer_norm_backward_without_saved_stats,
+    ),
     ("rope_matches_reference", rope_matches_reference),
     ("swiglu_matches_reference", swiglu_matches_reference),
     ("lora_delta_matches_reference", lora_delta_matches_reference),
@@ -472,6 +476,53 @@ pub fn layer_norm_matches_reference(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// LayerNorm's backward called without the forward's row statistics, which `ops::layer_norm`
+/// saves whenever gradients are tracked (so [`layer_norm_matches_reference`] runs the kernels
+/// that take them): the kernels that recompute the statistics from x, against the gradients of
+/// the f64 reference.
+pub fn layer_norm_backward_without_saved_stats(dev: &Device) -> Result<()> {
+    let reference = |t: &[Tensor]| reference::layer_norm(&t[0], &t[1], &t[2], 1e-5);
+    for dtype in DTYPES {
+        for shape in ROW_SHAPES
+            .iter()
+            .filter(|s| s.last().is_some_and(|&n| n >= 3))
+        {
+            let n = shape[shape.len() - 1];
+            let x = (rand(shape, 1.5, dtype)? + 0.7)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            let w = (rand(&[n], 0.5, dtype)? + 1.0)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            let bases = [x, w, rand(&[n], 0.5, dtype)?];
+            let dy = rand(shape, 1.0, dtype)?;
+            let views: [View; 3] = [plain, plain, plain];
+            let (_, want) = eval(&Device::Cpu, DType::F64, &bases, &views, &dy, &reference)?;
+            let (_, low) = eval(&Device::Cpu, dtype, &bases, &views, &dy, &reference)?;
+            let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(dev);
+            let (dx, dw, db) = super::layer_norm_backward(
+                &on(&bases[0])?,
+                &on(&bases[1])?,
+                &on(&dy)?,
+                1e-5,
+                None,
+            )?;
+            for (i, (got, (want, low))) in
+                [dx, dw, db].iter().zip(want.iter().zip(&low)).enumerate()
+            {
+                check_with_yardstick(
+                    &format!("layer_norm backward without saved statistics {shape:?}, gradient of input {i}"),
+                    grad_tol(dtype),
+                    got,
+                    want,
+                    Some(low),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// (batch, heads, seq, head_dim, tables batched): one pair, odd sizes, half_dim not a whole
 /// number of 16-byte packs (130, 6), and the llama sizes (64, 128), vectorised.
 const ROPE_SHAPES: &[(usize, usize, usize, usize, bool)] = &[
@@ -563,6 +614,10 @@ const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     (&[2, 700, 512], 16, 96),
     // ... and a rank above the small kernel's limit of 16.
     (&[1, 50, 96], 24, 40),
+    // The vector kernel (A stored (in, r): even index) at the widest seed shape, and the small
+    // kernel at a short row (odd index: A transposed).
+    (&[1, 128, 2048], 8, 2048),
+    (&[3, 64], 8, 16),
 ];
 
 /// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor; x

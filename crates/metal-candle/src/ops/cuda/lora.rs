@@ -1,8 +1,8 @@
 //! The LoRA term and the LoRA linear layer on CUDA, through cuBLAS.
 //!
 //! Small problems (the seed's shapes) take one custom kernel for the whole LoRA term
-//! (`lora_small` in kernels/lora.cu); for `lora_linear` the base GEMM then accumulates into
-//! its output.
+//! (`lora_vec` in kernels/lora.cu where the layouts allow 16-byte packs throughout, else
+//! `lora_small`); for `lora_linear` the base GEMM then accumulates into its output.
 //!
 //! Forward, `lora_linear` (frozen W): `T = scale·(x·A)` (m × r, one small GEMM reading x),
 //! then `y = T·B` written straight into the output, then the base GEMM `y = x·Wᵀ + 1·y`
@@ -21,8 +21,8 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
 use super::common::{
-    alloc_out, cuda_storage, fit_threads, input, load, matrix, rows_and_len, sm_count, to_tensor,
-    with_elem, Elem, Input, Matrix, LORA_PTX,
+    aligned16, alloc_out, cuda_storage, fit_threads, input, load, matrix, rows_and_len, sm_count,
+    to_tensor, with_elem, Elem, Input, Matrix, LORA_PTX,
 };
 use super::gemm::{gemm, Operand};
 
@@ -93,7 +93,10 @@ fn forward(
             let (xv, av, bv) = (x.view::<T>()?, a.data.view::<T>()?, bm.data.view::<T>()?);
             let mut y = alloc_out::<T>(&dev, m * n)?;
             let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
-            launch_small::<T>(&dev, (&xv, &a, &av, &bm, &bv, bias_v.as_ref()), &mut y, (m, k, r, n), scale as f32)?;
+            let args = (&xv, &a, &av, &bm, &bv, bias_v.as_ref());
+            if !launch_vec::<T>(&dev, args, &mut y, (m, k, r, n), scale as f32)? {
+                launch_small::<T>(&dev, args, &mut y, (m, k, r, n), scale as f32)?;
+            }
             if let Some(wm) = &wm {
                 let wv = wm.data.view::<T>()?;
                 gemm::<T>(
@@ -266,6 +269,64 @@ fn launch_small<T: Elem>(
     // multiple of 32) as the kernel requires.
     unsafe { l.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// `y = scale·(x·A)·B (+ bias)` in one launch of `lora_vec` (lora.cu), when its layouts hold:
+/// A (k, r) and B (r, n) stored row-major and dense, r = 8 or 16 (a row of A is whole 16-byte
+/// packs), k and n whole packs that one block's threads cover (one pack each), every operand
+/// 16-byte aligned. Returns `false`, launching nothing, otherwise (`lora_small` then serves).
+fn launch_vec<T: Elem>(
+    dev: &CudaDevice,
+    (xv, a, av, b, bv, bias): SmallArgs<'_, '_, T>,
+    y: &mut CudaSlice<T>,
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<bool> {
+    let width = T::VEC;
+    let dense_rows = |mat: &Matrix<'_>, cols: usize| !mat.trans && mat.ld == cols;
+    if !(r == 8 || r == 16)
+        || r % width != 0
+        || k % width != 0
+        || n % width != 0
+        || !dense_rows(a, r)
+        || !dense_rows(b, n)
+    {
+        return Ok(false);
+    }
+    let aligned = aligned16(xv, dev)
+        && aligned16(av, dev)
+        && aligned16(bv, dev)
+        && bias.is_none_or(|v| aligned16(v, dev))
+        && aligned16(&y.slice(..), dev);
+    if !aligned {
+        return Ok(false);
+    }
+    let f = load(dev, &format!("lora_vec_r{r}_{}", T::NAME), MODULE, LORA_PTX)?;
+    let packs = (k / width).max(n / width);
+    let threads = (packs.div_ceil(32) * 32).max(64);
+    if threads > fit_threads(&f, 1024)? as usize {
+        return Ok(false);
+    }
+    let (k_i, n_i) = (k as i32, n as i32);
+    let null = 0u64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(xv).arg(av).arg(bv);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(y).arg(&k_i).arg(&n_i).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (m as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, all 16-byte aligned,
+    // A and B dense row-major; k/V and n/V ≤ threads ≤ what the kernel can launch; m < 2³¹
+    // blocks (the caller's size limits keep m·k·r ≤ 2²²).
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(true)
 }
 
 /// Sets column `col` of the row-major (rows, ld) matrix `buf` to `value`.

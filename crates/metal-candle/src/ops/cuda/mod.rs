@@ -5,9 +5,12 @@
 //! - softmax (and the cross-entropy, a softmax against a target), RMSNorm, LayerNorm (`kernels/*.cu`, compiled to PTX by `build.rs`): a block per
 //!   row, 16-byte vector loads where the row length and pointers allow, f32 arithmetic, one
 //!   read and one write of the data. The backward passes recompute the row statistics from x
-//!   and reduce the weight gradients through per-block partial rows and a second small
-//!   kernel (no atomics).
-//! - LoRA: GEMMs through candle's cuBLAS handle. `lora_linear` writes the low-rank term
+//!   (except LayerNorm's for 16-bit rows, which the forward saves when gradients are tracked:
+//!   two sums per row instead of four) and reduce the weight gradients through per-block
+//!   partial rows and a second small kernel (no atomics).
+//! - LoRA: small problems (the seed's shapes) take one launch for the whole low-rank term
+//!   (`lora_vec` for 16-byte-pack layouts, else `lora_small`). Otherwise GEMMs through candle's
+//!   cuBLAS handle. `lora_linear` writes the low-rank term
 //!   `(scale·x·A)·B` (plus the bias, carried as an extra row of B) into the output and then
 //!   runs the base GEMM `x·Wᵀ` with `beta = 1` into that same output: no extra (tokens × out)
 //!   tensor and no separate add or scale pass. The backward pass recomputes `x·A` (nothing is
@@ -51,8 +54,8 @@ pub use common::set_poison_outputs;
 pub use linear::frozen_linear_forward;
 pub use lora::{lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward};
 pub use norm::{
-    add_rms_norm_forward, layer_norm_backward, layer_norm_forward, rms_norm_backward,
-    rms_norm_forward,
+    add_rms_norm_forward, layer_norm_backward, layer_norm_forward, layer_norm_forward_with_stats,
+    rms_norm_backward, rms_norm_forward, LayerNormStats,
 };
 pub use optim::{adamw_moments, adamw_param};
 pub use rope::rope_forward;

@@ -28,6 +28,20 @@ const STAGED_PACKS: usize = 2;
 /// Blocks per SM of the staged backward (see `backward`).
 const STAGED_BLOCKS_PER_SM: u32 = 3;
 
+/// Blocks per SM of LayerNorm's staged backward with saved statistics: 2 ran fastest in the
+/// lab (bf16 8×2048×4096, H200: 125.7 µs against 142.2 at 3, the most that fit).
+const SAVED_BLOCKS_PER_SM: u32 = 2;
+
+/// The row statistics of a LayerNorm forward pass, mean and 1/std of each row in f32: what its
+/// backward needs besides x, so that it reduces two sums per row instead of four. The forward
+/// saves them when gradients are tracked ([`crate::ops::layer_norm`]); the backward takes them
+/// where its 16-bit staged kernel applies and recomputes them otherwise.
+pub struct LayerNormStats {
+    /// (mean, 1/std) per row.
+    data: CudaSlice<f32>,
+    rows: usize,
+}
+
 /// `x / sqrt(mean(x²) + eps) ⊙ w` over the last dimension.
 pub fn rms_norm_forward(
     xs: &CudaStorage,
@@ -39,7 +53,9 @@ pub fn rms_norm_forward(
     forward("rms", xs, xl, ws, wl, None, eps)
 }
 
-/// `(x − mean) / sqrt(var + eps) ⊙ w + b` over the last dimension (biased variance).
+/// `(x − mean) / sqrt(var + eps) ⊙ w + b` over the last dimension (biased variance), and the
+/// row statistics when `save_stats` is set (for the backward pass).
+#[allow(clippy::too_many_arguments)]
 pub fn layer_norm_forward(
     xs: &CudaStorage,
     xl: &Layout,
@@ -48,8 +64,45 @@ pub fn layer_norm_forward(
     bs: &CudaStorage,
     bl: &Layout,
     eps: f64,
-) -> Result<CudaStorage> {
-    forward("layer", xs, xl, ws, wl, Some((bs, bl)), eps)
+    save_stats: bool,
+) -> Result<(CudaStorage, Option<LayerNormStats>)> {
+    forward_with_stats("layer", xs, xl, ws, wl, Some((bs, bl)), eps, save_stats)
+}
+
+/// [`layer_norm_forward`] on tensors, with the statistics: the forward half of a training
+/// step, for benchmarks and tests that call [`layer_norm_backward`] themselves.
+pub fn layer_norm_forward_with_stats(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, LayerNormStats)> {
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (bs, bl) = b.storage_and_layout();
+    let (y, stats) = layer_norm_forward(
+        cuda_storage(&xs, "x")?,
+        xl,
+        cuda_storage(&ws, "weight")?,
+        wl,
+        cuda_storage(&bs, "bias")?,
+        bl,
+        eps,
+        true,
+    )?;
+    let Some(stats) = stats else {
+        candle_core::bail!("layer_norm: the forward pass returned no statistics")
+    };
+    let y = candle_core::Storage::Cuda(y);
+    Ok((
+        Tensor::from_storage(
+            y,
+            xl.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ),
+        stats,
+    ))
 }
 
 fn forward(
@@ -61,6 +114,22 @@ fn forward(
     bias: Option<(&CudaStorage, &Layout)>,
     eps: f64,
 ) -> Result<CudaStorage> {
+    Ok(forward_with_stats(kind, xs, xl, ws, wl, bias, eps, false)?.0)
+}
+
+/// The norm forward of `kind`; LayerNorm's (`bias` given) also writes the row statistics when
+/// `save_stats` is set.
+#[allow(clippy::too_many_arguments)]
+fn forward_with_stats(
+    kind: &str,
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
+    eps: f64,
+    save_stats: bool,
+) -> Result<(CudaStorage, Option<LayerNormStats>)> {
     let op = if kind == "rms" {
         "rms_norm"
     } else {
@@ -74,6 +143,10 @@ fn forward(
         let (xv, wv) = (x.view::<T>()?, w.view::<T>()?);
         let bv = b.as_ref().map(|b| b.view::<T>()).transpose()?;
         let mut y = alloc_out::<T>(&dev, rows * n)?;
+        let mut stats = match (&bv, save_stats) {
+            (Some(_), true) => Some(alloc_out::<f32>(&dev, 2 * rows)?),
+            _ => None,
+        };
         if rows > 0 {
             let vec = n % T::VEC == 0
                 && aligned16(&xv, &dev)
@@ -84,17 +157,26 @@ fn forward(
             let cfg = row_config(rows, fit_threads(&f, row_threads(n / width, FWD_PACKS))?);
             let stream = dev.cuda_stream();
             let (rows_i, n_i, eps_f) = (rows as i32, n as i32, eps as f32);
+            let null = 0u64;
             let mut l = stream.launch_builder(&f);
             l.arg(&xv).arg(&wv);
             if let Some(bv) = &bv {
                 l.arg(bv);
             }
-            l.arg(&mut y).arg(&rows_i).arg(&n_i).arg(&eps_f);
+            l.arg(&mut y);
+            if bv.is_some() {
+                match &mut stats {
+                    Some(st) => l.arg(st),
+                    None => l.arg(&null),
+                };
+            }
+            l.arg(&rows_i).arg(&n_i).arg(&eps_f);
             // SAFETY: argument types match the kernel signature; x and y hold rows * n elements,
-            // w (and b) n elements.
+            // w (and b) n elements; LayerNorm's statistics pointer is null or 2 * rows floats.
             unsafe { l.launch(cfg) }.w()?;
         }
-        Ok(T::wrap_cuda_slice(y, dev.clone()))
+        let stats = stats.map(|data| LayerNormStats { data, rows });
+        Ok((T::wrap_cuda_slice(y, dev.clone()), stats))
     })
 }
 
@@ -105,21 +187,24 @@ pub fn rms_norm_backward(
     dy: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let (dx, mut grads) = backward("rms", x, w, dy, eps)?;
+    let (dx, mut grads) = backward("rms", x, w, dy, eps, None)?;
     match grads.pop() {
         Some(dw) => Ok((dx, dw)),
         None => candle_core::bail!("rms_norm backward: missing weight gradient"),
     }
 }
 
-/// Gradients of LayerNorm: `(dx, dw, db)`.
+/// Gradients of LayerNorm: `(dx, dw, db)`, from the forward pass's row statistics where given
+/// (and the kernel for them applies: 16-bit rows that fit the staged kernel), else with the
+/// statistics recomputed from x.
 pub fn layer_norm_backward(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
     eps: f64,
+    stats: Option<&LayerNormStats>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (dx, grads) = backward("layer", x, w, dy, eps)?;
+    let (dx, grads) = backward("layer", x, w, dy, eps, stats)?;
     match <[Tensor; 2]>::try_from(grads) {
         Ok([dw, db]) => Ok((dx, dw, db)),
         Err(_) => candle_core::bail!("layer_norm backward: missing weight or bias gradient"),
@@ -134,6 +219,7 @@ fn backward(
     w: &Tensor,
     dy: &Tensor,
     eps: f64,
+    stats: Option<&LayerNormStats>,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let op = if kind == "rms" {
         "rms_norm backward"
@@ -165,7 +251,10 @@ fn backward(
             return Ok((to_tensor(dx, &dev, xl.shape().clone()), grads));
         }
         let vec = n % T::VEC == 0 && aligned16(&xv, &dev) && aligned16(&wv, &dev) && aligned16(&gv, &dev);
-        let (f, threads, smem) = match staged_kernel::<T>(kind, &dev, vec, n)? {
+        // Saved statistics serve only the rows they were computed for.
+        let stats = stats.filter(|s| s.rows == rows && kind == "layer");
+        let variant = if stats.is_some() { "saved" } else { "staged" };
+        let (f, threads, smem) = match staged_kernel::<T>(kind, variant, &dev, vec, n)? {
             Some(staged) => staged,
             None => {
                 let (suffix, width) = if vec { ("v", T::VEC) } else { ("s", 1) };
@@ -174,9 +263,15 @@ fn backward(
                 (f, threads, 0)
             }
         };
+        let saved = smem > 0 && stats.is_some();
         // The staged kernel ran fastest at 3 blocks per SM, below the most that fit (4 for
-        // LayerNorm bf16, 5 for RMSNorm at 4096; H200: 166.8 / 122.1 µs against 172.1 / 128.9).
-        let max_per_sm = if smem > 0 { STAGED_BLOCKS_PER_SM } else { u32::MAX };
+        // LayerNorm bf16, 5 for RMSNorm at 4096; H200: 166.8 / 122.1 µs against 172.1 / 128.9);
+        // with saved statistics at 2.
+        let max_per_sm = match (smem > 0, saved) {
+            (false, _) => u32::MAX,
+            (true, false) => STAGED_BLOCKS_PER_SM,
+            (true, true) => SAVED_BLOCKS_PER_SM,
+        };
         let groups = backward_groups(&f, &dev, threads, smem, max_per_sm, rows)?;
         // One partial row per block and parameter, fully written by the kernel.
         let mut parts: Vec<CudaSlice<f32>> = Vec::with_capacity(n_params);
@@ -191,11 +286,15 @@ fn backward(
         for p in parts.iter_mut() {
             l.arg(p);
         }
-        l.arg(&rows_i).arg(&n_i).arg(&eps_f);
+        match stats {
+            Some(st) if saved => l.arg(&st.data).arg(&rows_i).arg(&n_i),
+            _ => l.arg(&rows_i).arg(&n_i).arg(&eps_f),
+        };
         let cfg = LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
         // SAFETY: argument types match the kernel signature; x, dy, dx hold rows * n elements,
-        // w n elements, each partial buffer groups * n floats; the grid has `groups` blocks,
-        // at most `rows`; a staged kernel gets the shared memory it needs (`staged_kernel`).
+        // w n elements, each partial buffer groups * n floats, the saved statistics 2 * rows
+        // floats (their row count checked above); the grid has `groups` blocks, at most `rows`;
+        // a staged kernel gets the shared memory it needs (`staged_kernel`).
         unsafe { l.launch(cfg) }.w()?;
         let reduce = load(&dev, &format!("reduce_cols_{}", T::NAME), MODULE, NORM_PTX)?;
         for p in &parts {
@@ -229,12 +328,14 @@ fn backward_groups(
     Ok(((sm_count(dev)? * per_sm) as usize).min(rows).max(1))
 }
 
-/// The staged backward kernel of `kind` (`norm_bwd_staged` in norm.cu), its threads per block
-/// and its shared memory in bytes, when it applies: 16-bit rows in 16-byte packs that fit
-/// [`STAGED_PACKS`] per thread, and two slots of x and dy rows (4·n·2 bytes) within what the
-/// device grants a block. `None` otherwise; the register-only kernel then runs.
+/// The staged backward kernel of `kind` (`norm_bwd_staged` in norm.cu; `variant` "staged", or
+/// "saved" for LayerNorm with saved statistics), its threads per block and its shared memory in
+/// bytes, when it applies: 16-bit rows in 16-byte packs that fit [`STAGED_PACKS`] per thread,
+/// and two slots of x and dy rows (4·n·2 bytes) within what the device grants a block. `None`
+/// otherwise; the register-only kernel then runs.
 fn staged_kernel<T: Elem>(
     kind: &str,
+    variant: &str,
     dev: &CudaDevice,
     vec: bool,
     n: usize,
@@ -244,7 +345,7 @@ fn staged_kernel<T: Elem>(
     }
     let f = load(
         dev,
-        &format!("{kind}_bwd_staged_{}", T::NAME),
+        &format!("{kind}_bwd_{variant}_{}", T::NAME),
         MODULE,
         NORM_PTX,
     )?;

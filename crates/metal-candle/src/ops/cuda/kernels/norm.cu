@@ -6,8 +6,10 @@
 // Backward: a grid of G blocks strides over the rows; each thread keeps the weight-gradient
 // partial sums of its own columns in registers across all the rows it visits and writes them
 // once to a per-block partial row (no atomics); `reduce_cols` then sums the G partial rows.
-// The row statistics are recomputed from x (nothing is saved by the forward pass). 16-bit rows
-// that fit take `norm_bwd_staged`, which loads the next row while it works on the current one.
+// The row statistics are recomputed from x, except for LayerNorm's 16-bit rows when the forward
+// pass saved them (its `stats` output, mean and 1/std per row, written when gradients are
+// tracked). 16-bit rows that fit take `norm_bwd_staged`, which loads the next row while it works
+// on the current one.
 #include "common.cuh"
 
 // Packs per thread held in registers (`FWD_PACKS`, `bwd_packs` and `STAGED_PACKS` in norm.rs).
@@ -158,7 +160,7 @@ __device__ __forceinline__ void for_each_pack(bool cached, int nv, const Pack<T,
 
 template <typename T, int V>
 __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
-                              int n, float eps, RowReducer<2>& red) {
+                              float2* __restrict__ stats, int n, float eps, RowReducer<2>& red) {
     constexpr int R = RF;
     const int nv = n / V;
     const bool cached = nv <= R * (int)blockDim.x;
@@ -191,6 +193,7 @@ __device__ void layer_fwd_row(const T* __restrict__ x, const T* __restrict__ w, 
     const float dm = s[0] / (float)n;
     const float mean = c + dm;
     const float rstd = rsqrtf(fmaxf(s[1] / (float)n - dm * dm, 0.f) + eps);
+    if (stats != nullptr && threadIdx.x == 0) *stats = make_float2(mean, rstd);
     for_each_pack<T, V, R>(cached, nv, xr, x, [&](int i, const float (&t)[V]) {
         float o[V], wv[V], bv[V];
         load<T, V>(w + (size_t)i * V, wv);
@@ -470,10 +473,17 @@ __device__ void layer_bwd(const T* __restrict__ x, const T* __restrict__ w, cons
 // launches STAGES = 2: rings of 3 and 4 slots were not faster (LayerNorm 171.6 and 172.8 µs
 // against 166.8 at 3 blocks per SM), so LayerNorm's remaining gap to RMSNorm is not the memory
 // latency a deeper ring would hide.
-template <typename T, int V, bool LN, int STAGES = 2>
+// SAVED (LayerNorm only): the row statistics come from the forward pass (`stats`, mean and 1/std
+// per row, loaded with the row's copies), so a row reduces two sums (Σg, Σg·(x − mean)) instead
+// of four, and the weight's packs are loaded once and kept in registers rather than read from L1
+// at each use; measured in bench/kernel-lab/rowlab.cu (bf16 8×2048×4096, H200): 125.7 µs at 2
+// blocks per SM, against 166.7 for the pivot statistics at their best (3 per SM).
+template <typename T, int V, bool LN, int STAGES = 2, bool SAVED = false>
 __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy, T* __restrict__ dx,
-                                float* __restrict__ part_dw, float* __restrict__ part_db, int rows, int n, float eps) {
+                                float* __restrict__ part_dw, float* __restrict__ part_db,
+                                const float2* __restrict__ stats, int rows, int n, float eps) {
     static_assert(STAGES >= 2, "the ring needs a slot being read and one being filled");
+    static_assert(LN || !SAVED, "only LayerNorm's forward saves its statistics");
     extern __shared__ __align__(16) unsigned char stage_mem[];
     __shared__ float shm[2 * 4 * 32];
     RowReducer<4> red(shm);
@@ -481,13 +491,13 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
     const int nv = n / V;
     Pack<T, V>* sx = reinterpret_cast<Pack<T, V>*>(stage_mem);  // [STAGES][nv]
     Pack<T, V>* sg = sx + STAGES * nv;                           // [STAGES][nv]
-    // LayerNorm's pivots, x[0] of the current row and of the rows staged ahead, loaded with them
-    // (read from shared memory, a pivot would need a barrier; from global memory when needed, a
-    // full memory latency per row).
-    float pivot[STAGES];
+    // LayerNorm's row values for the current row and the rows staged ahead, loaded with them:
+    // the pivot x[0] (.x), or the saved mean and 1/std. (Read from shared memory, a pivot would
+    // need a barrier; from global memory when needed, a full memory latency per row.)
+    float2 rowv[STAGES];
     // Starts the copies of row `r` into `slot` and commits them as one group (an empty group
     // past the last row, so that the waits below keep their meaning).
-    auto stage_row = [&](int r, int slot, float& p) {
+    auto stage_row = [&](int r, int slot, float2& p) {
         if (r < rows) {
 #pragma unroll
             for (int q = 0; q < R; q++) {
@@ -497,9 +507,23 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
                     copy_async16(&sg[slot * nv + i], dy + (size_t)r * n + (size_t)i * V);
                 }
             }
-            if (LN) p = to_f(x[(size_t)r * n]);
+            if (SAVED) p = stats[r];
+            else if (LN) p = make_float2(to_f(x[(size_t)r * n]), 0.f);
         }
         copy_commit();
+    };
+    // The weight's packs: in registers for SAVED (loaded once), else from L1 at each use.
+    Pack<T, V> wr[SAVED ? R : 1];
+    if (SAVED) {
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const int i = threadIdx.x + q * blockDim.x;
+            if (i < nv) wr[q] = load_raw<T, V>(w + (size_t)i * V);
+        }
+    }
+    auto weight_pack = [&](int q, int i, float (&wv)[V]) {
+        if (SAVED) unpack<T, V>(wr[SAVED ? q : 0], wv);
+        else load<T, V>(w + (size_t)i * V, wv);
     };
     float accw[R][V], accb[R][V];
 #pragma unroll
@@ -508,30 +532,33 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
         for (int k = 0; k < V; k++) { accw[q][k] = 0.f; accb[q][k] = 0.f; }
     int row = blockIdx.x;  // the host launches at most `rows` blocks
 #pragma unroll
-    for (int j = 0; j < STAGES - 1; j++) stage_row(row + j * gridDim.x, j, pivot[j]);
+    for (int j = 0; j < STAGES - 1; j++) stage_row(row + j * gridDim.x, j, rowv[j]);
     for (int slot = 0; row < rows; row += gridDim.x, slot = slot + 1 == STAGES ? 0 : slot + 1) {
         const int ahead_slot = slot == 0 ? STAGES - 1 : slot - 1;
-        stage_row(row + (STAGES - 1) * gridDim.x, ahead_slot, pivot[STAGES - 1]);
+        stage_row(row + (STAGES - 1) * gridDim.x, ahead_slot, rowv[STAGES - 1]);
         copy_wait<STAGES - 1>();  // this row's group is complete
         // This thread's packs of the row, x and dy, in f32, read from the slot.
         auto row_pack = [&](int i, float (&xo)[V], float (&go)[V]) {
             unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sx[slot * nv + i])), xo);
             unpack<T, V>(load_raw<T, V>(reinterpret_cast<const T*>(&sg[slot * nv + i])), go);
         };
-        // RMSNorm: Σx², Σg·x. LayerNorm: Σ(x − p), Σ(x − p)², Σg, Σg·(x − p) (see layer_bwd).
+        // RMSNorm: Σx², Σg·x. LayerNorm: Σ(x − p), Σ(x − p)², Σg, Σg·(x − p) (see layer_bwd);
+        // with saved statistics Σg, Σg·(x − mean).
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int q = 0; q < R; q++) {
             const int i = threadIdx.x + q * blockDim.x;
             if (i < nv) {
                 float wv[V], xq[V], gq[V];
-                load<T, V>(w + (size_t)i * V, wv);
+                weight_pack(q, i, wv);
                 row_pack(i, xq, gq);
 #pragma unroll
                 for (int k = 0; k < V; k++) {
                     const float g = gq[k] * wv[k];
-                    if (LN) {
-                        const float d = xq[k] - pivot[0];
+                    if (SAVED) {
+                        s[0] += g; s[1] += g * (xq[k] - rowv[0].x);
+                    } else if (LN) {
+                        const float d = xq[k] - rowv[0].x;
                         s[0] += d; s[1] += d * d; s[2] += g; s[3] += g * d;
                     } else {
                         s[0] += xq[k] * xq[k]; s[1] += g * xq[k];
@@ -540,10 +567,17 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
             }
         }
         float mean = 0.f, rstd, mg = 0.f, c;
-        if (LN) {
+        if (SAVED) {
+            float s2[2] = {s[0], s[1]};
+            red.reduce<2>(s2, SumOp(), 0.f);
+            mean = rowv[0].x;
+            rstd = rowv[0].y;
+            mg = s2[0] / (float)n;
+            c = s2[1] * rstd / (float)n;  // mean(g·x̂)
+        } else if (LN) {
             red.reduce<4>(s, SumOp(), 0.f);
             const float dm = s[0] / (float)n;
-            mean = pivot[0] + dm;
+            mean = rowv[0].x + dm;
             rstd = rsqrtf(fmaxf(s[1] / (float)n - dm * dm, 0.f) + eps);
             mg = s[2] / (float)n;
             c = (s[3] - dm * s[2]) * rstd / (float)n;  // mean(g·x̂)
@@ -559,7 +593,7 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
             const int i = threadIdx.x + q * blockDim.x;
             if (i < nv) {
                 float wv[V], o[V], xq[V], gq[V];
-                load<T, V>(w + (size_t)i * V, wv);
+                weight_pack(q, i, wv);
                 row_pack(i, xq, gq);
 #pragma unroll
                 for (int k = 0; k < V; k++) {
@@ -577,7 +611,7 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
             }
         }
 #pragma unroll
-        for (int j = 0; j + 1 < STAGES; j++) pivot[j] = pivot[j + 1];
+        for (int j = 0; j + 1 < STAGES; j++) rowv[j] = rowv[j + 1];
     }
     float* pw = part_dw + (size_t)blockIdx.x * n;
 #pragma unroll
@@ -607,12 +641,13 @@ __device__ void norm_bwd_staged(const T* __restrict__ x, const T* __restrict__ w
             add_rms_fwd_row<T, V>(x + (size_t)row * n, r + (size_t)row * n, w, s + (size_t)row * n,           \
                                   y + (size_t)row * n, n, eps, red);                                          \
     }                                                                                                         \
-    extern "C" __global__ void layer_fwd_##NAME##_##SUF(const T* x, const T* w, const T* b, T* y, int rows, int n, \
-                                                        float eps) {                                          \
+    extern "C" __global__ void layer_fwd_##NAME##_##SUF(const T* x, const T* w, const T* b, T* y, float2* stats, \
+                                                        int rows, int n, float eps) {                         \
         __shared__ float shm[2 * 2 * 32];                                                                     \
         RowReducer<2> red(shm);                                                                               \
         for (int row = blockIdx.x; row < rows; row += gridDim.x)                                              \
-            layer_fwd_row<T, V>(x + (size_t)row * n, w, b, y + (size_t)row * n, n, eps, red);                 \
+            layer_fwd_row<T, V>(x + (size_t)row * n, w, b, y + (size_t)row * n, stats ? stats + row : nullptr, \
+                                n, eps, red);                                                                 \
     }                                                                                                         \
     extern "C" __global__ void rms_bwd_##NAME##_##SUF(const T* x, const T* w, const T* dy, T* dx, float* part_dw, \
                                                       int rows, int n, float eps) {                           \
@@ -635,11 +670,15 @@ MC_FOR_TYPES(NORM_KERNELS)
 #define NORM_STAGED_KERNELS(NAME, T, V)                                                                        \
     extern "C" __global__ void rms_bwd_staged_##NAME(const T* x, const T* w, const T* dy, T* dx, float* part_dw, \
                                                      int rows, int n, float eps) {                            \
-        norm_bwd_staged<T, V, false>(x, w, dy, dx, part_dw, nullptr, rows, n, eps);                            \
+        norm_bwd_staged<T, V, false>(x, w, dy, dx, part_dw, nullptr, nullptr, rows, n, eps);                   \
     }                                                                                                          \
     extern "C" __global__ void layer_bwd_staged_##NAME(const T* x, const T* w, const T* dy, T* dx, float* part_dw, \
                                                        float* part_db, int rows, int n, float eps) {           \
-        norm_bwd_staged<T, V, true>(x, w, dy, dx, part_dw, part_db, rows, n, eps);                             \
+        norm_bwd_staged<T, V, true>(x, w, dy, dx, part_dw, part_db, nullptr, rows, n, eps);                    \
+    }                                                                                                          \
+    extern "C" __global__ void layer_bwd_saved_##NAME(const T* x, const T* w, const T* dy, T* dx, float* part_dw, \
+                                                      float* part_db, const float2* stats, int rows, int n) {  \
+        norm_bwd_staged<T, V, true, 2, true>(x, w, dy, dx, part_dw, part_db, stats, rows, n, 0.f);             \
     }
 NORM_STAGED_KERNELS(bf16, __nv_bfloat16, 8)
 NORM_STAGED_KERNELS(f16, __half, 8)
