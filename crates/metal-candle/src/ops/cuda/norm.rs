@@ -50,7 +50,7 @@ pub fn rms_norm_forward(
     wl: &Layout,
     eps: f64,
 ) -> Result<CudaStorage> {
-    forward("rms", xs, xl, ws, wl, None, eps)
+    Ok(forward("rms", xs, xl, ws, wl, None, eps, false)?.0)
 }
 
 /// `(x − mean) / sqrt(var + eps) ⊙ w + b` over the last dimension (biased variance), and the
@@ -66,7 +66,7 @@ pub fn layer_norm_forward(
     eps: f64,
     save_stats: bool,
 ) -> Result<(CudaStorage, Option<LayerNormStats>)> {
-    forward_with_stats("layer", xs, xl, ws, wl, Some((bs, bl)), eps, save_stats)
+    forward("layer", xs, xl, ws, wl, Some((bs, bl)), eps, save_stats)
 }
 
 /// [`layer_norm_forward`] on tensors, with the statistics: the forward half of a training
@@ -105,22 +105,10 @@ pub fn layer_norm_forward_with_stats(
     ))
 }
 
-fn forward(
-    kind: &str,
-    xs: &CudaStorage,
-    xl: &Layout,
-    ws: &CudaStorage,
-    wl: &Layout,
-    bias: Option<(&CudaStorage, &Layout)>,
-    eps: f64,
-) -> Result<CudaStorage> {
-    Ok(forward_with_stats(kind, xs, xl, ws, wl, bias, eps, false)?.0)
-}
-
 /// The norm forward of `kind`; LayerNorm's (`bias` given) also writes the row statistics when
 /// `save_stats` is set.
 #[allow(clippy::too_many_arguments)]
-fn forward_with_stats(
+fn forward(
     kind: &str,
     xs: &CudaStorage,
     xl: &Layout,
