@@ -7,6 +7,9 @@
 //
 //   nvcc -arch=sm_90 -O3 -std=c++17 bench/kernel-lab/gemmlab.cu -lcublas -o gemmlab && ./gemmlab
 // (on the GPU machine, libcublas.so.13 from PyTorch's nvidia/cu13/lib on LD_LIBRARY_PATH).
+// Then the two thin GEMMs again through cuBLASLt, every algorithm its heuristic offers (up to
+// 16), each timed: whether one runs closer to the memory ceiling than cublasGemmEx's choice.
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -127,6 +130,43 @@ int main() {
     report("the shipped sequence (t, t·B, base beta 1)", seq, 0);
     printf("sequence / base(beta 0) = %.3f; beta-1 cost %.1f us; x·A %.1f + t·B %.1f = %.1f us\n", seq / base0,
            base1 - base0, xa, tb, xa + tb);
+    // cuBLASLt: row-major C[m×n] = A[m×k]·B[k×n] as column-major Cᵀ = Bᵀ·Aᵀ (n×m), bf16 in and out,
+    // f32 compute, every heuristic result timed.
+    cublasLtHandle_t lt;
+    CB(cublasLtCreate(&lt));
+    void* ws;
+    const size_t ws_bytes = 64 << 20;
+    CK(cudaMalloc(&ws, ws_bytes));
+    auto lt_sweep = [&](const char* what, int mm, int nn, int kk, const bf* A, const bf* B, bf* C, float alpha,
+                        double bytes) {
+        cublasLtMatmulDesc_t desc;
+        CB(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        cublasLtMatrixLayout_t la, lb, lc;
+        CB(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, nn, kk, nn));  // Bᵀ as column-major (nn × kk)
+        CB(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, kk, mm, kk));  // Aᵀ as column-major (kk × mm)
+        CB(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, nn, mm, nn));
+        cublasLtMatmulPreference_t pref;
+        CB(cublasLtMatmulPreferenceCreate(&pref));
+        CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                                sizeof ws_bytes));
+        cublasLtMatmulHeuristicResult_t res[16];
+        int found = 0;
+        CB(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 16, res, &found));
+        const float beta = 0.f;
+        for (int i = 0; i < found; i++) {
+            const float us = time_us([&] {
+                CB(cublasLtMatmul(lt, desc, &alpha, B, la, A, lb, &beta, C, lc, C, lc, &res[i].algo, ws, ws_bytes, 0));
+            });
+            char name[96];
+            snprintf(name, sizeof name, "%s: cuBLASLt heuristic %d", what, i);
+            report(name, us, bytes);
+        }
+        cublasLtMatmulPreferenceDestroy(pref);
+        cublasLtMatrixLayoutDestroy(la); cublasLtMatrixLayoutDestroy(lb); cublasLtMatrixLayoutDestroy(lc);
+        cublasLtMatmulDescDestroy(desc);
+    };
+    lt_sweep("t = s·x·A", m, r, in, x, a, t, 2.f, (double)m * in * 2);
+    lt_sweep("y = t·B", m, out, r, t, b, y, 1.f, ybytes);
     printf("done\n");
     return 0;
 }
