@@ -9,6 +9,10 @@
 //! - `gbps` (bytes that must move: every input read once, every output written once, over
 //!   `per_call_us`) and `tflops` for the GEMM-bound rows.
 //!
+//! For the LoRA linear layer it also times the fused layer against the bare GEMM in alternating
+//! batches (`interleaved_ratios` in the JSON: both medians and the median ratio), so that the
+//! ratio does not carry the GPU clock's drift between two separate measurements.
+//!
 //! Modes: `fwd`; `bwd` (the fused backward kernels called directly with a random upstream
 //! gradient, LayerNorm's with the row statistics its forward saves in training; CUDA only), and `fwd_bwd` (forward, then candle's autograd from y with a fixed
 //! upstream gradient r, through `metal_candle::autograd::backward_with`: the same for every
@@ -174,6 +178,41 @@ fn time(
     })
 }
 
+/// Per-call times of `f` and `g` measured in alternating batches (f, g, f, g, …), with their
+/// medians and the median of the per-pair ratios f/g. A GEMM at several hundred TFLOP/s runs
+/// at whatever clock the GPU's power limit allows, which drifts over seconds: timed one after
+/// the other, two GEMMs carry that drift into their ratio (on an H200 the same base GEMM took
+/// 711.6 µs and 796.5 µs on two leases, first in a sequence of measurements), interleaved
+/// they share it.
+fn time_interleaved(
+    dev: &Device,
+    budget: f64,
+    f: &mut dyn FnMut() -> candle_core::Result<()>,
+    g: &mut dyn FnMut() -> candle_core::Result<()>,
+) -> BoxResult<(f64, f64, f64)> {
+    let batch = |h: &mut dyn FnMut() -> candle_core::Result<()>, calls: usize| -> BoxResult<f64> {
+        let t = Instant::now();
+        for _ in 0..calls {
+            h()?;
+        }
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e6 / calls as f64)
+    };
+    // Warm-up, and the size of a batch: about 2 ms of work (1..=200 calls).
+    batch(f, 3)?;
+    batch(g, 3)?;
+    let calls = ((2000.0 / batch(f, 1)?) as usize).clamp(1, 200);
+    let start = Instant::now();
+    let (mut tf, mut tg, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    while tf.len() < 9 || (tf.len() < 100 && start.elapsed().as_secs_f64() < budget) {
+        let (a, b) = (batch(f, calls)?, batch(g, calls)?);
+        tf.push(a);
+        tg.push(b);
+        ratio.push(a / b);
+    }
+    Ok((median(tf), median(tg), median(ratio)))
+}
+
 /// Common fields of one result row.
 struct Row<'a> {
     op: &'a str,
@@ -186,9 +225,37 @@ struct Recorder {
     dev: Device,
     budget: f64,
     rows: Vec<Value>,
+    /// Ratios of two implementations timed in alternating batches (see [`time_interleaved`]).
+    ratios: Vec<Value>,
 }
 
 impl Recorder {
+    /// Times `f` against its baseline `g` in alternating batches ([`time_interleaved`]) and
+    /// records their medians and the median ratio.
+    fn measure_ratio(
+        &mut self,
+        row: &Row<'_>,
+        (name_f, name_g): (&str, &str),
+        f: &mut dyn FnMut() -> candle_core::Result<()>,
+        g: &mut dyn FnMut() -> candle_core::Result<()>,
+    ) -> BoxResult<()> {
+        let (tf, tg, ratio) = time_interleaved(&self.dev, self.budget, f, g)?;
+        println!(
+            "{:<12} {:<12} r{:<3} {:<5} {:<8} {name_f} / {name_g}, interleaved: {tf:.2} / {tg:.2} us per call, median ratio {ratio:.3}",
+            row.op,
+            row.shape.label(),
+            row.shape.rank,
+            dtype_name(row.dtype),
+            row.mode,
+        );
+        self.ratios.push(json!({
+            "op": row.op, "shape": row.shape.label(), "rank": row.shape.rank, "dtype": dtype_name(row.dtype),
+            "mode": row.mode, "impl": name_f, "baseline": name_g, "per_call_us": tf,
+            "baseline_per_call_us": tg, "median_ratio": ratio,
+        }));
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn measure(
         &mut self,
@@ -267,6 +334,7 @@ pub fn run(args: OpsArgs) -> BoxResult<()> {
         dev: dev.clone(),
         budget: args.seconds,
         rows: Vec::new(),
+        ratios: Vec::new(),
     };
     // A failing measurement is reported and kept in the JSON; the others still run.
     let mut errors = Vec::new();
@@ -296,6 +364,7 @@ pub fn run(args: OpsArgs) -> BoxResult<()> {
             },
             "copy_gbps": copy_gbps,
             "results": rec.rows,
+            "interleaved_ratios": rec.ratios,
             "errors": errors,
         });
         write_atomic(path, &serde_json::to_string_pretty(&doc)?)?;
@@ -584,6 +653,12 @@ fn bench_lora(rec: &mut Recorder, row: &Row<'_>, x: &Tensor, dy: &Tensor) -> Box
                 rec.measure(row, "base_gemm", bytes, base_flops, &mut || {
                     x.broadcast_matmul(&wt.t()?).map(drop)
                 })?;
+                rec.measure_ratio(
+                    row,
+                    ("fused", "base_gemm"),
+                    &mut || fused(x, &a, &b).map(drop),
+                    &mut || x.broadcast_matmul(&wt.t()?).map(drop),
+                )?;
             }
         }
         "bwd" => {
@@ -601,6 +676,13 @@ fn bench_lora(rec: &mut Recorder, row: &Row<'_>, x: &Tensor, dy: &Tensor) -> Box
                 rec.measure(row, "dx_gemm", bytes, base_flops, &mut || {
                     dy.reshape((m, n))?.matmul(&wt).map(drop)
                 })?;
+                #[cfg(feature = "cuda")]
+                rec.measure_ratio(
+                    row,
+                    ("fused", "dx_gemm"),
+                    &mut || ops::cuda::lora_linear_backward(x, &a, &b, dy, &wt, scale).map(drop),
+                    &mut || dy.reshape((m, n))?.matmul(&wt).map(drop),
+                )?;
             }
             let _ = (flops, bytes);
         }
