@@ -14,7 +14,8 @@
 //! ratio does not carry the GPU clock's drift between two separate measurements.
 //!
 //! Modes: `fwd`; `bwd` (the fused backward kernels called directly with a random upstream
-//! gradient, LayerNorm's with the row statistics its forward saves in training; CUDA only), and `fwd_bwd` (forward, then candle's autograd from y with a fixed
+//! gradient, LayerNorm's with the row statistics and the LoRA ops' with the projections their
+//! forward passes keep in training; CUDA only), and `fwd_bwd` (forward, then candle's autograd from y with a fixed
 //! upstream gradient r, through `metal_candle::autograd::backward_with`: the same for every
 //! implementation, and without the multiply, sum and their backward that a `sum(y ⊙ r)` loss
 //! would add). The run also measures
@@ -666,10 +667,17 @@ fn bench_lora(rec: &mut Recorder, row: &Row<'_>, x: &Tensor, dy: &Tensor) -> Box
             // plus the dx base GEMM dy·W for the linear layer.
             let flops = 2.0 * mf * rf * (3.0 * kf + 2.0 * nf) + base_flops;
             let bytes = (2.0 * mf * kf + mf * nf + if linear { nf * kf } else { 0.0 }) * s;
+            // The projections scale·x·A that the forward pass keeps for the backward in training.
+            #[cfg(feature = "cuda")]
+            let saved = ops::cuda::lora_projections(x, &a, scale)?;
             #[cfg(feature = "cuda")]
             rec.measure(row, "fused", bytes, flops, &mut || match w {
-                Some(w) => ops::cuda::lora_linear_backward(x, &a, &b, dy, w, scale).map(drop),
-                None => ops::cuda::lora_backward(x, &a, &b, dy, scale, None).map(drop),
+                Some(w) => {
+                    ops::cuda::lora_linear_backward(x, &a, &b, dy, w, scale, Some(&saved)).map(drop)
+                }
+                None => {
+                    ops::cuda::lora_backward(x, &a, &b, dy, scale, None, Some(&saved)).map(drop)
+                }
             })?;
             if linear {
                 let bytes = (mf * kf + mf * nf + nf * kf) * s;
@@ -680,7 +688,10 @@ fn bench_lora(rec: &mut Recorder, row: &Row<'_>, x: &Tensor, dy: &Tensor) -> Box
                 rec.measure_ratio(
                     row,
                     ("fused", "dx_gemm"),
-                    &mut || ops::cuda::lora_linear_backward(x, &a, &b, dy, &wt, scale).map(drop),
+                    &mut || {
+                        ops::cuda::lora_linear_backward(x, &a, &b, dy, &wt, scale, Some(&saved))
+                            .map(drop)
+                    },
                     &mut || dy.reshape((m, n))?.matmul(&wt).map(drop),
                 )?;
             }

@@ -73,6 +73,8 @@ pub fn lora_linear(
                 w: w.clone(),
                 bias: bias.cloned(),
                 scale,
+                #[cfg(feature = "cuda")]
+                saved_cuda: std::sync::Mutex::new(None),
             };
             x.apply_op3(a, b, op)?
         }
@@ -203,6 +205,9 @@ struct LoraDelta {
     /// The CPU forward pass's projections `t = scale·x·A` (M, r) in accumulation precision,
     /// for the backward pass (which would otherwise compute them again).
     saved_t: std::sync::Mutex<Option<Tensor>>,
+    /// The same on CUDA, where the forward computed them (see `cuda::LoraProjections`).
+    #[cfg(feature = "cuda")]
+    saved_cuda: std::sync::Mutex<Option<super::cuda::LoraProjections>>,
 }
 
 impl LoraDelta {
@@ -210,6 +215,8 @@ impl LoraDelta {
         Self {
             scale,
             saved_t: std::sync::Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            saved_cuda: std::sync::Mutex::new(None),
         }
     }
 }
@@ -250,10 +257,9 @@ impl CustomOp3 for LoraDelta {
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (_, _, out_shape) = row_shape(xl, bl.dims()[1]);
-        Ok((
-            super::cuda::lora_delta_forward(xs, xl, as_, al, bs, bl, self.scale)?,
-            out_shape,
-        ))
+        let (y, saved) = super::cuda::lora_delta_forward(xs, xl, as_, al, bs, bl, self.scale)?;
+        *self.saved_cuda.lock().unwrap_or_else(|e| e.into_inner()) = saved;
+        Ok((y, out_shape))
     }
 
     fn bwd(
@@ -264,6 +270,13 @@ impl CustomOp3 for LoraDelta {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let saved = self.saved_cuda.lock().unwrap_or_else(|e| e.into_inner());
+            let (dx, da, db) =
+                super::cuda::lora_backward(x, a, b, dy, self.scale, None, saved.as_ref())?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
         let saved_t = self
             .saved_t
             .lock()
@@ -315,7 +328,9 @@ fn lora_backward(
             })
         }
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) => super::cuda::lora_backward(x, a, b, dy, scale, dx_base),
+        candle_core::Device::Cuda(_) => {
+            super::cuda::lora_backward(x, a, b, dy, scale, dx_base, None)
+        }
         _ => candle_core::bail!(
             "lora backward: no fused kernel for {:?}",
             x.device().location()
@@ -328,6 +343,9 @@ struct LoraLinear {
     w: Tensor,
     bias: Option<Tensor>,
     scale: f64,
+    /// The CUDA forward's projections `scale·x·A`, where it computed them, for the backward.
+    #[cfg(feature = "cuda")]
+    saved_cuda: std::sync::Mutex<Option<super::cuda::LoraProjections>>,
 }
 
 impl CustomOp3 for LoraLinear {
@@ -399,7 +417,7 @@ impl CustomOp3 for LoraLinear {
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (_, _, out_shape) = row_shape(xl, bl.dims()[1]);
-        let out = super::cuda::lora_linear_forward(
+        let (out, saved) = super::cuda::lora_linear_forward(
             xs,
             xl,
             as_,
@@ -410,6 +428,7 @@ impl CustomOp3 for LoraLinear {
             self.bias.as_ref(),
             self.scale,
         )?;
+        *self.saved_cuda.lock().unwrap_or_else(|e| e.into_inner()) = saved;
         Ok((out, out_shape))
     }
 
@@ -425,7 +444,16 @@ impl CustomOp3 for LoraLinear {
         // into it (beta = 1), so no separate (tokens × in) base gradient is materialised.
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let (dx, da, db) = super::cuda::lora_linear_backward(x, a, b, dy, &self.w, self.scale)?;
+            let saved = self.saved_cuda.lock().unwrap_or_else(|e| e.into_inner());
+            let (dx, da, db) = super::cuda::lora_linear_backward(
+                x,
+                a,
+                b,
+                dy,
+                &self.w,
+                self.scale,
+                saved.as_ref(),
+            )?;
             return Ok((Some(dx), Some(da), Some(db)));
         }
         // dx = dy·W + scale·(dy·Bᵀ)·Aᵀ: the base part through the device GEMM, the low-rank

@@ -13,8 +13,9 @@
 //!   cuBLAS handle. `lora_linear` writes the low-rank term
 //!   `(scale·x·A)·B` (plus the bias, carried as an extra row of B) into the output and then
 //!   runs the base GEMM `x·Wᵀ` with `beta = 1` into that same output: no extra (tokens × out)
-//!   tensor and no separate add or scale pass. The backward pass recomputes `x·A` (nothing is
-//!   saved by the forward pass) and never computes a gradient for W.
+//!   tensor and no separate add or scale pass. The backward pass takes `scale·x·A` from the
+//!   forward pass where it computed one (else computes it again) and never computes a gradient
+//!   for W.
 //! - SwiGLU and the rotary embedding (`kernels/elementwise.cu`): one grid-stride loop over
 //!   16-byte packs (single elements where a length or pointer is not aligned), f32 arithmetic.
 //!   The SwiGLU backward pass writes both gradients in one kernel; the rope backward pass is the
@@ -52,7 +53,10 @@ pub use attention::decode_attention;
 pub use causal_attention::{causal_attention_backward, causal_attention_forward};
 pub use common::set_poison_outputs;
 pub use linear::frozen_linear_forward;
-pub use lora::{lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward};
+pub use lora::{
+    lora_backward, lora_delta_forward, lora_linear_backward, lora_linear_forward, lora_projections,
+    LoraProjections,
+};
 pub use norm::{
     add_rms_norm_forward, layer_norm_backward, layer_norm_forward, layer_norm_forward_with_stats,
     rms_norm_backward, rms_norm_forward, LayerNormStats,
