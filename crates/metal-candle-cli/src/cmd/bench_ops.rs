@@ -15,8 +15,8 @@
 //!
 //! Modes: `fwd`; `bwd` (the fused backward kernels called directly with a random upstream
 //! gradient, LayerNorm's with the row statistics and the LoRA ops' with the projections their
-//! forward passes keep in training; CUDA only), and `fwd_bwd` (forward, then candle's autograd from y with a fixed
-//! upstream gradient r, through `metal_candle::autograd::backward_with`: the same for every
+//! forward passes keep in training; CUDA only), and `fwd_bwd` (forward, then candle's autograd
+//! from y with a fixed upstream gradient r, through `metal_candle::autograd::backward_with`: the same for every
 //! implementation, and without the multiply, sum and their backward that a `sum(y ⊙ r)` loss
 //! would add). The run also measures
 //! the device-to-device copy bandwidth (bytes read + written), the ceiling for the
@@ -165,18 +165,27 @@ fn time(
     let start = Instant::now();
     let mut per = Vec::new();
     while per.len() < 5 || (per.len() < 50 && start.elapsed().as_secs_f64() < budget / 2.0) {
-        let t = Instant::now();
-        for _ in 0..per_batch {
-            f()?;
-        }
-        dev.synchronize()?;
-        per.push(t.elapsed().as_secs_f64() * 1e6 / per_batch as f64);
+        per.push(batch_us(dev, f, per_batch)?);
     }
     Ok(Timing {
         latency_us,
         host_us: median(host),
         per_call_us: median(per),
     })
+}
+
+/// `calls` calls of `f` queued, then one wait: the time per call in microseconds.
+fn batch_us(
+    dev: &Device,
+    f: &mut dyn FnMut() -> candle_core::Result<()>,
+    calls: usize,
+) -> BoxResult<f64> {
+    let t = Instant::now();
+    for _ in 0..calls {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e6 / calls as f64)
 }
 
 /// Per-call times of `f` and `g` measured in alternating batches (f, g, f, g, …), with their
@@ -191,14 +200,7 @@ fn time_interleaved(
     f: &mut dyn FnMut() -> candle_core::Result<()>,
     g: &mut dyn FnMut() -> candle_core::Result<()>,
 ) -> BoxResult<(f64, f64, f64)> {
-    let batch = |h: &mut dyn FnMut() -> candle_core::Result<()>, calls: usize| -> BoxResult<f64> {
-        let t = Instant::now();
-        for _ in 0..calls {
-            h()?;
-        }
-        dev.synchronize()?;
-        Ok(t.elapsed().as_secs_f64() * 1e6 / calls as f64)
-    };
+    let batch = |h: &mut dyn FnMut() -> candle_core::Result<()>, calls| batch_us(dev, h, calls);
     // Warm-up, and the size of a batch: about 2 ms of work (1..=200 calls).
     batch(f, 3)?;
     batch(g, 3)?;

@@ -33,8 +33,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension: `(x − mean) / sqrt(var + eps) ⊙ weight + bias`, with the
 /// biased variance (as PyTorch). Differentiable in `x`, `weight` and `bias`; when any of them
-/// takes gradients, the CUDA forward keeps each row's mean and 1/σ (8 bytes per row) for the
-/// backward pass, as PyTorch does.
+/// takes gradients, the CUDA forward of bf16/f16 rows keeps each row's mean and 1/σ (8 bytes
+/// per row) for the backward pass, as PyTorch does.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -49,9 +49,12 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// ```
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check_norm_args("layer_norm", x, &[("weight", weight), ("bias", bias)], eps)?;
-    let tracked = x.track_op() || weight.track_op() || bias.track_op();
+    // Only the 16-bit backward kernel reads saved statistics (f32 rows recompute them at 84% of
+    // their bandwidth floor), so only 16-bit rows that will be differentiated save them.
+    let save_stats =
+        x.dtype().size_in_bytes() == 2 && (x.track_op() || weight.track_op() || bias.track_op());
     Ok(match kernel_path(x.device(), x.dtype()) {
-        KernelPath::Fused => x.apply_op3(weight, bias, LayerNorm::new(eps, tracked))?,
+        KernelPath::Fused => x.apply_op3(weight, bias, LayerNorm::new(eps, save_stats))?,
         KernelPath::Reference => reference::layer_norm(x, weight, bias, eps)?,
     })
 }
@@ -168,21 +171,21 @@ impl CustomOp2 for RmsNorm {
 
 struct LayerNorm {
     eps: f64,
-    /// The row statistics of the CUDA forward pass, kept for the backward when gradients are
-    /// tracked (`None` when they are not: nothing is saved for inference).
+    /// The row statistics of the CUDA forward pass, kept for the backward (`None` when they are
+    /// not to be saved: inference, and rows whose backward recomputes them).
     #[cfg(feature = "cuda")]
     saved: Option<std::sync::Mutex<Option<super::cuda::LayerNormStats>>>,
 }
 
 impl LayerNorm {
-    /// `tracked`: whether any input takes gradients (so the backward pass will run).
-    fn new(eps: f64, tracked: bool) -> Self {
+    /// `save_stats`: whether the CUDA forward keeps the row statistics for the backward.
+    fn new(eps: f64, save_stats: bool) -> Self {
         #[cfg(not(feature = "cuda"))]
-        let _ = tracked;
+        let _ = save_stats;
         Self {
             eps,
             #[cfg(feature = "cuda")]
-            saved: tracked.then(|| std::sync::Mutex::new(None)),
+            saved: save_stats.then(|| std::sync::Mutex::new(None)),
         }
     }
 }

@@ -512,16 +512,13 @@ fn backward(
         let dy_op = || Operand { data: &gv, trans: false, ld: n.max(1) };
         // T = scale·x·A (saved by the forward, or computed here) and G = dy·Bᵀ, both (m, r).
         let saved = saved.filter(|s| s.rows == m && s.rank == r && s.storage.dtype() == x.dtype());
-        let computed = match saved {
-            Some(_) => None,
+        let computed;
+        let (tv, t_ld) = match saved {
+            Some(s) => (s.storage.as_cuda_slice::<T>()?.slice(..), s.ld),
             None => {
-                Some(project::<T>(&dev, &xv, &am, &av, (m, k, r), scale, r)?)
+                computed = project::<T>(&dev, &xv, &am, &av, (m, k, r), scale, r)?;
+                (computed.slice(..), r)
             }
-        };
-        let (tv, t_ld) = match (&computed, saved) {
-            (Some(t), _) => (t.slice(..), r),
-            (None, Some(s)) => (s.storage.as_cuda_slice::<T>()?.slice(..), s.ld),
-            (None, None) => candle_core::bail!("lora backward: no projections"),
         };
         let mut g = alloc_out::<T>(&dev, m * r)?;
         gemm::<T>(&dev, (m, r, n), 1.0, dy_op(), Operand { data: &bv, trans: !bm.trans, ld: bm.ld }, 0.0, &mut g, 0, r)?;
