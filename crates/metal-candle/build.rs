@@ -10,10 +10,11 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: [&str; 6] = [
+const KERNELS: [&str; 7] = [
     "softmax",
     "norm",
     "lora",
+    "lora_tc",
     "elementwise",
     "optim",
     "attention",
@@ -45,6 +46,8 @@ fn main() {
     if cap.is_empty() {
         panic!("CUDA_COMPUTE_CAP must be a compute capability such as 90 (H100/H200) or 80 (A100)");
     }
+    // The library asks for the tensor-core kernels only where the PTX was built for them too.
+    println!("cargo:rustc-env=METAL_CANDLE_CUDA_CAP={cap}");
     let extra = env::var("METAL_CANDLE_NVCC_FLAGS").unwrap_or_default();
     for name in KERNELS {
         let src = dir.join(format!("{name}.cu"));

@@ -618,6 +618,13 @@ const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     // kernel at a short row (odd index: A transposed).
     (&[1, 128, 2048], 8, 2048),
     (&[3, 64], 8, 16),
+    // The tensor-core kernels (bf16, f16) at sizes past the one-launch kernel's: 16-row tiles
+    // with a short last one, a second 512-column slab holding 8 columns, rank 8 with A stored
+    // (in, r), then rank 13 (padded to 16) with A transposed ...
+    (&[3, 211, 1000], 8, 520),
+    (&[1, 700, 1024], 13, 136),
+    // ... and rows of x that are not whole 16-byte packs (the gradients fall back to cuBLAS).
+    (&[2, 300, 1001], 16, 64),
 ];
 
 /// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor; x

@@ -18,6 +18,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType
 pub(super) const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
 pub(super) const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 pub(super) const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+pub(super) const LORA_TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora_tc.ptx"));
 pub(super) const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 pub(super) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 pub(super) const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -242,6 +243,7 @@ impl std::ops::Deref for Kernel {
 struct DeviceCache {
     kernels: HashMap<(DeviceId, String), Kernel>,
     sm_counts: HashMap<DeviceId, u32>,
+    compute_majors: HashMap<DeviceId, u32>,
 }
 
 fn device_cache() -> MutexGuard<'static, DeviceCache> {
@@ -251,6 +253,7 @@ fn device_cache() -> MutexGuard<'static, DeviceCache> {
             Mutex::new(DeviceCache {
                 kernels: HashMap::new(),
                 sm_counts: HashMap::new(),
+                compute_majors: HashMap::new(),
             })
         })
         .lock()
@@ -290,6 +293,31 @@ pub(super) fn sm_count(dev: &CudaDevice) -> Result<u32> {
     let n = n.max(1) as u32;
     device_cache().sm_counts.insert(dev.id(), n);
     Ok(n)
+}
+
+/// Whether the tensor-core kernels (`kernels/lora_tc.cu`: mma.sync and movmatrix, sm_80 and
+/// later) can run: the device is sm_80 or later and the PTX was built for sm_80 or later
+/// (`CUDA_COMPUTE_CAP`; built for less, those kernels are empty).
+pub(super) fn tensor_cores(dev: &CudaDevice) -> Result<bool> {
+    let built: u32 = env!("METAL_CANDLE_CUDA_CAP").parse().unwrap_or(0);
+    if built < 80 {
+        return Ok(false);
+    }
+    let cached = device_cache().compute_majors.get(&dev.id()).copied();
+    let major = match cached {
+        Some(major) => major,
+        None => {
+            let major = dev
+                .cuda_stream()
+                .context()
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .w()?;
+            let major = major.max(0) as u32;
+            device_cache().compute_majors.insert(dev.id(), major);
+            major
+        }
+    };
+    Ok(major >= 8)
 }
 
 /// Dynamic shared memory every kernel may take without asking (48 KiB less its static part).

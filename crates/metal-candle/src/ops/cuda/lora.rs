@@ -5,15 +5,21 @@
 //! `lora_small`); for `lora_linear` the base GEMM then accumulates into its output.
 //!
 //! Forward, `lora_linear` (frozen W): `T = scale·(x·A)` (m × r, one small GEMM reading x),
-//! then `y = T·B` written straight into the output, then the base GEMM `y = x·Wᵀ + 1·y`
-//! accumulating into it (beta = 1). A bias rides as one more row of B against a column of ones
-//! in T, so it costs no pass of its own. No (tokens × out) temporary exists besides `y`.
+//! then `y = T·B (+ bias)` written straight into the output, then the base GEMM
+//! `y = x·Wᵀ + 1·y` accumulating into it (beta = 1). No (tokens × out) temporary exists besides
+//! `y`. `T·B` runs on the tensor-core kernel of [`super::lora_tc`] (bf16 and f16, sm_80 and
+//! later, rank ≤ 32, rows of whole 16-byte packs), which adds the bias as it writes; otherwise
+//! through cuBLAS, with the bias as one more row of B against a column of ones in T, so that it
+//! costs no pass of its own either way.
 //!
 //! Backward: `T = scale·x·A` comes from the forward pass where it computed one
 //! ([`LoraProjections`]: the cuBLAS path; m × r values), else it is computed again; `G = dy·Bᵀ`;
 //! `dB = scale·(x·A)ᵀ·dy`, `dA = scale·xᵀ·G`, `dx = scale·G·Aᵀ` (+ `dy·W` for the linear
-//! layer, accumulated by the base GEMM with beta = 1). W never gets a gradient here: the fused
-//! linear op is only used when W and the bias are frozen.
+//! layer, accumulated by the base GEMM with beta = 1). Past the one-launch kernel's sizes, bf16
+//! and f16 at rank ≤ 16 with rows of whole packs take the tensor-core kernels: G and dB from
+//! one read of dy, dA from one read of x, `G·Aᵀ` written at the memory's write rate; the rest
+//! takes cuBLAS. W never gets a gradient here: the fused linear op is only used when W and the
+//! bias are frozen.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -26,6 +32,7 @@ use super::common::{
     to_tensor, with_elem, Elem, Input, Matrix, LORA_PTX,
 };
 use super::gemm::{gemm, Operand};
+use super::lora_tc::{self, Strided};
 
 const MODULE: &str = "metal_candle_lora";
 
@@ -179,10 +186,16 @@ fn forward(
             Ok((T::wrap_cuda_slice(y, dev.clone()), None))
         });
     }
-    // B, or [B; bias] (r + 1 rows) when there is a bias.
+    // `T·B` (+ bias) through the tensor-core kernel where it serves, else through cuBLAS with
+    // the bias as one more row of B against a column of ones in T.
+    let tc = lora_tc::outer_fits(&dev, xs.dtype(), m, n, r)?;
+    let bias_in = match bias_s {
+        Some((s, l)) if tc => Some(input(s, l)?),
+        _ => None,
+    };
+    // B, or [B; bias] (r + 1 rows) when cuBLAS carries a bias.
     let (bm, rp) = match bias_s {
-        None => (matrix(bs, bl)?, r),
-        Some((bias_s, l)) => {
+        Some((bias_s, l)) if !tc => {
             // SAFETY: both copies below together write all (r + 1) · n elements.
             let mut ext = unsafe { dev.alloc_uninit(&Shape::from((r + 1, n)), bs.dtype()) }?;
             bs.copy_strided_src(&mut ext, 0, bl)?;
@@ -196,6 +209,7 @@ fn forward(
                 r + 1,
             )
         }
+        _ => (matrix(bs, bl)?, r),
     };
     with_elem!(xs.dtype(), "lora", T => {
         let (xv, av, bv) = (x.view::<T>()?, a.data.view::<T>()?, bm.data.view::<T>()?);
@@ -204,17 +218,25 @@ fn forward(
             set_column::<T>(&dev, &mut t, m, rp, r, 1.0)?;
         }
         let mut y = alloc_out::<T>(&dev, m * n)?;
-        gemm::<T>(
-            &dev,
-            (m, n, rp),
-            1.0,
-            Operand { data: &t.slice(..), trans: false, ld: rp },
-            Operand { data: &bv, trans: bm.trans, ld: bm.ld },
-            0.0,
-            &mut y,
-            0,
-            n,
-        )?;
+        if tc {
+            // R[col][j] = B[j][col].
+            let (s0, s1) = element_strides(&bm);
+            let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
+            let rm = Strided { data: &bv, s0: s1, s1: s0 };
+            lora_tc::outer::<T>(&dev, (&t.slice(..), rp), rm, bias_v.as_ref(), &mut y, (m, n, r), 1.0)?;
+        } else {
+            gemm::<T>(
+                &dev,
+                (m, n, rp),
+                1.0,
+                Operand { data: &t.slice(..), trans: false, ld: rp },
+                Operand { data: &bv, trans: bm.trans, ld: bm.ld },
+                0.0,
+                &mut y,
+                0,
+                n,
+            )?;
+        }
         if let Some(wm) = &wm {
             let wv = wm.data.view::<T>()?;
             // W is (out, in): the base term needs Wᵀ.
@@ -233,6 +255,15 @@ fn forward(
         let saved = LoraProjections { storage: T::wrap_cuda_slice(t, dev.clone()), rows: m, rank: r, ld: rp };
         Ok((T::wrap_cuda_slice(y, dev.clone()), Some(saved)))
     })
+}
+
+/// Where element (i, j) of a stored matrix operand sits: at `i·s0 + j·s1`; returns (s0, s1).
+fn element_strides(mat: &Matrix<'_>) -> (usize, usize) {
+    if mat.trans {
+        (1, mat.ld)
+    } else {
+        (mat.ld, 1)
+    }
 }
 
 /// The most rows one block of `lora_small` takes (`MAX_ROWS` in lora.cu).
@@ -268,15 +299,8 @@ fn launch_small<T: Elem>(
     (m, k, r, n): (usize, usize, usize, usize),
     scale: f32,
 ) -> Result<()> {
-    // Element (i, j) of a stored matrix operand sits at i·s0 + j·s1.
-    let strides = |mat: &Matrix<'_>| {
-        if mat.trans {
-            (1i64, mat.ld as i64)
-        } else {
-            (mat.ld as i64, 1i64)
-        }
-    };
-    let ((sa0, sa1), (sb0, sb1)) = (strides(a), strides(b));
+    let ((sa0, sa1), (sb0, sb1)) = (element_strides(a), element_strides(b));
+    let (sa0, sa1, sb0, sb1) = (sa0 as i64, sa1 as i64, sb0 as i64, sb1 as i64);
     let variant = if r <= 8 { 8 } else { 16 };
     let f = load(
         dev,
@@ -520,28 +544,48 @@ fn backward(
                 (computed.slice(..), r)
             }
         };
-        let mut g = alloc_out::<T>(&dev, m * r)?;
-        gemm::<T>(&dev, (m, r, n), 1.0, dy_op(), Operand { data: &bv, trans: !bm.trans, ld: bm.ld }, 0.0, &mut g, 0, r)?;
-        let g_view = g.slice(..);
         // dB = Tᵀ·dy (r, n) (T carries the scale); dA = scale·xᵀ·G (k, r).
-        let mut db = alloc_out::<T>(&dev, r * n)?;
-        gemm::<T>(&dev, (r, n, m), 1.0, Operand { data: &tv, trans: true, ld: t_ld }, dy_op(), 0.0, &mut db, 0, n)?;
-        let mut da = alloc_out::<T>(&dev, k * r)?;
-        gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g_view, trans: false, ld: r }, 0.0, &mut da, 0, r)?;
-        // dx = scale·G·Aᵀ (+ base).
-        let mut dx = alloc_out::<T>(&dev, m * k)?;
-        let beta = match &base_in {
-            Some(bi) => {
-                let bv = bi.view::<T>()?;
-                if bv.len() != m * k {
-                    candle_core::bail!("lora backward: dx_base has {} elements, expected {}", bv.len(), m * k)
-                }
-                dev.memcpy_dtod(&bv, &mut dx)?;
-                1.0
-            }
-            None => 0.0,
+        // The tensor-core kernels where the forward took cuBLAS too: at the one-launch kernel's
+        // sizes their extra launches would cost more than the memory passes they save.
+        let large = !use_small_kernel(m, k, r, n);
+        let (g, db, da) = if large && lora_tc::grads_fit::<T>(&dev, (m, k, n, r), &xv, &gv)? {
+            let (sb0, sb1) = element_strides(&bm);
+            let bs = Strided { data: &bv, s0: sb0, s1: sb1 };
+            let (g, db) = lora_tc::dy_grads::<T>(&dev, &gv, (&tv, t_ld), bs, (m, n, r))?;
+            let da = lora_tc::x_grad::<T>(&dev, &xv, &g.slice(..), (m, k, r), alpha)?;
+            (g, db, da)
+        } else {
+            let mut g = alloc_out::<T>(&dev, m * r)?;
+            gemm::<T>(&dev, (m, r, n), 1.0, dy_op(), Operand { data: &bv, trans: !bm.trans, ld: bm.ld }, 0.0, &mut g, 0, r)?;
+            let mut db = alloc_out::<T>(&dev, r * n)?;
+            gemm::<T>(&dev, (r, n, m), 1.0, Operand { data: &tv, trans: true, ld: t_ld }, dy_op(), 0.0, &mut db, 0, n)?;
+            let mut da = alloc_out::<T>(&dev, k * r)?;
+            gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g.slice(..), trans: false, ld: r }, 0.0, &mut da, 0, r)?;
+            (g, db, da)
         };
-        gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: r }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
+        let g_view = g.slice(..);
+        // dx = scale·G·Aᵀ (+ base): the tensor-core kernel writes the low-rank term where it
+        // serves and nothing is to be added first; else cuBLAS, accumulating into dx_base.
+        let mut dx = alloc_out::<T>(&dev, m * k)?;
+        if large && base_in.is_none() && lora_tc::outer_fits(&dev, x.dtype(), m, k, r)? {
+            // R[col][j] = A[col][j].
+            let (sa0, sa1) = element_strides(&am);
+            let rm = Strided { data: &av, s0: sa0, s1: sa1 };
+            lora_tc::outer::<T>(&dev, (&g_view, r), rm, None, &mut dx, (m, k, r), alpha)?;
+        } else {
+            let beta = match &base_in {
+                Some(bi) => {
+                    let bv = bi.view::<T>()?;
+                    if bv.len() != m * k {
+                        candle_core::bail!("lora backward: dx_base has {} elements, expected {}", bv.len(), m * k)
+                    }
+                    dev.memcpy_dtod(&bv, &mut dx)?;
+                    1.0
+                }
+                None => 0.0,
+            };
+            gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: r }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
+        }
         if let Some(wm) = &base_w {
             let wv = wm.data.view::<T>()?;
             gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &wv, trans: wm.trans, ld: wm.ld }, 1.0, &mut dx, 0, k.max(1))?;

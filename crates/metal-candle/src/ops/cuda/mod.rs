@@ -10,8 +10,10 @@
 //!   partial rows and a second small kernel (no atomics).
 //! - LoRA: small problems (the seed's shapes) take one launch for the whole low-rank term
 //!   (`lora_vec` for 16-byte-pack layouts, else `lora_small`). Otherwise GEMMs through candle's
-//!   cuBLAS handle. `lora_linear` writes the low-rank term
-//!   `(scale·x·A)·B` (plus the bias, carried as an extra row of B) into the output and then
+//!   cuBLAS handle, and for bf16 and f16 on sm_80 and later the thin products on tensor-core
+//!   kernels of our own (`kernels/lora_tc.cu`: `T·B` and `G·Aᵀ` written at the memory's write
+//!   rate, `G = dy·Bᵀ` and `dB` from one read of dy). `lora_linear` writes the low-rank term
+//!   `(scale·x·A)·B` plus the bias into the output and then
 //!   runs the base GEMM `x·Wᵀ` with `beta = 1` into that same output: no extra (tokens × out)
 //!   tensor and no separate add or scale pass. The backward pass takes `scale·x·A` from the
 //!   forward pass where it computed one (else computes it again) and never computes a gradient
@@ -43,6 +45,7 @@ mod common;
 mod gemm;
 mod linear;
 mod lora;
+mod lora_tc;
 mod norm;
 mod optim;
 mod rope;

@@ -1,0 +1,321 @@
+// LoRA linear lab, the tensor-core kernels of kernels/lora_tc.cu (included from the library, so
+// the lab runs the shipped code): first checked against a CPU reference (f64 sums of the bf16
+// inputs) on odd shapes, then timed at bf16 8×2048×4096 (m 16384, in = out = 4096, r = 16)
+// against the cuBLAS calls they replace, and the whole backward and forward sequences
+// interleaved (alternating batches, so that the GEMM's clock drift hits both alike).
+//
+//   nvcc -arch=sm_90 -O3 -std=c++17 --expt-relaxed-constexpr -Icrates/metal-candle/src/ops/cuda/kernels \
+//        bench/kernel-lab/tclab.cu -lcublas -o tclab && ./tclab
+// (on the GPU machine, libcublas.so.13 from PyTorch's nvidia/cu13/lib on LD_LIBRARY_PATH).
+#include "lora_tc.cu"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#define CK(x)                                                                                  \
+    do {                                                                                       \
+        cudaError_t e = (x);                                                                   \
+        if (e != cudaSuccess) {                                                                \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+            exit(1);                                                                           \
+        }                                                                                      \
+    } while (0)
+#define CB(x)                                                                                \
+    do {                                                                                     \
+        cublasStatus_t s = (x);                                                              \
+        if (s != CUBLAS_STATUS_SUCCESS) {                                                    \
+            fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, (int)s); \
+            exit(1);                                                                         \
+        }                                                                                    \
+    } while (0)
+
+typedef __nv_bfloat16 bf;
+
+static int sms = 132;
+
+// --- launches, as the library makes them -----------------------------------------------------
+static void outer(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias, bf* y, int m,
+                  int n, int r, float alpha) {
+    const int warps = 4, tiles = 8;
+    dim3 grid((n + 64 * warps - 1) / (64 * warps), (m + 16 * tiles - 1) / (16 * tiles));
+    if (r <= 16) lora_outer_k1_bf16<<<grid, 32 * warps>>>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);
+    else lora_outer_k2_bf16<<<grid, 32 * warps>>>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);
+}
+
+static int chunks_for(int m, int n, int* rows_per_chunk) {
+    const int slabs = (n + 511) / 512;
+    int chunks = std::max(1, (2 * sms + slabs - 1) / slabs);
+    int rpc = ((m + chunks - 1) / chunks + 15) / 16 * 16;
+    rpc = std::max(rpc, 16);
+    *rows_per_chunk = rpc;
+    return (m + rpc - 1) / rpc;
+}
+
+static void sum_parts_launch(const float* P, int S, int I, int J, int iu, int ju, bf* out, long long oi, long long oj,
+                             float scale) {
+    const long long total = (long long)iu * ju;
+    const int blocks = (int)std::min<long long>((total + 255) / 256, 4 * sms);
+    sum_parts_bf16<<<blocks, 256>>>(P, S, I, J, iu, ju, out, oi, oj, scale);
+}
+
+// G = dy·Bᵀ (m, r) and dB = Tᵀ·dy (r, n) from one read of dy.
+static void dy_grads(const bf* dy, const bf* t, long long ld_t, const bf* b, bf* g, bf* db, float* gp, float* pp,
+                     int m, int n, int r) {
+    int rpc;
+    const int chunks = chunks_for(m, n, &rpc), slabs = (n + 511) / 512;
+    lora_dy_grads_bf16<<<dim3(slabs, chunks), 256>>>(dy, t, ld_t, b, n, 1, gp, pp, m, n, r, rpc);
+    sum_parts_launch(gp, slabs, m, 16, m, r, g, r, 1, 1.f);
+    sum_parts_launch(pp, chunks, 16, n, r, n, db, n, 1, 1.f);
+}
+
+// dA = scale·xᵀ·G (k, r) from one read of x.
+static void x_grad(const bf* x, const bf* g, bf* da, float* pp, int m, int k, int r, float scale) {
+    int rpc;
+    const int chunks = chunks_for(m, k, &rpc), slabs = (k + 511) / 512;
+    lora_x_grad_bf16<<<dim3(slabs, chunks), 256>>>(x, g, r, pp, m, k, r, rpc);
+    sum_parts_launch(pp, chunks, 16, k, r, k, da, 1, r, scale);
+}
+
+// --- data --------------------------------------------------------------------------------------
+__global__ void fill(bf* p, size_t n, uint32_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+        p[i] = __float2bfloat16(scale * ((h >> 8) * (1.f / 16777216.f) * 2.f - 1.f));
+    }
+}
+
+static bf* dev_random(size_t n, uint32_t seed, float scale) {
+    bf* p;
+    CK(cudaMalloc(&p, std::max<size_t>(n, 1) * 2));
+    fill<<<256, 256>>>(p, n, seed, scale);
+    return p;
+}
+static std::vector<float> to_host(const bf* p, size_t n) {
+    std::vector<bf> h(n);
+    CK(cudaMemcpy(h.data(), p, n * 2, cudaMemcpyDeviceToHost));
+    std::vector<float> f(n);
+    for (size_t i = 0; i < n; i++) f[i] = __bfloat162float(h[i]);
+    return f;
+}
+
+// Largest |got − want| relative to the largest |want| (bf16 outputs: ~4e-3 is a rounding).
+static double rel_err(const std::vector<float>& got, const std::vector<double>& want) {
+    double e = 0, s = 1e-30;
+    for (size_t i = 0; i < want.size(); i++) {
+        e = std::max(e, std::fabs(got[i] - want[i]));
+        s = std::max(s, std::fabs(want[i]));
+    }
+    return e / s;
+}
+
+static bool check_case(int m, int k, int n, int r, bool with_bias) {
+    const float scale = 2.f;
+    bf *x = dev_random((size_t)m * k, 1, 1.f), *dy = dev_random((size_t)m * n, 2, 1.f);
+    bf *a = dev_random((size_t)k * r, 3, 0.5f), *b = dev_random((size_t)r * n, 4, 0.5f);
+    bf *t = dev_random((size_t)m * r, 5, 1.f), *bias = dev_random(n, 6, 1.f);
+    bf *y, *g, *db, *da, *dx;
+    CK(cudaMalloc(&y, (size_t)m * n * 2)); CK(cudaMalloc(&g, (size_t)m * r * 2)); CK(cudaMalloc(&db, (size_t)r * n * 2));
+    CK(cudaMalloc(&da, (size_t)k * r * 2)); CK(cudaMalloc(&dx, (size_t)m * k * 2));
+    float *gp, *pp;
+    CK(cudaMalloc(&gp, (size_t)((n + 511) / 512) * m * 16 * 4));
+    CK(cudaMalloc(&pp, (size_t)(4 * sms + 8) * 16 * std::max(n, k) * 4));
+    CK(cudaMemset(y, 0xff, (size_t)m * n * 2)); CK(cudaMemset(dx, 0xff, (size_t)m * k * 2));
+    // y = scale·T·B + bias (R[col][j] = B[j][col]); dx = scale·G·Aᵀ with G the kernel's own.
+    outer(t, r, b, 1, n, with_bias ? bias : nullptr, y, m, n, r, scale);
+    dy_grads(dy, t, r, b, g, db, gp, pp, m, n, r);
+    x_grad(x, g, da, pp, m, k, r, scale);
+    outer(g, r, a, r, 1, nullptr, dx, m, k, r, scale);
+    CK(cudaDeviceSynchronize());
+    CK(cudaGetLastError());
+    const auto X = to_host(x, (size_t)m * k), DY = to_host(dy, (size_t)m * n), A = to_host(a, (size_t)k * r),
+               B = to_host(b, (size_t)r * n), T = to_host(t, (size_t)m * r), BI = to_host(bias, n),
+               Y = to_host(y, (size_t)m * n), G = to_host(g, (size_t)m * r), DB = to_host(db, (size_t)r * n),
+               DA = to_host(da, (size_t)k * r), DX = to_host(dx, (size_t)m * k);
+    std::vector<double> wy((size_t)m * n), wg((size_t)m * r), wdb((size_t)r * n, 0), wda((size_t)k * r, 0),
+        wdx((size_t)m * k);
+    for (int i = 0; i < m; i++)
+        for (int c = 0; c < n; c++) {
+            double s = 0;
+            for (int j = 0; j < r; j++) s += (double)T[(size_t)i * r + j] * B[(size_t)j * n + c];
+            wy[(size_t)i * n + c] = scale * s + (with_bias ? BI[c] : 0.0);
+        }
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < r; j++) {
+            double s = 0;
+            for (int c = 0; c < n; c++) s += (double)DY[(size_t)i * n + c] * B[(size_t)j * n + c];
+            wg[(size_t)i * r + j] = s;
+        }
+    for (int j = 0; j < r; j++)
+        for (int c = 0; c < n; c++) {
+            double s = 0;
+            for (int i = 0; i < m; i++) s += (double)T[(size_t)i * r + j] * DY[(size_t)i * n + c];
+            wdb[(size_t)j * n + c] = s;
+        }
+    // dA and dx from the kernel's G (bf16), as the library computes them.
+    for (int c = 0; c < k; c++)
+        for (int j = 0; j < r; j++) {
+            double s = 0;
+            for (int i = 0; i < m; i++) s += (double)X[(size_t)i * k + c] * G[(size_t)i * r + j];
+            wda[(size_t)c * r + j] = scale * s;
+        }
+    for (int i = 0; i < m; i++)
+        for (int c = 0; c < k; c++) {
+            double s = 0;
+            for (int j = 0; j < r; j++) s += (double)G[(size_t)i * r + j] * A[(size_t)c * r + j];
+            wdx[(size_t)i * k + c] = scale * s;
+        }
+    const double e[5] = {rel_err(Y, wy), rel_err(G, wg), rel_err(DB, wdb), rel_err(DA, wda), rel_err(DX, wdx)};
+    const bool ok = *std::max_element(e, e + 5) < 1e-2;
+    printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dA %.1e dx %.1e  %s\n", m, k, n, r, with_bias,
+           e[0], e[1], e[2], e[3], e[4], ok ? "ok" : "FAIL");
+    for (void* p : {(void*)x, (void*)dy, (void*)a, (void*)b, (void*)t, (void*)bias, (void*)y, (void*)g, (void*)db,
+                    (void*)da, (void*)dx, (void*)gp, (void*)pp})
+        CK(cudaFree(p));
+    return ok;
+}
+
+// --- timing ------------------------------------------------------------------------------------
+static cudaEvent_t ev0, ev1;
+static float batch_us(const std::function<void()>& f, int per_batch) {
+    CK(cudaEventRecord(ev0));
+    for (int i = 0; i < per_batch; i++) f();
+    CK(cudaEventRecord(ev1));
+    CK(cudaEventSynchronize(ev1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, ev0, ev1));
+    return ms * 1000.f / per_batch;
+}
+static float median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+static float time_us(const std::function<void()>& f, int per_batch = 10, int batches = 21) {
+    for (int i = 0; i < 3; i++) f();
+    std::vector<float> t;
+    for (int i = 0; i < batches; i++) t.push_back(batch_us(f, per_batch));
+    CK(cudaGetLastError());
+    return median(t);
+}
+// Alternating batches of f and g; medians of each and of the per-pair ratios f/g.
+static void interleaved(const char* what, const std::function<void()>& f, const std::function<void()>& g,
+                        const char* fname, const char* gname) {
+    for (int i = 0; i < 3; i++) { f(); g(); }
+    std::vector<float> tf, tg, ratio;
+    for (int i = 0; i < 15; i++) {
+        const float a = batch_us(f, 5), b = batch_us(g, 5);
+        tf.push_back(a); tg.push_back(b); ratio.push_back(a / b);
+    }
+    printf("%-34s %s %8.1f us, %s %8.1f us, ratio %.3f\n", what, fname, median(tf), gname, median(tg), median(ratio));
+}
+
+static void gemm(cublasHandle_t h, int m, int n, int k, const bf* a, bool ta, int lda, const bf* b, bool tb, int ldb,
+                 bf* c, int ldc, float alpha, float beta) {
+    CB(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_16BF,
+                    ldb, a, CUDA_R_16BF, lda, &beta, c, CUDA_R_16BF, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+int main(int argc, char** argv) {
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    sms = prop.multiProcessorCount;
+    printf("%s, %d SMs\n", prop.name, sms);
+    CK(cudaEventCreate(&ev0));
+    CK(cudaEventCreate(&ev1));
+    bool ok = true;
+    const int cases[][5] = {{1, 8, 8, 8, 0},      {37, 72, 40, 8, 1},    {129, 520, 1000, 16, 1}, {200, 64, 1544, 5, 0},
+                            {16, 4096, 512, 16, 0}, {1000, 264, 136, 13, 1}, {300, 200, 96, 24, 0}};
+    for (auto& cs : cases) ok &= check_case(cs[0], cs[1], cs[2], cs[3], cs[4]);
+    if (argc > 1 && std::string(argv[1]) == "check") return ok ? 0 : 1;
+
+    const int m = 16384, in = 4096, out = 4096, r = 16;
+    const float scale = 2.f;
+    cublasHandle_t h;
+    CB(cublasCreate(&h));
+    bf *x = dev_random((size_t)m * in, 1, 1.f), *w = dev_random((size_t)out * in, 2, 0.02f);
+    bf *a = dev_random((size_t)in * r, 3, 0.02f), *b = dev_random((size_t)r * out, 4, 0.02f);
+    bf *dy = dev_random((size_t)m * out, 5, 1.f), *t = dev_random((size_t)m * r, 6, 1.f);
+    bf *y, *g, *db, *da, *dx, *y2;
+    CK(cudaMalloc(&y, (size_t)m * out * 2)); CK(cudaMalloc(&y2, (size_t)m * out * 2));
+    CK(cudaMalloc(&dx, (size_t)m * in * 2)); CK(cudaMalloc(&g, (size_t)m * r * 2));
+    CK(cudaMalloc(&db, (size_t)r * out * 2)); CK(cudaMalloc(&da, (size_t)in * r * 2));
+    float *gp, *pp;
+    CK(cudaMalloc(&gp, (size_t)8 * m * 16 * 4));
+    CK(cudaMalloc(&pp, (size_t)(4 * sms + 8) * 16 * 4096 * 4));
+    const double mb = (double)m * out * 2;
+    auto report = [](const char* name, float us, double bytes) {
+        printf("%-44s %9.1f us  %7.0f GB/s\n", name, us, bytes / (us * 1e-6) / 1e9);
+    };
+    report("copy of dy (read + write)", time_us([&] { CK(cudaMemcpyAsync(y2, dy, mb, cudaMemcpyDeviceToDevice)); }),
+           2 * mb);
+    report("write (memset)", time_us([&] { CK(cudaMemsetAsync(y2, 0, mb)); }), mb);
+    // Forward's thin product y = s·T·B.
+    report("cuBLAS y = s·T·B", time_us([&] { gemm(h, m, out, r, t, false, r, b, false, out, y, out, scale, 0.f); }), mb);
+    report("outer  y = s·T·B", time_us([&] { outer(t, r, b, 1, out, nullptr, y, m, out, r, scale); }), mb);
+    // Backward's pieces.
+    report("cuBLAS G = dy·Bᵀ", time_us([&] { gemm(h, m, r, out, dy, false, out, b, true, out, g, r, 1.f, 0.f); }), mb);
+    report("cuBLAS dB = Tᵀ·dy", time_us([&] { gemm(h, r, out, m, t, true, r, dy, false, out, db, out, 1.f, 0.f); }), mb);
+    report("fused G + dB (+ sums)", time_us([&] { dy_grads(dy, t, r, b, g, db, gp, pp, m, out, r); }), mb);
+    {
+        int rpc;
+        const int chunks = chunks_for(m, out, &rpc);
+        report("  its one pass over dy", time_us([&] {
+                   lora_dy_grads_bf16<<<dim3(8, chunks), 256>>>(dy, t, r, b, out, 1, gp, pp, m, out, r, rpc);
+               }),
+               mb);
+    }
+    report("cuBLAS dA = s·xᵀ·G", time_us([&] { gemm(h, in, r, m, x, true, in, g, false, r, da, r, scale, 0.f); }), mb);
+    report("x_grad dA = s·xᵀ·G (+ sums)", time_us([&] { x_grad(x, g, da, pp, m, in, r, scale); }), mb);
+    report("cuBLAS dx = s·G·Aᵀ", time_us([&] { gemm(h, m, in, r, g, false, r, a, true, r, dx, in, scale, 0.f); }), mb);
+    report("outer  dx = s·G·Aᵀ", time_us([&] { outer(g, r, a, r, 1, nullptr, dx, m, in, r, scale); }), mb);
+    auto dx_gemm0 = [&] { gemm(h, m, in, out, dy, false, out, w, false, in, dx, in, 1.f, 0.f); };
+    auto dx_gemm1 = [&] { gemm(h, m, in, out, dy, false, out, w, false, in, dx, in, 1.f, 1.f); };
+    auto bwd_cublas = [&] {
+        gemm(h, m, r, out, dy, false, out, b, true, out, g, r, 1.f, 0.f);
+        gemm(h, r, out, m, t, true, r, dy, false, out, db, out, 1.f, 0.f);
+        gemm(h, in, r, m, x, true, in, g, false, r, da, r, scale, 0.f);
+        gemm(h, m, in, r, g, false, r, a, true, r, dx, in, scale, 0.f);
+        dx_gemm1();
+    };
+    auto bwd_tc = [&] {
+        dy_grads(dy, t, r, b, g, db, gp, pp, m, out, r);
+        x_grad(x, g, da, pp, m, in, r, scale);
+        outer(g, r, a, r, 1, nullptr, dx, m, in, r, scale);
+        dx_gemm1();
+    };
+    auto bwd_mixed = [&] {  // tensor-core G + dB and dx, cuBLAS dA
+        dy_grads(dy, t, r, b, g, db, gp, pp, m, out, r);
+        gemm(h, in, r, m, x, true, in, g, false, r, da, r, scale, 0.f);
+        outer(g, r, a, r, 1, nullptr, dx, m, in, r, scale);
+        dx_gemm1();
+    };
+    interleaved("dX GEMM beta 1 vs beta 0", dx_gemm1, dx_gemm0, "beta1", "beta0");
+    interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");
+    interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
+    interleaved("backward, mixed / dX GEMM", bwd_mixed, dx_gemm0, "seq", "gemm");
+    auto base0 = [&] { gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 0.f); };
+    auto fwd_cublas = [&] {
+        gemm(h, m, r, in, x, false, in, a, false, r, t, r, scale, 0.f);
+        gemm(h, m, out, r, t, false, r, b, false, out, y, out, 1.f, 0.f);
+        gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 1.f);
+    };
+    auto fwd_tc = [&] {
+        gemm(h, m, r, in, x, false, in, a, false, r, t, r, scale, 0.f);
+        outer(t, r, b, 1, out, nullptr, y, m, out, r, 1.f);
+        gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 1.f);
+    };
+    interleaved("forward, cuBLAS pieces / base GEMM", fwd_cublas, base0, "seq", "gemm");
+    interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
+    interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
+    interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
+    printf("checks %s\n", ok ? "passed" : "FAILED");
+    return ok ? 0 : 1;
+}

@@ -1,0 +1,312 @@
+// Tensor-core kernels for the LoRA linear layer's thin products at large sizes (bf16 and f16,
+// sm_80 and later: mma.sync m16n8k16 with f32 accumulation, movmatrix).
+//
+// cuBLAS runs these products well below the memory rate they are bound by (an H200, bf16,
+// m 16384, in = out = 4096, r = 16: `y = T·B` writes at 67% of the write ceiling, and
+// `G = dy·Bᵀ` and `dB = Tᵀ·dy` each read dy once more). Their arithmetic is small (r = 16
+// multiply-adds per element moved) but too much for the CUDA cores to keep pace with HBM, so
+// they run on the tensor cores, and the kernels are shaped around the memory traffic:
+//
+// lora_outer: `y = alpha·L·Rᵀ (+ bias)`, L (m, r) and R (n, r) by strides: the forward's
+// `T·B` and the backward's `G·Aᵀ`. A warp owns 64 output columns (its R fragments stay in
+// registers) and walks down 16-row tiles; the columns of its mma tiles are permuted so that
+// every thread ends with 16 consecutive outputs of a row, written as two 16-byte stores.
+//
+// lora_tall_grads: one read of D (m, n) for two products, the backward's `G = dy·Bᵀ` (m, r)
+// and `Tᵀ·dy` (r, n, which is dB), or with `WITH_G` off the single product `Gᵀ·x` (which is
+// dAᵀ). A thread loads 16-byte packs of two rows of D; as they are loaded they are the A
+// operand of `D·Bᵀ` (the reduction index k runs over the pack's columns in a permuted order,
+// and B's fragments are loaded in the same order), and `movmatrix.trans` turns them into the B
+// operand of `Tᵀ·D` (k over rows). A warp owns 64 columns of a 512-column slab; a block's
+// eight warps cover the slab and walk down a chunk of rows. Partial sums go to f32 scratch
+// without atomics: G's per slab (the eight warps' parts meet in shared memory first), dB's per
+// row chunk; `sum_parts` adds them up afterwards (deterministic).
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MC_TENSOR_CORES 1
+#else
+#define MC_TENSOR_CORES 0
+#endif
+
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
+
+// Two elements in one register, the lower index in the low half (the mma operand layout).
+template <typename T>
+__device__ __forceinline__ uint32_t pair(T lo, T hi) { return bits16(lo) | (bits16(hi) << 16); }
+
+template <typename T> struct MmaOp;
+template <> struct MmaOp<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if MC_TENSOR_CORES
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+template <> struct MmaOp<__half> {
+    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if MC_TENSOR_CORES
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+
+// The transpose of an 8×8 matrix of 16-bit values held one register per thread (row lane/4,
+// columns 2·(lane%4) and +1): afterwards the thread holds column lane/4, rows 2·(lane%4) and +1.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t v) {
+    uint32_t out = v;
+#if MC_TENSOR_CORES
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(out) : "r"(v));
+#endif
+    return out;
+}
+
+// y[row][col] = alpha · Σ_j L[row][j]·R[col][j] (+ bias[col]) for j < r ≤ 16·KC, with
+// L[row][j] at row·ld_l + j and R[col][j] at col·rc + j·rk. The host guarantees n % 8 == 0 and
+// y 16-byte aligned (dense rows of n). Blocks of whole warps; warp w of block (bx, by) takes
+// columns [64·(bx·warps + w), +64) and rows [16·tiles·by, +16·tiles).
+template <typename T, int KC>
+__device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __restrict__ R, long long rc, long long rk,
+                           const T* __restrict__ bias, T* __restrict__ y, int m, int n, int r, int tiles, float alpha) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int strip = (blockIdx.x * (blockDim.x >> 5) + warp) * 64;
+    if (strip >= n) return;  // no barriers below: a warp may leave alone
+    const T zero = from_f<T>(0.f);
+    // R's fragments, tile t (8 columns), chunk q (16 ranks). The tile's column g is the output
+    // column 16·(g/2) + 2t + g%2 of the strip, so that a thread's accumulators (columns 2c, 2c+1
+    // of every tile) are its 16 consecutive columns 16c … 16c + 15.
+    uint32_t rf[KC][8][2];
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        const int col = strip + 16 * (g >> 1) + 2 * t + (g & 1);
+#pragma unroll
+        for (int q = 0; q < KC; q++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int j = 16 * q + 2 * c + 8 * h;
+                const T lo = (col < n && j < r) ? R[col * rc + j * rk] : zero;
+                const T hi = (col < n && j + 1 < r) ? R[col * rc + (j + 1) * rk] : zero;
+                rf[q][t][h] = pair(lo, hi);
+            }
+    }
+    const int col0 = strip + 16 * c;  // this thread's first output column
+    float bv[16];
+#pragma unroll
+    for (int e = 0; e < 16; e++) bv[e] = (bias && col0 + e < n) ? to_f(bias[col0 + e]) : 0.f;
+    for (int tile = 0; tile < tiles; tile++) {
+        const int row0 = (blockIdx.y * tiles + tile) * 16;
+        if (row0 >= m) break;
+        const int ra = row0 + g, rb = row0 + g + 8;
+        auto lv = [&](int row, int j) { return (row < m && j < r) ? L[row * ld_l + j] : zero; };
+        uint32_t a[KC][4];
+#pragma unroll
+        for (int q = 0; q < KC; q++) {
+            const int j = 16 * q + 2 * c;
+            a[q][0] = pair(lv(ra, j), lv(ra, j + 1));
+            a[q][1] = pair(lv(rb, j), lv(rb, j + 1));
+            a[q][2] = pair(lv(ra, j + 8), lv(ra, j + 9));
+            a[q][3] = pair(lv(rb, j + 8), lv(rb, j + 9));
+        }
+        float acc[8][4];
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+#pragma unroll
+            for (int q = 0; q < KC; q++) MmaOp<T>::run(acc[t], a[q], rf[q][t][0], rf[q][t][1]);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int row = half ? rb : ra;
+            if (row >= m) continue;
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                if (col0 + 8 * p >= n) continue;
+                float o[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    const int t = 4 * p + e / 2;
+                    o[e] = alpha * acc[t][2 * half + (e & 1)] + bv[8 * p + e];
+                }
+                store<T, 8>(y + (size_t)row * n + col0 + 8 * p, o);
+            }
+        }
+    }
+}
+
+// One read of D (m, n), dense rows, n % 8 == 0, 16-byte aligned, for
+//   Gp[slab][row][κ] = Σ_{col in slab} D[row][col]·B[κ][col]    (WITH_G; κ < 16, B[κ][col] at κ·sb0 + col·sb1)
+//   Pp[chunk][κ][col] = Σ_{row in chunk} L[row][κ]·D[row][col]  (κ < 16)
+// with ranks ≥ r read as zero. 256 threads (eight warps, 64 columns each: a slab of 512); block
+// (slab, chunk) takes rows [chunk·rows_per_chunk, +rows_per_chunk), rows_per_chunk % 16 == 0.
+template <typename T, bool WITH_G>
+__device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L, long long ld_l, const T* __restrict__ B,
+                                long long sb0, long long sb1, float* __restrict__ Gp, float* __restrict__ Pp, int m, int n,
+                                int r, int rows_per_chunk) {
+    __shared__ float gbuf[WITH_G ? 2 : 1][8][256];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int slab = blockIdx.x, chunk = blockIdx.y;
+    const int strip = slab * 512 + warp * 64;
+    const T zero = from_f<T>(0.f);
+    // Column of pack h (0, 1) of this thread: 8 columns from strip + 32h + 8c.
+    bool col_ok[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) col_ok[h] = strip + 32 * h + 8 * c < n;
+    // B's fragments for G, in the order the packs give k: chunk (h, s) of D·Bᵀ takes, for
+    // thread c, columns 32h + 8c + 4s + {0, 1} (k = 2c, 2c+1) and + {2, 3} (k = 2c+8, 2c+9).
+    uint32_t gb[2][2][2][2];  // [h][s][u: ranks 8u…8u+7][reg]
+    if (WITH_G) {
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int s = 0; s < 2; s++)
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int rank = 8 * u + g, col = strip + 32 * h + 8 * c + 4 * s;
+                    auto bv = [&](int cc) { return (rank < r && col_ok[h]) ? B[rank * sb0 + (long long)cc * sb1] : zero; };
+                    gb[h][s][u][0] = pair(bv(col), bv(col + 1));
+                    gb[h][s][u][1] = pair(bv(col + 2), bv(col + 3));
+                }
+    }
+    float acc[2][4][4];  // Pp's part: [h][i: 8-column tile][fragment]
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[h][i][0] = acc[h][i][1] = acc[h][i][2] = acc[h][i][3] = 0.f;
+    const int row_start = chunk * rows_per_chunk;
+    const int row_end = min(m, row_start + rows_per_chunk);
+    auto load_packs = [&](int row0, uint4 (&p)[2][2]) {
+#pragma unroll
+        for (int v = 0; v < 2; v++) {
+            const int row = row0 + g + 8 * v;
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                p[v][h] = (row < row_end && col_ok[h])
+                              ? *reinterpret_cast<const uint4*>(D + (size_t)row * n + strip + 32 * h + 8 * c)
+                              : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 cur[2][2];
+    load_packs(row_start, cur);
+    int parity = 0;
+    for (int row0 = row_start; row0 < row_end; row0 += 16) {
+        uint4 nxt[2][2];
+        load_packs(row0 + 16, nxt);  // in flight while this step computes
+        // Lᵀ as the A operand (16 ranks × 16 rows): rows 2c, 2c+1 (+8), ranks g (+8).
+        auto lv = [&](int row, int rank) { return (row < row_end && rank < r) ? L[row * ld_l + rank] : zero; };
+        uint32_t la[4];
+        {
+            const int r0 = row0 + 2 * c;
+            la[0] = pair(lv(r0, g), lv(r0 + 1, g));
+            la[1] = pair(lv(r0, g + 8), lv(r0 + 1, g + 8));
+            la[2] = pair(lv(r0 + 8, g), lv(r0 + 9, g));
+            la[3] = pair(lv(r0 + 8, g + 8), lv(r0 + 9, g + 8));
+        }
+        // Register i of pack h, rows g and g + 8, is an 8×8 block whose column 2c+e is the
+        // column 32h + 8c + 2i + e; transposed it is the B operand of Lᵀ·D for that tile.
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
+            const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) MmaOp<T>::run(acc[h][i], la, transpose8x8(w0[i]), transpose8x8(w1[i]));
+        }
+        if (WITH_G) {
+            float ga[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
+                const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
+#pragma unroll
+                for (int s = 0; s < 2; s++) {
+                    const uint32_t a[4] = {w0[2 * s], w1[2 * s], w0[2 * s + 1], w1[2 * s + 1]};
+#pragma unroll
+                    for (int u = 0; u < 2; u++) MmaOp<T>::run(ga[u], a, gb[h][s][u][0], gb[h][s][u][1]);
+                }
+            }
+            // The eight warps' parts of this step's 16 × 16 G tile meet in shared memory
+            // (alternate buffers: one barrier per step).
+            float* buf = gbuf[WITH_G ? parity : 0][warp];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                buf[g * 16 + 8 * u + 2 * c] = ga[u][0];
+                buf[g * 16 + 8 * u + 2 * c + 1] = ga[u][1];
+                buf[(g + 8) * 16 + 8 * u + 2 * c] = ga[u][2];
+                buf[(g + 8) * 16 + 8 * u + 2 * c + 1] = ga[u][3];
+            }
+            __syncthreads();
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < 8; w++) sum += gbuf[WITH_G ? parity : 0][w][tid];
+            const int row = row0 + tid / 16;
+            if (row < row_end) Gp[((size_t)slab * m + row) * 16 + (tid & 15)] = sum;
+            parity ^= 1;
+        }
+#pragma unroll
+        for (int v = 0; v < 2; v++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) cur[v][h] = nxt[v][h];
+    }
+    // acc[h][i]: ranks g and g + 8, columns 32h + 8c + 2i and + 1.
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (!col_ok[h]) continue;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int col = strip + 32 * h + 8 * c + 2 * i;
+            *reinterpret_cast<float2*>(Pp + ((size_t)chunk * 16 + g) * n + col) = make_float2(acc[h][i][0], acc[h][i][1]);
+            *reinterpret_cast<float2*>(Pp + ((size_t)chunk * 16 + g + 8) * n + col) =
+                make_float2(acc[h][i][2], acc[h][i][3]);
+        }
+    }
+}
+
+// out[i·oi + j·oj] = scale · Σ_{s < S} P[(s·I + i)·J + j] for i < iu, j < ju: the sums of the
+// partial products above, in the output's dtype and layout.
+template <typename T>
+__device__ void sum_parts(const float* __restrict__ P, int S, int I, int J, int iu, int ju, T* __restrict__ out,
+                          long long oi, long long oj, float scale) {
+    const long long total = (long long)iu * ju;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long i = idx / ju, j = idx % ju;
+        float s = 0.f;
+        for (int p = 0; p < S; p++) s += P[((long long)p * I + i) * J + j];
+        out[i * oi + j * oj] = from_f<T>(scale * s);
+    }
+}
+
+#define LORA_TC_KERNELS(NAME, T)                                                                                       \
+    extern "C" __global__ void lora_outer_k1_##NAME(const T* L, long long ld_l, const T* R, long long rc, long long rk,  \
+                                                    const T* bias, T* y, int m, int n, int r, int tiles, float alpha) { \
+        lora_outer<T, 1>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                          \
+    }                                                                                                                  \
+    extern "C" __global__ void lora_outer_k2_##NAME(const T* L, long long ld_l, const T* R, long long rc, long long rk,  \
+                                                    const T* bias, T* y, int m, int n, int r, int tiles, float alpha) { \
+        lora_outer<T, 2>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                          \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) lora_dy_grads_##NAME(                                            \
+        const T* D, const T* L, long long ld_l, const T* B, long long sb0, long long sb1, float* Gp, float* Pp, int m,   \
+        int n, int r, int rows_per_chunk) {                                                                            \
+        lora_tall_grads<T, true>(D, L, ld_l, B, sb0, sb1, Gp, Pp, m, n, r, rows_per_chunk);                            \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) lora_x_grad_##NAME(const T* D, const T* L, long long ld_l,       \
+                                                                         float* Pp, int m, int n, int r,               \
+                                                                         int rows_per_chunk) {                          \
+        lora_tall_grads<T, false>(D, L, ld_l, nullptr, 0, 0, nullptr, Pp, m, n, r, rows_per_chunk);                    \
+    }                                                                                                                  \
+    extern "C" __global__ void sum_parts_##NAME(const float* P, int S, int I, int J, int iu, int ju, T* out,            \
+                                                long long oi, long long oj, float scale) {                             \
+        sum_parts<T>(P, S, I, J, iu, ju, out, oi, oj, scale);                                                          \
+    }
+
+LORA_TC_KERNELS(bf16, __nv_bfloat16)
+LORA_TC_KERNELS(f16, __half)

@@ -1,0 +1,288 @@
+//! Launches of the tensor-core LoRA kernels (`kernels/lora_tc.cu`) that replace cuBLAS for the
+//! LoRA linear layer's thin products at large sizes, bf16 and f16 on sm_80 and later:
+//!
+//! - [`outer`]: `y = alpha·L·Rᵀ (+ bias)`, rank ≤ 32: the forward's `T·B` and the backward's
+//!   `G·Aᵀ`, written at the memory's write rate (cuBLAS: 67% of it at 16384 × 4096, r = 16).
+//! - [`dy_grads`]: `G = dy·Bᵀ` and `dB = Tᵀ·dy` from one read of dy (cuBLAS reads it twice),
+//!   rank ≤ 16.
+//! - [`x_grad`]: `dA = scale·xᵀ·G`, rank ≤ 16.
+//!
+//! Each `*_fits` function says whether its kernel serves a problem; the callers fall back to
+//! cuBLAS otherwise (f32, other ranks, rows not whole 16-byte packs, older GPUs).
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{DType, Result};
+
+use super::common::{aligned16, alloc_out, load, sm_count, tensor_cores, Elem, LORA_TC_PTX};
+
+const MODULE: &str = "metal_candle_lora_tc";
+/// Output columns per warp in both kernels (`64` in lora_tc.cu).
+const STRIP: usize = 64;
+/// Columns per block of the gradient kernels (eight warps).
+const SLAB: usize = 512;
+/// Rows per mma tile.
+const TILE_ROWS: usize = 16;
+/// Row tiles each warp of `lora_outer` writes (it loads its R fragments once for all of them).
+const OUTER_TILES: usize = 8;
+/// Warps per block of `lora_outer`.
+const OUTER_WARPS: usize = 4;
+
+/// A matrix operand read through its strides: element (i, j) at `i·s0 + j·s1`.
+pub(super) struct Strided<'a, 'b, T> {
+    pub(super) data: &'a CudaView<'b, T>,
+    pub(super) s0: usize,
+    pub(super) s1: usize,
+}
+
+fn half_precision(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+fn fits_i32(values: &[usize]) -> bool {
+    values.iter().all(|&v| v <= i32::MAX as usize)
+}
+
+/// Whether [`outer`] serves an output of `n` columns at rank `r` in `dtype` on `dev`.
+pub(super) fn outer_fits(
+    dev: &CudaDevice,
+    dtype: DType,
+    m: usize,
+    n: usize,
+    r: usize,
+) -> Result<bool> {
+    Ok(half_precision(dtype)
+        && (1..=32).contains(&r)
+        && n % 8 == 0
+        && fits_i32(&[m, n])
+        && tensor_cores(dev)?)
+}
+
+/// Whether [`dy_grads`] and [`x_grad`] serve `dy` (m, n) and x (m, k) at rank `r`.
+pub(super) fn grads_fit<T: Elem>(
+    dev: &CudaDevice,
+    (m, k, n, r): (usize, usize, usize, usize),
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+) -> Result<bool> {
+    Ok(half_precision(T::DTYPE)
+        && (1..=16).contains(&r)
+        && k % 8 == 0
+        && n % 8 == 0
+        && fits_i32(&[m, k, n])
+        && aligned16(x, dev)
+        && aligned16(dy, dev)
+        && tensor_cores(dev)?)
+}
+
+/// `y = alpha·L·Rᵀ (+ bias)` into `y` (m, n) dense: L (m, r) with leading dimension `ld_l`,
+/// R (n, r) through its strides, `bias` n elements. The caller checked [`outer_fits`].
+pub(super) fn outer<T: Elem>(
+    dev: &CudaDevice,
+    (l, ld_l): (&CudaView<'_, T>, usize),
+    rm: Strided<'_, '_, T>,
+    bias: Option<&CudaView<'_, T>>,
+    y: &mut CudaSlice<T>,
+    (m, n, r): (usize, usize, usize),
+    alpha: f32,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let chunks = if r <= 16 { 1 } else { 2 };
+    let f = load(
+        dev,
+        &format!("lora_outer_k{chunks}_{}", T::NAME),
+        MODULE,
+        LORA_TC_PTX,
+    )?;
+    let (ld_l, rc, rk) = (ld_l as i64, rm.s0 as i64, rm.s1 as i64);
+    let (m_i, n_i, r_i, tiles) = (m as i32, n as i32, r as i32, OUTER_TILES as i32);
+    let null = 0u64;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(l).arg(&ld_l).arg(rm.data).arg(&rc).arg(&rk);
+    match bias {
+        Some(bias) => b.arg(bias),
+        None => b.arg(&null),
+    };
+    b.arg(y)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&r_i)
+        .arg(&tiles)
+        .arg(&alpha);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            n.div_ceil(STRIP * OUTER_WARPS) as u32,
+            m.div_ceil(TILE_ROWS * OUTER_TILES) as u32,
+            1,
+        ),
+        block_dim: (32 * OUTER_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: L holds m rows of ld_l ≥ r elements, R n·r elements at the given strides, bias n
+    // (or null), y m·n elements, 16-byte aligned (a fresh allocation), n % 8 == 0, r ≤ 32; the
+    // grid covers m and n as the kernel expects.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Row chunks of the gradient kernels: two blocks per SM in all (the kernel's registers allow
+/// two), each chunk a whole number of 16-row tiles. Returns (chunks, rows per chunk).
+fn row_chunks(dev: &CudaDevice, m: usize, slabs: usize) -> Result<(usize, usize)> {
+    let wanted = (2 * sm_count(dev)? as usize).div_ceil(slabs).max(1);
+    let rows = m.div_ceil(wanted).div_ceil(TILE_ROWS).max(1) * TILE_ROWS;
+    Ok((m.div_ceil(rows).max(1), rows))
+}
+
+/// `out[i·oi + j·oj] = scale · Σ_s parts[s][i][j]` for i < iu, j < ju, parts (S, I, J) dense.
+#[allow(clippy::too_many_arguments)]
+fn sum_parts<T: Elem>(
+    dev: &CudaDevice,
+    parts: &CudaSlice<f32>,
+    (s, i, j): (usize, usize, usize),
+    (iu, ju): (usize, usize),
+    out: &mut CudaSlice<T>,
+    (oi, oj): (usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let total = iu * ju;
+    if total == 0 {
+        return Ok(());
+    }
+    let f = load(dev, &format!("sum_parts_{}", T::NAME), MODULE, LORA_TC_PTX)?;
+    let blocks = total.div_ceil(256).min(4 * sm_count(dev)? as usize);
+    let (s_i, i_i, j_i, iu_i, ju_i) = (s as i32, i as i32, j as i32, iu as i32, ju as i32);
+    let (oi, oj) = (oi as i64, oj as i64);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(parts)
+        .arg(&s_i)
+        .arg(&i_i)
+        .arg(&j_i)
+        .arg(&iu_i)
+        .arg(&ju_i)
+        .arg(out)
+        .arg(&oi)
+        .arg(&oj)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: parts holds s·i·j floats, out covers (iu − 1)·oi + (ju − 1)·oj; iu ≤ i, ju ≤ j.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// `G = dy·Bᵀ` (m, r) and `dB = Tᵀ·dy` (r, n) from one read of `dy` (m, n) dense; T (m, r) with
+/// leading dimension `ld_t`, B (r, n) through its strides. The caller checked [`grads_fit`].
+pub(super) fn dy_grads<T: Elem>(
+    dev: &CudaDevice,
+    dy: &CudaView<'_, T>,
+    (t, ld_t): (&CudaView<'_, T>, usize),
+    bm: Strided<'_, '_, T>,
+    (m, n, r): (usize, usize, usize),
+) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+    if m == 0 || n == 0 {
+        // No rows or no columns: both products are sums over nothing.
+        return Ok((dev.alloc_zeros::<T>(m * r)?, dev.alloc_zeros::<T>(r * n)?));
+    }
+    let mut g = alloc_out::<T>(dev, m * r)?;
+    let mut db = alloc_out::<T>(dev, r * n)?;
+    let slabs = n.div_ceil(SLAB);
+    let (chunks, rows) = row_chunks(dev, m, slabs)?;
+    let mut g_parts = alloc_out::<f32>(dev, slabs * m * 16)?;
+    let mut db_parts = alloc_out::<f32>(dev, chunks * 16 * n)?;
+    let f = load(
+        dev,
+        &format!("lora_dy_grads_{}", T::NAME),
+        MODULE,
+        LORA_TC_PTX,
+    )?;
+    let (ld_t, sb0, sb1) = (ld_t as i64, bm.s0 as i64, bm.s1 as i64);
+    let (m_i, n_i, r_i, rows_i) = (m as i32, n as i32, r as i32, rows as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(dy)
+        .arg(t)
+        .arg(&ld_t)
+        .arg(bm.data)
+        .arg(&sb0)
+        .arg(&sb1)
+        .arg(&mut g_parts)
+        .arg(&mut db_parts)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&r_i)
+        .arg(&rows_i);
+    let cfg = LaunchConfig {
+        grid_dim: (slabs as u32, chunks as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: dy holds m·n elements (16-byte aligned, n % 8 == 0), T m rows of ld_t ≥ r, B r·n
+    // at its strides; the parts hold slabs·m·16 and chunks·16·n floats, all of which the grid
+    // (slabs × chunks blocks of 256 threads, chunks · rows ≥ m) writes.
+    unsafe { b.launch(cfg) }.w()?;
+    sum_parts(dev, &g_parts, (slabs, m, 16), (m, r), &mut g, (r, 1), 1.0)?;
+    sum_parts(
+        dev,
+        &db_parts,
+        (chunks, 16, n),
+        (r, n),
+        &mut db,
+        (n, 1),
+        1.0,
+    )?;
+    Ok((g, db))
+}
+
+/// `dA = scale·xᵀ·G` (k, r) from one read of x (m, k) dense; G (m, r) dense. The caller checked
+/// [`grads_fit`].
+pub(super) fn x_grad<T: Elem>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    g: &CudaView<'_, T>,
+    (m, k, r): (usize, usize, usize),
+    scale: f32,
+) -> Result<CudaSlice<T>> {
+    if m == 0 || k == 0 {
+        return dev.alloc_zeros::<T>(k * r);
+    }
+    let mut da = alloc_out::<T>(dev, k * r)?;
+    let slabs = k.div_ceil(SLAB);
+    let (chunks, rows) = row_chunks(dev, m, slabs)?;
+    let mut parts = alloc_out::<f32>(dev, chunks * 16 * k)?;
+    let f = load(
+        dev,
+        &format!("lora_x_grad_{}", T::NAME),
+        MODULE,
+        LORA_TC_PTX,
+    )?;
+    let ld_g = r as i64;
+    let (m_i, k_i, r_i, rows_i) = (m as i32, k as i32, r as i32, rows as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(x)
+        .arg(g)
+        .arg(&ld_g)
+        .arg(&mut parts)
+        .arg(&m_i)
+        .arg(&k_i)
+        .arg(&r_i)
+        .arg(&rows_i);
+    let cfg = LaunchConfig {
+        grid_dim: (slabs as u32, chunks as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds m·k elements (16-byte aligned, k % 8 == 0), G m·r; parts chunks·16·k
+    // floats, all written by the grid.
+    unsafe { b.launch(cfg) }.w()?;
+    // parts[c][j][col] sums G[row][j]·x[row][col]: dA[col][j] is their total times scale.
+    sum_parts(dev, &parts, (chunks, 16, k), (r, k), &mut da, (1, r), scale)?;
+    Ok(da)
+}
