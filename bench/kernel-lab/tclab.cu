@@ -40,14 +40,18 @@
 typedef __nv_bfloat16 bf;
 
 static int sms = 132;
+static const int RING = GRAD_STAGES * 8 * 5 * 32 * 16;  // the gradient kernels' dynamic shared memory
 
 // --- launches, as the library makes them -----------------------------------------------------
+static bool staged_outer = false;  // which lora_outer variant `outer` launches
+static bool use_ldm = false;       // which gradient kernels: B operands by ldmatrix.trans, or movmatrix
 static void outer(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias, bf* y, int m,
                   int n, int r, float alpha) {
     const int warps = 4, tiles = 8;
     dim3 grid((n + 64 * warps - 1) / (64 * warps), (m + 16 * tiles - 1) / (16 * tiles));
-    if (r <= 16) lora_outer_k1_bf16<<<grid, 32 * warps>>>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);
-    else lora_outer_k2_bf16<<<grid, 32 * warps>>>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);
+    auto f = r <= 16 ? (staged_outer ? lora_outer_k1s_bf16 : lora_outer_k1_bf16)
+                     : (staged_outer ? lora_outer_k2s_bf16 : lora_outer_k2_bf16);
+    f<<<grid, 32 * warps>>>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);
 }
 
 static int chunks_for(int m, int n, int* rows_per_chunk) {
@@ -66,21 +70,22 @@ static void sum_parts_launch(const float* P, int S, int I, int J, int iu, int ju
     sum_parts_bf16<<<blocks, 256>>>(P, S, I, J, iu, ju, out, oi, oj, scale);
 }
 
-// G = dy·Bᵀ (m, r) and dB = Tᵀ·dy (r, n) from one read of dy.
-static void dy_grads(const bf* dy, const bf* t, long long ld_t, const bf* b, bf* g, bf* db, float* gp, float* pp,
-                     int m, int n, int r) {
+// G = dy·Bᵀ (m, 16) and dB = Tᵀ·dy (r, n) from one read of dy; T (m, 16).
+static void dy_grads(const bf* dy, const bf* t, const bf* b, bf* g, bf* db, float* gp, float* pp, int m, int n,
+                     int r) {
     int rpc;
     const int chunks = chunks_for(m, n, &rpc), slabs = (n + 511) / 512;
-    lora_dy_grads_bf16<<<dim3(slabs, chunks), 256>>>(dy, t, ld_t, b, n, 1, gp, pp, m, n, r, rpc);
-    sum_parts_launch(gp, slabs, m, 16, m, r, g, r, 1, 1.f);
+    (use_ldm ? lora_dy_grads_ldm_bf16 : lora_dy_grads_bf16)<<<dim3(slabs, chunks), 256, RING>>>(dy, t, b, n, 1, gp, pp,
+                                                                                                 m, n, r, rpc);
+    sum_parts_launch(gp, slabs, m, 16, m, 16, g, 16, 1, 1.f);
     sum_parts_launch(pp, chunks, 16, n, r, n, db, n, 1, 1.f);
 }
 
-// dA = scale·xᵀ·G (k, r) from one read of x.
+// dA = scale·xᵀ·G (k, r) from one read of x; G (m, 16).
 static void x_grad(const bf* x, const bf* g, bf* da, float* pp, int m, int k, int r, float scale) {
     int rpc;
     const int chunks = chunks_for(m, k, &rpc), slabs = (k + 511) / 512;
-    lora_x_grad_bf16<<<dim3(slabs, chunks), 256>>>(x, g, r, pp, m, k, r, rpc);
+    (use_ldm ? lora_x_grad_ldm_bf16 : lora_x_grad_bf16)<<<dim3(slabs, chunks), 256, RING>>>(x, g, pp, m, k, r, rpc);
     sum_parts_launch(pp, chunks, 16, k, r, k, da, 1, r, scale);
 }
 
@@ -121,59 +126,70 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
     const float scale = 2.f;
     bf *x = dev_random((size_t)m * k, 1, 1.f), *dy = dev_random((size_t)m * n, 2, 1.f);
     bf *a = dev_random((size_t)k * r, 3, 0.5f), *b = dev_random((size_t)r * n, 4, 0.5f);
-    bf *t = dev_random((size_t)m * r, 5, 1.f), *bias = dev_random(n, 6, 1.f);
+    // T and G in rows of 16 (ld), the ranks' columns first; T's columns past r hold noise, which
+    // must not reach any output. Rank 24 (past the gradient kernels): ld 24.
+    const int ld = r <= 16 ? 16 : r;
+    bf *t = dev_random((size_t)m * ld, 5, 1.f), *bias = dev_random(n, 6, 1.f);
     bf *y, *g, *db, *da, *dx;
-    CK(cudaMalloc(&y, (size_t)m * n * 2)); CK(cudaMalloc(&g, (size_t)m * r * 2)); CK(cudaMalloc(&db, (size_t)r * n * 2));
+    CK(cudaMalloc(&y, (size_t)m * n * 2)); CK(cudaMalloc(&g, (size_t)m * ld * 2)); CK(cudaMalloc(&db, (size_t)r * n * 2));
     CK(cudaMalloc(&da, (size_t)k * r * 2)); CK(cudaMalloc(&dx, (size_t)m * k * 2));
     float *gp, *pp;
     CK(cudaMalloc(&gp, (size_t)((n + 511) / 512) * m * 16 * 4));
     CK(cudaMalloc(&pp, (size_t)(4 * sms + 8) * 16 * std::max(n, k) * 4));
     CK(cudaMemset(y, 0xff, (size_t)m * n * 2)); CK(cudaMemset(dx, 0xff, (size_t)m * k * 2));
     // y = scale·T·B + bias (R[col][j] = B[j][col]); dx = scale·G·Aᵀ with G the kernel's own.
-    outer(t, r, b, 1, n, with_bias ? bias : nullptr, y, m, n, r, scale);
-    dy_grads(dy, t, r, b, g, db, gp, pp, m, n, r);
-    x_grad(x, g, da, pp, m, k, r, scale);
-    outer(g, r, a, r, 1, nullptr, dx, m, k, r, scale);
+    outer(t, ld, b, 1, n, with_bias ? bias : nullptr, y, m, n, r, scale);
+    const bool grads = r <= 16;  // the gradient kernels' limit; past it, dx from G = T
+    if (grads) {
+        dy_grads(dy, t, b, g, db, gp, pp, m, n, r);
+        x_grad(x, g, da, pp, m, k, r, scale);
+    } else {
+        CK(cudaMemcpy(g, t, (size_t)m * ld * 2, cudaMemcpyDeviceToDevice));
+    }
+    outer(g, ld, a, r, 1, nullptr, dx, m, k, r, scale);
     CK(cudaDeviceSynchronize());
     CK(cudaGetLastError());
     const auto X = to_host(x, (size_t)m * k), DY = to_host(dy, (size_t)m * n), A = to_host(a, (size_t)k * r),
-               B = to_host(b, (size_t)r * n), T = to_host(t, (size_t)m * r), BI = to_host(bias, n),
-               Y = to_host(y, (size_t)m * n), G = to_host(g, (size_t)m * r), DB = to_host(db, (size_t)r * n),
+               B = to_host(b, (size_t)r * n), T = to_host(t, (size_t)m * ld), BI = to_host(bias, n),
+               Y = to_host(y, (size_t)m * n), G = to_host(g, (size_t)m * ld), DB = to_host(db, (size_t)r * n),
                DA = to_host(da, (size_t)k * r), DX = to_host(dx, (size_t)m * k);
     std::vector<double> wy((size_t)m * n), wg((size_t)m * r), wdb((size_t)r * n, 0), wda((size_t)k * r, 0),
         wdx((size_t)m * k);
     for (int i = 0; i < m; i++)
         for (int c = 0; c < n; c++) {
             double s = 0;
-            for (int j = 0; j < r; j++) s += (double)T[(size_t)i * r + j] * B[(size_t)j * n + c];
+            for (int j = 0; j < r; j++) s += (double)T[(size_t)i * ld + j] * B[(size_t)j * n + c];
             wy[(size_t)i * n + c] = scale * s + (with_bias ? BI[c] : 0.0);
         }
+    std::vector<float> Gr((size_t)m * r);  // the kernel's G, its first r columns
     for (int i = 0; i < m; i++)
         for (int j = 0; j < r; j++) {
             double s = 0;
             for (int c = 0; c < n; c++) s += (double)DY[(size_t)i * n + c] * B[(size_t)j * n + c];
             wg[(size_t)i * r + j] = s;
+            Gr[(size_t)i * r + j] = G[(size_t)i * ld + j];
         }
     for (int j = 0; j < r; j++)
         for (int c = 0; c < n; c++) {
             double s = 0;
-            for (int i = 0; i < m; i++) s += (double)T[(size_t)i * r + j] * DY[(size_t)i * n + c];
+            for (int i = 0; i < m; i++) s += (double)T[(size_t)i * ld + j] * DY[(size_t)i * n + c];
             wdb[(size_t)j * n + c] = s;
         }
     // dA and dx from the kernel's G (bf16), as the library computes them.
     for (int c = 0; c < k; c++)
         for (int j = 0; j < r; j++) {
             double s = 0;
-            for (int i = 0; i < m; i++) s += (double)X[(size_t)i * k + c] * G[(size_t)i * r + j];
+            for (int i = 0; i < m; i++) s += (double)X[(size_t)i * k + c] * G[(size_t)i * ld + j];
             wda[(size_t)c * r + j] = scale * s;
         }
     for (int i = 0; i < m; i++)
         for (int c = 0; c < k; c++) {
             double s = 0;
-            for (int j = 0; j < r; j++) s += (double)G[(size_t)i * r + j] * A[(size_t)c * r + j];
+            for (int j = 0; j < r; j++) s += (double)G[(size_t)i * ld + j] * A[(size_t)c * r + j];
             wdx[(size_t)i * k + c] = scale * s;
         }
-    const double e[5] = {rel_err(Y, wy), rel_err(G, wg), rel_err(DB, wdb), rel_err(DA, wda), rel_err(DX, wdx)};
+    const double e[5] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
+                         grads ? rel_err(DA, wda) : 0.0, rel_err(DX, wdx)};
     const bool ok = *std::max_element(e, e + 5) < 1e-2;
     printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dA %.1e dx %.1e  %s\n", m, k, n, r, with_bias,
            e[0], e[1], e[2], e[3], e[4], ok ? "ok" : "FAIL");
@@ -230,10 +246,19 @@ int main(int argc, char** argv) {
     printf("%s, %d SMs\n", prop.name, sms);
     CK(cudaEventCreate(&ev0));
     CK(cudaEventCreate(&ev1));
+    CK(cudaFuncSetAttribute(lora_dy_grads_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
+    CK(cudaFuncSetAttribute(lora_x_grad_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
+    CK(cudaFuncSetAttribute(lora_dy_grads_ldm_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
+    CK(cudaFuncSetAttribute(lora_x_grad_ldm_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
     bool ok = true;
     const int cases[][5] = {{1, 8, 8, 8, 0},      {37, 72, 40, 8, 1},    {129, 520, 1000, 16, 1}, {200, 64, 1544, 5, 0},
                             {16, 4096, 512, 16, 0}, {1000, 264, 136, 13, 1}, {300, 200, 96, 24, 0}};
-    for (auto& cs : cases) ok &= check_case(cs[0], cs[1], cs[2], cs[3], cs[4]);
+    for (int variant = 0; variant < 2; variant++) {
+        use_ldm = variant;
+        printf("gradient kernels with %s\n", variant ? "ldmatrix.trans" : "movmatrix");
+        for (auto& cs : cases) ok &= check_case(cs[0], cs[1], cs[2], cs[3], cs[4]);
+    }
+    use_ldm = false;
     if (argc > 1 && std::string(argv[1]) == "check") return ok ? 0 : 1;
 
     const int m = 16384, in = 4096, out = 4096, r = 16;
@@ -242,10 +267,10 @@ int main(int argc, char** argv) {
     CB(cublasCreate(&h));
     bf *x = dev_random((size_t)m * in, 1, 1.f), *w = dev_random((size_t)out * in, 2, 0.02f);
     bf *a = dev_random((size_t)in * r, 3, 0.02f), *b = dev_random((size_t)r * out, 4, 0.02f);
-    bf *dy = dev_random((size_t)m * out, 5, 1.f), *t = dev_random((size_t)m * r, 6, 1.f);
+    bf *dy = dev_random((size_t)m * out, 5, 1.f), *t = dev_random((size_t)m * 16, 6, 1.f);
     bf *y, *g, *db, *da, *dx, *y2;
     CK(cudaMalloc(&y, (size_t)m * out * 2)); CK(cudaMalloc(&y2, (size_t)m * out * 2));
-    CK(cudaMalloc(&dx, (size_t)m * in * 2)); CK(cudaMalloc(&g, (size_t)m * r * 2));
+    CK(cudaMalloc(&dx, (size_t)m * in * 2)); CK(cudaMalloc(&g, (size_t)m * 16 * 2));
     CK(cudaMalloc(&db, (size_t)r * out * 2)); CK(cudaMalloc(&da, (size_t)in * r * 2));
     float *gp, *pp;
     CK(cudaMalloc(&gp, (size_t)8 * m * 16 * 4));
@@ -259,23 +284,39 @@ int main(int argc, char** argv) {
     report("write (memset)", time_us([&] { CK(cudaMemsetAsync(y2, 0, mb)); }), mb);
     // Forward's thin product y = s·T·B.
     report("cuBLAS y = s·T·B", time_us([&] { gemm(h, m, out, r, t, false, r, b, false, out, y, out, scale, 0.f); }), mb);
-    report("outer  y = s·T·B", time_us([&] { outer(t, r, b, 1, out, nullptr, y, m, out, r, scale); }), mb);
+    report("outer  y = s·T·B", time_us([&] { outer(t, 16, b, 1, out, nullptr, y, m, out, r, scale); }), mb);
+
     // Backward's pieces.
     report("cuBLAS G = dy·Bᵀ", time_us([&] { gemm(h, m, r, out, dy, false, out, b, true, out, g, r, 1.f, 0.f); }), mb);
     report("cuBLAS dB = Tᵀ·dy", time_us([&] { gemm(h, r, out, m, t, true, r, dy, false, out, db, out, 1.f, 0.f); }), mb);
-    report("fused G + dB (+ sums)", time_us([&] { dy_grads(dy, t, r, b, g, db, gp, pp, m, out, r); }), mb);
+    for (int variant = 0; variant < 2; variant++) {
+        use_ldm = variant;
+        printf("gradient kernels with %s\n", variant ? "ldmatrix.trans" : "movmatrix");
+        report("  fused G + dB (+ sums)", time_us([&] { dy_grads(dy, t, b, g, db, gp, pp, m, out, r); }), mb);
+        report("  x_grad dA = s·xᵀ·G (+ sums)", time_us([&] { x_grad(x, g, da, pp, m, in, r, scale); }), mb);
+        int rpc;
+        const int chunks = chunks_for(m, out, &rpc);
+        report("  x_grad, the one pass", time_us([&] {
+                   (use_ldm ? lora_x_grad_ldm_bf16 : lora_x_grad_bf16)<<<dim3(8, chunks), 256, RING>>>(x, g, pp, m, in,
+                                                                                                      r, rpc);
+               }),
+               mb);
+    }
+    use_ldm = true;
     {
         int rpc;
         const int chunks = chunks_for(m, out, &rpc);
-        report("  its one pass over dy", time_us([&] {
-                   lora_dy_grads_bf16<<<dim3(8, chunks), 256>>>(dy, t, r, b, out, 1, gp, pp, m, out, r, rpc);
-               }),
-               mb);
+        for (int variant = 0; variant < 2; variant++)
+            report(variant ? "  its one pass over dy (ldmatrix)" : "  its one pass over dy (movmatrix)", time_us([&] {
+                       (variant ? lora_dy_grads_ldm_bf16 : lora_dy_grads_bf16)<<<dim3(8, chunks), 256, RING>>>(
+                           dy, t, b, out, 1, gp, pp, m, out, r, rpc);
+                   }),
+                   mb);
     }
     report("cuBLAS dA = s·xᵀ·G", time_us([&] { gemm(h, in, r, m, x, true, in, g, false, r, da, r, scale, 0.f); }), mb);
     report("x_grad dA = s·xᵀ·G (+ sums)", time_us([&] { x_grad(x, g, da, pp, m, in, r, scale); }), mb);
     report("cuBLAS dx = s·G·Aᵀ", time_us([&] { gemm(h, m, in, r, g, false, r, a, true, r, dx, in, scale, 0.f); }), mb);
-    report("outer  dx = s·G·Aᵀ", time_us([&] { outer(g, r, a, r, 1, nullptr, dx, m, in, r, scale); }), mb);
+    report("outer  dx = s·G·Aᵀ", time_us([&] { outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale); }), mb);
     auto dx_gemm0 = [&] { gemm(h, m, in, out, dy, false, out, w, false, in, dx, in, 1.f, 0.f); };
     auto dx_gemm1 = [&] { gemm(h, m, in, out, dy, false, out, w, false, in, dx, in, 1.f, 1.f); };
     auto bwd_cublas = [&] {
@@ -286,15 +327,15 @@ int main(int argc, char** argv) {
         dx_gemm1();
     };
     auto bwd_tc = [&] {
-        dy_grads(dy, t, r, b, g, db, gp, pp, m, out, r);
+        dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
         x_grad(x, g, da, pp, m, in, r, scale);
-        outer(g, r, a, r, 1, nullptr, dx, m, in, r, scale);
+        outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale);
         dx_gemm1();
     };
     auto bwd_mixed = [&] {  // tensor-core G + dB and dx, cuBLAS dA
-        dy_grads(dy, t, r, b, g, db, gp, pp, m, out, r);
-        gemm(h, in, r, m, x, true, in, g, false, r, da, r, scale, 0.f);
-        outer(g, r, a, r, 1, nullptr, dx, m, in, r, scale);
+        dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
+        gemm(h, in, r, m, x, true, in, g, false, 16, da, r, scale, 0.f);
+        outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale);
         dx_gemm1();
     };
     interleaved("dX GEMM beta 1 vs beta 0", dx_gemm1, dx_gemm0, "beta1", "beta0");
@@ -308,13 +349,16 @@ int main(int argc, char** argv) {
         gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 1.f);
     };
     auto fwd_tc = [&] {
-        gemm(h, m, r, in, x, false, in, a, false, r, t, r, scale, 0.f);
-        outer(t, r, b, 1, out, nullptr, y, m, out, r, 1.f);
+        gemm(h, m, r, in, x, false, in, a, false, r, t, 16, scale, 0.f);
+        outer(t, 16, b, 1, out, nullptr, y, m, out, r, 1.f);
         gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 1.f);
     };
     interleaved("forward, cuBLAS pieces / base GEMM", fwd_cublas, base0, "seq", "gemm");
     interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
-    interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
+    use_ldm = false;
+    interleaved("backward, tc (movmatrix) / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
+    use_ldm = true;
+    interleaved("backward, tc (ldmatrix) / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
     interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
     printf("checks %s\n", ok ? "passed" : "FAILED");
     return ok ? 0 : 1;

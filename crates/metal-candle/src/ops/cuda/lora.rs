@@ -74,10 +74,11 @@ pub fn lora_projections(x: &Tensor, a: &Tensor, scale: f64) -> Result<LoraProjec
     let dev = xs.device().clone();
     let xi = input(xs, xl)?;
     let am = matrix(cuda_storage(&as_, "lora projections: A")?, al)?;
+    let ld = lora_tc::projection_ld(&dev, x.dtype(), r)?;
     with_elem!(x.dtype(), "lora projections", T => {
         let (xv, av) = (xi.view::<T>()?, am.data.view::<T>()?);
-        let t = project::<T>(&dev, &xv, &am, &av, (m, k, r), scale, r)?;
-        Ok(LoraProjections { storage: T::wrap_cuda_slice(t, dev.clone()), rows: m, rank: r, ld: r })
+        let t = project::<T>(&dev, &xv, &am, &av, (m, k, r), scale, ld)?;
+        Ok(LoraProjections { storage: T::wrap_cuda_slice(t, dev.clone()), rows: m, rank: r, ld })
     })
 }
 
@@ -213,7 +214,9 @@ fn forward(
     };
     with_elem!(xs.dtype(), "lora", T => {
         let (xv, av, bv) = (x.view::<T>()?, a.data.view::<T>()?, bm.data.view::<T>()?);
-        let mut t = project::<T>(&dev, &xv, &a, &av, (m, k, r), scale, rp)?;
+        // T in rows of 16 where the tensor-core gradient kernels can take it in the backward.
+        let t_ld = if tc && r <= lora_tc::PROJ_LD { lora_tc::PROJ_LD } else { rp };
+        let mut t = project::<T>(&dev, &xv, &a, &av, (m, k, r), scale, t_ld)?;
         if rp > r {
             set_column::<T>(&dev, &mut t, m, rp, r, 1.0)?;
         }
@@ -223,7 +226,7 @@ fn forward(
             let (s0, s1) = element_strides(&bm);
             let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
             let rm = Strided { data: &bv, s0: s1, s1: s0 };
-            lora_tc::outer::<T>(&dev, (&t.slice(..), rp), rm, bias_v.as_ref(), &mut y, (m, n, r), 1.0)?;
+            lora_tc::outer::<T>(&dev, (&t.slice(..), t_ld), rm, bias_v.as_ref(), &mut y, (m, n, r), 1.0)?;
         } else {
             gemm::<T>(
                 &dev,
@@ -252,7 +255,7 @@ fn forward(
                 n,
             )?;
         }
-        let saved = LoraProjections { storage: T::wrap_cuda_slice(t, dev.clone()), rows: m, rank: r, ld: rp };
+        let saved = LoraProjections { storage: T::wrap_cuda_slice(t, dev.clone()), rows: m, rank: r, ld: t_ld };
         Ok((T::wrap_cuda_slice(y, dev.clone()), Some(saved)))
     })
 }
@@ -535,25 +538,31 @@ fn backward(
         let (xv, gv, av, bv) = (xi.view::<T>()?, gi.view::<T>()?, am.data.view::<T>()?, bm.data.view::<T>()?);
         let dy_op = || Operand { data: &gv, trans: false, ld: n.max(1) };
         // T = scale·x·A (saved by the forward, or computed here) and G = dy·Bᵀ, both (m, r).
-        let saved = saved.filter(|s| s.rows == m && s.rank == r && s.storage.dtype() == x.dtype());
+        // The tensor-core kernels where the forward took cuBLAS too: at the one-launch kernel's
+        // sizes their extra launches would cost more than the memory passes they save. They
+        // read T in rows of 16 (as the forward saves it for them).
+        let large = !use_small_kernel(m, k, r, n);
+        let tc_grads = large && lora_tc::grads_fit::<T>(&dev, (m, k, n, r), &xv, &gv)?;
+        let want_ld = if tc_grads { lora_tc::PROJ_LD } else { r };
+        let saved = saved.filter(|s| {
+            s.rows == m && s.rank == r && s.storage.dtype() == x.dtype() && (!tc_grads || s.ld == want_ld)
+        });
         let computed;
         let (tv, t_ld) = match saved {
             Some(s) => (s.storage.as_cuda_slice::<T>()?.slice(..), s.ld),
             None => {
-                computed = project::<T>(&dev, &xv, &am, &av, (m, k, r), scale, r)?;
-                (computed.slice(..), r)
+                computed = project::<T>(&dev, &xv, &am, &av, (m, k, r), scale, want_ld)?;
+                (computed.slice(..), want_ld)
             }
         };
-        // dB = Tᵀ·dy (r, n) (T carries the scale); dA = scale·xᵀ·G (k, r).
-        // The tensor-core kernels where the forward took cuBLAS too: at the one-launch kernel's
-        // sizes their extra launches would cost more than the memory passes they save.
-        let large = !use_small_kernel(m, k, r, n);
-        let (g, db, da) = if large && lora_tc::grads_fit::<T>(&dev, (m, k, n, r), &xv, &gv)? {
+        // dB = Tᵀ·dy (r, n) (T carries the scale); dA = scale·xᵀ·G (k, r); G with leading
+        // dimension g_ld.
+        let (g, g_ld, db, da) = if tc_grads {
             let (sb0, sb1) = element_strides(&bm);
             let bs = Strided { data: &bv, s0: sb0, s1: sb1 };
-            let (g, db) = lora_tc::dy_grads::<T>(&dev, &gv, (&tv, t_ld), bs, (m, n, r))?;
+            let (g, db) = lora_tc::dy_grads::<T>(&dev, &gv, &tv, bs, (m, n, r))?;
             let da = lora_tc::x_grad::<T>(&dev, &xv, &g.slice(..), (m, k, r), alpha)?;
-            (g, db, da)
+            (g, lora_tc::PROJ_LD, db, da)
         } else {
             let mut g = alloc_out::<T>(&dev, m * r)?;
             gemm::<T>(&dev, (m, r, n), 1.0, dy_op(), Operand { data: &bv, trans: !bm.trans, ld: bm.ld }, 0.0, &mut g, 0, r)?;
@@ -561,7 +570,7 @@ fn backward(
             gemm::<T>(&dev, (r, n, m), 1.0, Operand { data: &tv, trans: true, ld: t_ld }, dy_op(), 0.0, &mut db, 0, n)?;
             let mut da = alloc_out::<T>(&dev, k * r)?;
             gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g.slice(..), trans: false, ld: r }, 0.0, &mut da, 0, r)?;
-            (g, db, da)
+            (g, r, db, da)
         };
         let g_view = g.slice(..);
         // dx = scale·G·Aᵀ (+ base): the tensor-core kernel writes the low-rank term where it
@@ -571,7 +580,7 @@ fn backward(
             // R[col][j] = A[col][j].
             let (sa0, sa1) = element_strides(&am);
             let rm = Strided { data: &av, s0: sa0, s1: sa1 };
-            lora_tc::outer::<T>(&dev, (&g_view, r), rm, None, &mut dx, (m, k, r), alpha)?;
+            lora_tc::outer::<T>(&dev, (&g_view, g_ld), rm, None, &mut dx, (m, k, r), alpha)?;
         } else {
             let beta = match &base_in {
                 Some(bi) => {
@@ -584,7 +593,7 @@ fn backward(
                 }
                 None => 0.0,
             };
-            gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: r }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
+            gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: g_ld }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
         }
         if let Some(wm) = &base_w {
             let wv = wm.data.view::<T>()?;

@@ -14,7 +14,10 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfi
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Result};
 
-use super::common::{aligned16, alloc_out, load, sm_count, tensor_cores, Elem, LORA_TC_PTX};
+use super::common::{
+    aligned16, alloc_out, allow_dynamic_smem, load, sm_count, tensor_cores, Elem, Kernel,
+    LORA_TC_PTX,
+};
 
 const MODULE: &str = "metal_candle_lora_tc";
 /// Output columns per warp in both kernels (`64` in lora_tc.cu).
@@ -27,6 +30,13 @@ const TILE_ROWS: usize = 16;
 const OUTER_TILES: usize = 8;
 /// Warps per block of `lora_outer`.
 const OUTER_WARPS: usize = 4;
+/// Dynamic shared memory of the gradient kernels: their ring of `GRAD_STAGES` (lora_tc.cu)
+/// stages of 20 KiB (eight warps, five 16-byte copies per lane).
+const GRAD_RING_BYTES: usize = 4 * 8 * 5 * 32 * 16;
+/// The leading dimension of the projections T and of G for the gradient kernels (`L_LD` in
+/// lora_tc.cu): a row of up to 16 ranks in 32 bytes, which the kernels copy in 16-byte pieces.
+/// Columns past the rank may hold anything.
+pub(super) const PROJ_LD: usize = 16;
 
 /// A matrix operand read through its strides: element (i, j) at `i·s0 + j·s1`.
 pub(super) struct Strided<'a, 'b, T> {
@@ -53,9 +63,21 @@ pub(super) fn outer_fits(
 ) -> Result<bool> {
     Ok(half_precision(dtype)
         && (1..=32).contains(&r)
-        && n % 8 == 0
+        && n.is_multiple_of(8)
         && fits_i32(&[m, n])
         && tensor_cores(dev)?)
+}
+
+/// The leading dimension the projections T of rank `r` get: [`PROJ_LD`] where the gradient
+/// kernels may read them, else `r`.
+pub(super) fn projection_ld(dev: &CudaDevice, dtype: DType, r: usize) -> Result<usize> {
+    Ok(
+        if half_precision(dtype) && r <= PROJ_LD && tensor_cores(dev)? {
+            PROJ_LD
+        } else {
+            r
+        },
+    )
 }
 
 /// Whether [`dy_grads`] and [`x_grad`] serve `dy` (m, n) and x (m, k) at rank `r`.
@@ -67,8 +89,8 @@ pub(super) fn grads_fit<T: Elem>(
 ) -> Result<bool> {
     Ok(half_precision(T::DTYPE)
         && (1..=16).contains(&r)
-        && k % 8 == 0
-        && n % 8 == 0
+        && k.is_multiple_of(8)
+        && n.is_multiple_of(8)
         && fits_i32(&[m, k, n])
         && aligned16(x, dev)
         && aligned16(dy, dev)
@@ -128,6 +150,18 @@ pub(super) fn outer<T: Elem>(
     Ok(())
 }
 
+/// Loads gradient kernel `name` with its ring's shared memory allowed. Every sm_80 or later GPU
+/// (which [`grads_fit`] asked for) allows it; an error here means a device that does not.
+fn grad_kernel<T: Elem>(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = load(dev, &format!("{name}_{}", T::NAME), MODULE, LORA_TC_PTX)?;
+    if !allow_dynamic_smem(dev, &f, GRAD_RING_BYTES)? {
+        candle_core::bail!(
+            "{name}: the device does not allow {GRAD_RING_BYTES} bytes of shared memory per block"
+        )
+    }
+    Ok(f)
+}
+
 /// Row chunks of the gradient kernels: two blocks per SM in all (the kernel's registers allow
 /// two), each chunk a whole number of 16-row tiles. Returns (chunks, rows per chunk).
 fn row_chunks(dev: &CudaDevice, m: usize, slabs: usize) -> Result<(usize, usize)> {
@@ -177,38 +211,39 @@ fn sum_parts<T: Elem>(
     Ok(())
 }
 
-/// `G = dy·Bᵀ` (m, r) and `dB = Tᵀ·dy` (r, n) from one read of `dy` (m, n) dense; T (m, r) with
-/// leading dimension `ld_t`, B (r, n) through its strides. The caller checked [`grads_fit`].
+/// `G = dy·Bᵀ` (m × [`PROJ_LD`], its first r columns; the rest zero) and `dB = Tᵀ·dy` (r, n)
+/// from one read of `dy` (m, n) dense; T (m, [`PROJ_LD`]) 16-byte aligned, B (r, n) through its
+/// strides. The caller checked [`grads_fit`].
 pub(super) fn dy_grads<T: Elem>(
     dev: &CudaDevice,
     dy: &CudaView<'_, T>,
-    (t, ld_t): (&CudaView<'_, T>, usize),
+    t: &CudaView<'_, T>,
     bm: Strided<'_, '_, T>,
     (m, n, r): (usize, usize, usize),
 ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
     if m == 0 || n == 0 {
         // No rows or no columns: both products are sums over nothing.
-        return Ok((dev.alloc_zeros::<T>(m * r)?, dev.alloc_zeros::<T>(r * n)?));
+        return Ok((
+            dev.alloc_zeros::<T>(m * PROJ_LD)?,
+            dev.alloc_zeros::<T>(r * n)?,
+        ));
     }
-    let mut g = alloc_out::<T>(dev, m * r)?;
+    if !aligned16(t, dev) {
+        candle_core::bail!("lora backward: the projections are not 16-byte aligned")
+    }
+    let mut g = alloc_out::<T>(dev, m * PROJ_LD)?;
     let mut db = alloc_out::<T>(dev, r * n)?;
     let slabs = n.div_ceil(SLAB);
     let (chunks, rows) = row_chunks(dev, m, slabs)?;
     let mut g_parts = alloc_out::<f32>(dev, slabs * m * 16)?;
     let mut db_parts = alloc_out::<f32>(dev, chunks * 16 * n)?;
-    let f = load(
-        dev,
-        &format!("lora_dy_grads_{}", T::NAME),
-        MODULE,
-        LORA_TC_PTX,
-    )?;
-    let (ld_t, sb0, sb1) = (ld_t as i64, bm.s0 as i64, bm.s1 as i64);
+    let f = grad_kernel::<T>(dev, "lora_dy_grads")?;
+    let (sb0, sb1) = (bm.s0 as i64, bm.s1 as i64);
     let (m_i, n_i, r_i, rows_i) = (m as i32, n as i32, r as i32, rows as i32);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(dy)
         .arg(t)
-        .arg(&ld_t)
         .arg(bm.data)
         .arg(&sb0)
         .arg(&sb1)
@@ -221,13 +256,22 @@ pub(super) fn dy_grads<T: Elem>(
     let cfg = LaunchConfig {
         grid_dim: (slabs as u32, chunks as u32, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: GRAD_RING_BYTES as u32,
     };
-    // SAFETY: dy holds m·n elements (16-byte aligned, n % 8 == 0), T m rows of ld_t ≥ r, B r·n
-    // at its strides; the parts hold slabs·m·16 and chunks·16·n floats, all of which the grid
-    // (slabs × chunks blocks of 256 threads, chunks · rows ≥ m) writes.
+    // SAFETY: dy holds m·n elements (16-byte aligned, n % 8 == 0), T m·16 (16-byte aligned), B
+    // r·n at its strides; the parts hold slabs·m·16 and chunks·16·n floats, all of which the
+    // grid (slabs × chunks blocks of 256 threads, chunks · rows ≥ m) writes.
     unsafe { b.launch(cfg) }.w()?;
-    sum_parts(dev, &g_parts, (slabs, m, 16), (m, r), &mut g, (r, 1), 1.0)?;
+    // All 16 columns of G: those past r are zero sums (B's ranks past r read as zero).
+    sum_parts(
+        dev,
+        &g_parts,
+        (slabs, m, 16),
+        (m, PROJ_LD),
+        &mut g,
+        (PROJ_LD, 1),
+        1.0,
+    )?;
     sum_parts(
         dev,
         &db_parts,
@@ -240,8 +284,8 @@ pub(super) fn dy_grads<T: Elem>(
     Ok((g, db))
 }
 
-/// `dA = scale·xᵀ·G` (k, r) from one read of x (m, k) dense; G (m, r) dense. The caller checked
-/// [`grads_fit`].
+/// `dA = scale·xᵀ·G` (k, r) from one read of x (m, k) dense; G (m, [`PROJ_LD`]) as
+/// [`dy_grads`] returns it. The caller checked [`grads_fit`].
 pub(super) fn x_grad<T: Elem>(
     dev: &CudaDevice,
     x: &CudaView<'_, T>,
@@ -256,19 +300,12 @@ pub(super) fn x_grad<T: Elem>(
     let slabs = k.div_ceil(SLAB);
     let (chunks, rows) = row_chunks(dev, m, slabs)?;
     let mut parts = alloc_out::<f32>(dev, chunks * 16 * k)?;
-    let f = load(
-        dev,
-        &format!("lora_x_grad_{}", T::NAME),
-        MODULE,
-        LORA_TC_PTX,
-    )?;
-    let ld_g = r as i64;
+    let f = grad_kernel::<T>(dev, "lora_x_grad")?;
     let (m_i, k_i, r_i, rows_i) = (m as i32, k as i32, r as i32, rows as i32);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(x)
         .arg(g)
-        .arg(&ld_g)
         .arg(&mut parts)
         .arg(&m_i)
         .arg(&k_i)
@@ -277,10 +314,10 @@ pub(super) fn x_grad<T: Elem>(
     let cfg = LaunchConfig {
         grid_dim: (slabs as u32, chunks as u32, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: GRAD_RING_BYTES as u32,
     };
-    // SAFETY: x holds m·k elements (16-byte aligned, k % 8 == 0), G m·r; parts chunks·16·k
-    // floats, all written by the grid.
+    // SAFETY: x holds m·k elements (16-byte aligned, k % 8 == 0), G m·16 (a fresh allocation:
+    // aligned); parts chunks·16·k floats, all written by the grid.
     unsafe { b.launch(cfg) }.w()?;
     // parts[c][j][col] sums G[row][j]·x[row][col]: dA[col][j] is their total times scale.
     sum_parts(dev, &parts, (chunks, 16, k), (r, k), &mut da, (1, r), scale)?;

@@ -10,7 +10,8 @@
 // lora_outer: `y = alpha·L·Rᵀ (+ bias)`, L (m, r) and R (n, r) by strides: the forward's
 // `T·B` and the backward's `G·Aᵀ`. A warp owns 64 output columns (its R fragments stay in
 // registers) and walks down 16-row tiles; the columns of its mma tiles are permuted so that
-// every thread ends with 16 consecutive outputs of a row, written as two 16-byte stores.
+// every thread ends with two runs of 8 consecutive outputs of a row, and the four threads of a
+// row write 64 contiguous bytes per store instruction.
 //
 // lora_tall_grads: one read of D (m, n) for two products, the backward's `G = dy·Bᵀ` (m, r)
 // and `Tᵀ·dy` (r, n, which is dB), or with `WITH_G` off the single product `Gᵀ·x` (which is
@@ -18,7 +19,8 @@
 // operand of `D·Bᵀ` (the reduction index k runs over the pack's columns in a permuted order,
 // and B's fragments are loaded in the same order), and `movmatrix.trans` turns them into the B
 // operand of `Tᵀ·D` (k over rows). A warp owns 64 columns of a 512-column slab; a block's
-// eight warps cover the slab and walk down a chunk of rows. Partial sums go to f32 scratch
+// eight warps cover the slab and walk down a chunk of rows, streaming it through a ring of
+// cp.async copies in shared memory several steps deep. Partial sums go to f32 scratch
 // without atomics: G's per slab (the eight warps' parts meet in shared memory first), dB's per
 // row chunk; `sum_parts` adds them up afterwards (deterministic).
 #include "common.cuh"
@@ -72,21 +74,25 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t v) {
 // L[row][j] at row·ld_l + j and R[col][j] at col·rc + j·rk. The host guarantees n % 8 == 0 and
 // y 16-byte aligned (dense rows of n). Blocks of whole warps; warp w of block (bx, by) takes
 // columns [64·(bx·warps + w), +64) and rows [16·tiles·by, +16·tiles).
-template <typename T, int KC>
+// STAGED: the tile goes through shared memory first, so that each store instruction writes four
+// whole rows of 128 bytes (else 64 contiguous bytes of eight rows). At most 4 warps per block.
+template <typename T, int KC, bool STAGED>
 __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __restrict__ R, long long rc, long long rk,
                            const T* __restrict__ bias, T* __restrict__ y, int m, int n, int r, int tiles, float alpha) {
+    __shared__ uint4 tile_buf[STAGED ? 4 : 1][16][9];  // [warp][row][16-byte pack], one pack of padding
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int strip = (blockIdx.x * (blockDim.x >> 5) + warp) * 64;
     if (strip >= n) return;  // no barriers below: a warp may leave alone
     const T zero = from_f<T>(0.f);
-    // R's fragments, tile t (8 columns), chunk q (16 ranks). The tile's column g is the output
-    // column 16·(g/2) + 2t + g%2 of the strip, so that a thread's accumulators (columns 2c, 2c+1
-    // of every tile) are its 16 consecutive columns 16c … 16c + 15.
+    // R's fragments, tile t (8 columns), chunk q (16 ranks). The tile's column g is the strip's
+    // column 32·(t/4) + 8·(g/2) + 2·(t%4) + g%2, so that a thread's accumulators (columns 2c,
+    // 2c+1 of every tile) are the strip's columns 8c … 8c+7 and 32 + 8c … 32 + 8c+7: each store
+    // instruction then writes 64 contiguous bytes of every row it touches (whole 32-byte sectors).
     uint32_t rf[KC][8][2];
 #pragma unroll
     for (int t = 0; t < 8; t++) {
-        const int col = strip + 16 * (g >> 1) + 2 * t + (g & 1);
+        const int col = strip + 32 * (t >> 2) + 8 * (g >> 1) + 2 * (t & 3) + (g & 1);
 #pragma unroll
         for (int q = 0; q < KC; q++)
 #pragma unroll
@@ -97,16 +103,18 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
                 rf[q][t][h] = pair(lo, hi);
             }
     }
-    const int col0 = strip + 16 * c;  // this thread's first output column
-    float bv[16];
+    float bv[2][8];
 #pragma unroll
-    for (int e = 0; e < 16; e++) bv[e] = (bias && col0 + e < n) ? to_f(bias[col0 + e]) : 0.f;
-    for (int tile = 0; tile < tiles; tile++) {
-        const int row0 = (blockIdx.y * tiles + tile) * 16;
-        if (row0 >= m) break;
+    for (int p = 0; p < 2; p++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int col = strip + 32 * p + 8 * c + e;
+            bv[p][e] = (bias && col < n) ? to_f(bias[col]) : 0.f;
+        }
+    // L's fragment of a row tile: rows g and g + 8, ranks 2c, 2c+1 and + 8 of each chunk.
+    auto load_l = [&](int row0, uint32_t (&a)[KC][4]) {
         const int ra = row0 + g, rb = row0 + g + 8;
         auto lv = [&](int row, int j) { return (row < m && j < r) ? L[row * ld_l + j] : zero; };
-        uint32_t a[KC][4];
 #pragma unroll
         for (int q = 0; q < KC; q++) {
             const int j = 16 * q + 2 * c;
@@ -115,6 +123,15 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
             a[q][2] = pair(lv(ra, j + 8), lv(ra, j + 9));
             a[q][3] = pair(lv(rb, j + 8), lv(rb, j + 9));
         }
+    };
+    const int first = blockIdx.y * tiles * 16;
+    uint32_t a[KC][4];
+    load_l(first, a);
+    for (int tile = 0; tile < tiles; tile++) {
+        const int row0 = first + tile * 16;
+        if (row0 >= m) break;
+        uint32_t a_next[KC][4];
+        load_l(row0 + 16, a_next);  // in flight while this tile is computed and stored
         float acc[8][4];
 #pragma unroll
         for (int t = 0; t < 8; t++) {
@@ -122,35 +139,82 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
 #pragma unroll
             for (int q = 0; q < KC; q++) MmaOp<T>::run(acc[t], a[q], rf[q][t][0], rf[q][t][1]);
         }
+        if (STAGED) {
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int row = half ? rb : ra;
-            if (row >= m) continue;
+            for (int half = 0; half < 2; half++)
 #pragma unroll
-            for (int p = 0; p < 2; p++) {
-                if (col0 + 8 * p >= n) continue;
-                float o[8];
+                for (int p = 0; p < 2; p++) {
+                    float o[8];
 #pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    const int t = 4 * p + e / 2;
-                    o[e] = alpha * acc[t][2 * half + (e & 1)] + bv[8 * p + e];
+                    for (int e = 0; e < 8; e++) o[e] = alpha * acc[4 * p + e / 2][2 * half + (e & 1)] + bv[p][e];
+                    store<T, 8>(reinterpret_cast<T*>(&tile_buf[STAGED ? warp : 0][g + 8 * half][4 * p + c]), o);
                 }
-                store<T, 8>(y + (size_t)row * n + col0 + 8 * p, o);
+            __syncwarp();
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int rr = 4 * k + (lane >> 3), pk = lane & 7;
+                const int row = row0 + rr, col = strip + 8 * pk;
+                if (row < m && col < n)
+                    *reinterpret_cast<uint4*>(y + (size_t)row * n + col) = tile_buf[STAGED ? warp : 0][rr][pk];
+            }
+            __syncwarp();
+        } else {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int row = row0 + g + 8 * half;
+                if (row >= m) continue;
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    const int col = strip + 32 * p + 8 * c;
+                    if (col >= n) continue;
+                    float o[8];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) o[e] = alpha * acc[4 * p + e / 2][2 * half + (e & 1)] + bv[p][e];
+                    store<T, 8>(y + (size_t)row * n + col, o);
+                }
             }
         }
+#pragma unroll
+        for (int q = 0; q < KC; q++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[q][i] = a_next[q][i];
     }
 }
+
+// Stages of the ring through which lora_tall_grads streams D and L: the copies of the next
+// GRAD_STAGES − 1 steps are in flight while a step is computed (with the next step's only, the
+// kernel read dy at half the memory's rate). 20 KiB per stage and block.
+constexpr int GRAD_STAGES = 4;
+// L's leading dimension in lora_tall_grads: a row of 16 ranks is 32 bytes, two 16-byte copies.
+constexpr int L_LD = 16;
 
 // One read of D (m, n), dense rows, n % 8 == 0, 16-byte aligned, for
 //   Gp[slab][row][κ] = Σ_{col in slab} D[row][col]·B[κ][col]    (WITH_G; κ < 16, B[κ][col] at κ·sb0 + col·sb1)
 //   Pp[chunk][κ][col] = Σ_{row in chunk} L[row][κ]·D[row][col]  (κ < 16)
-// with ranks ≥ r read as zero. 256 threads (eight warps, 64 columns each: a slab of 512); block
-// (slab, chunk) takes rows [chunk·rows_per_chunk, +rows_per_chunk), rows_per_chunk % 16 == 0.
-template <typename T, bool WITH_G>
-__device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L, long long ld_l, const T* __restrict__ B,
+// with L (m, 16) dense and 16-byte aligned; B's ranks ≥ r are read as zero, and L's columns past
+// r only reach the rows of Pp past r (which the host does not read). 256 threads (eight warps,
+// 64 columns each: a slab of 512); block (slab, chunk) takes rows [chunk·rows_per_chunk,
+// +rows_per_chunk), rows_per_chunk % 16 == 0. Dynamic shared memory: GRAD_STAGES · 20 KiB, the
+// ring: per stage and warp, each lane's four packs of D (read back only by that lane) and the
+// step's 16 × 16 tile of L (copied by all 32 lanes, read by all after a warp barrier).
+// Four 8×8 matrices of 16-bit values from shared memory, transposed (ldmatrix .trans): lane l
+// gives the address of row l % 8 of matrix l / 8; register j gets matrix j as movmatrix.trans
+// leaves it.
+__device__ __forceinline__ void load_matrices_t(uint32_t (&d)[4], const void* row) {
+#if MC_TENSOR_CORES
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(a));
+#endif
+}
+
+template <typename T, bool WITH_G, bool LDM>
+__device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L, const T* __restrict__ B,
                                 long long sb0, long long sb1, float* __restrict__ Gp, float* __restrict__ Pp, int m, int n,
                                 int r, int rows_per_chunk) {
     __shared__ float gbuf[WITH_G ? 2 : 1][8][256];
+    extern __shared__ uint4 ring[];  // [stage][warp][q: D packs 2v + h, then 4: L's tile][lane]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int slab = blockIdx.x, chunk = blockIdx.y;
@@ -183,41 +247,73 @@ __device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L
         for (int i = 0; i < 4; i++) acc[h][i][0] = acc[h][i][1] = acc[h][i][2] = acc[h][i][3] = 0.f;
     const int row_start = chunk * rows_per_chunk;
     const int row_end = min(m, row_start + rows_per_chunk);
-    auto load_packs = [&](int row0, uint4 (&p)[2][2]) {
+    const int steps = (row_end - row_start + 15) / 16;
+    auto slot = [&](int stage, int q) -> uint4* { return &ring[((stage * 8 + warp) * 5 + q) * 32 + lane]; };
+    // Starts the copies of step `step` into its stage (zeros where rows or columns run out);
+    // one commit group per step, empty past the last.
+    auto issue = [&](int step) {
+        if (step < steps) {
+            const int stage = step % GRAD_STAGES, row0 = row_start + 16 * step;
 #pragma unroll
-        for (int v = 0; v < 2; v++) {
-            const int row = row0 + g + 8 * v;
+            for (int v = 0; v < 2; v++) {
+                const int row = row0 + g + 8 * v;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    uint4* dst = slot(stage, 2 * v + h);
+                    if (row < row_end && col_ok[h]) copy_async16(dst, D + (size_t)row * n + strip + 32 * h + 8 * c);
+                    else *dst = make_uint4(0, 0, 0, 0);
+                }
+            }
+            const int lrow = row0 + (lane >> 1);
+            uint4* dst = slot(stage, 4);
+            if (lrow < row_end) copy_async16(dst, L + (size_t)lrow * L_LD + (lane & 1) * 8);
+            else *dst = make_uint4(0, 0, 0, 0);
+        }
+        copy_commit();
+    };
+#pragma unroll
+    for (int p = 0; p < GRAD_STAGES - 1; p++) issue(p);
+    int parity = 0;
+    for (int step = 0; step < steps; step++) {
+        copy_wait<GRAD_STAGES - 2>();  // this step's copies are done (this lane's) ...
+        __syncwarp();                  // ... and every lane's; all read the previous stage
+        issue(step + GRAD_STAGES - 1);  // into the stage the previous step used
+        const int stage = step % GRAD_STAGES;
+        uint4 cur[2][2];
+#pragma unroll
+        for (int v = 0; v < 2; v++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) cur[v][h] = *slot(stage, 2 * v + h);
+        // Lᵀ as the A operand (16 ranks × 16 rows): rows 2c, 2c+1 (+8), ranks g (+8).
+        const T* lt = reinterpret_cast<const T*>(&ring[((stage * 8 + warp) * 5 + 4) * 32]);
+        uint32_t la[4];
+        la[0] = pair(lt[(2 * c) * L_LD + g], lt[(2 * c + 1) * L_LD + g]);
+        la[1] = pair(lt[(2 * c) * L_LD + g + 8], lt[(2 * c + 1) * L_LD + g + 8]);
+        la[2] = pair(lt[(2 * c + 8) * L_LD + g], lt[(2 * c + 9) * L_LD + g]);
+        la[3] = pair(lt[(2 * c + 8) * L_LD + g + 8], lt[(2 * c + 9) * L_LD + g + 8]);
+        if (LDM) {
+            // Tile (h, i): columns 32h + 8i … +7, rows 0–7 (b0) and 8–15 (b1); row ρ of it is
+            // the pack of lane 4(ρ % 8) + i, q = 2(ρ / 8) + h. One ldmatrix takes two tiles.
 #pragma unroll
             for (int h = 0; h < 2; h++)
-                p[v][h] = (row < row_end && col_ok[h])
-                              ? *reinterpret_cast<const uint4*>(D + (size_t)row * n + strip + 32 * h + 8 * c)
-                              : make_uint4(0, 0, 0, 0);
-        }
-    };
-    uint4 cur[2][2];
-    load_packs(row_start, cur);
-    int parity = 0;
-    for (int row0 = row_start; row0 < row_end; row0 += 16) {
-        uint4 nxt[2][2];
-        load_packs(row0 + 16, nxt);  // in flight while this step computes
-        // Lᵀ as the A operand (16 ranks × 16 rows): rows 2c, 2c+1 (+8), ranks g (+8).
-        auto lv = [&](int row, int rank) { return (row < row_end && rank < r) ? L[row * ld_l + rank] : zero; };
-        uint32_t la[4];
-        {
-            const int r0 = row0 + 2 * c;
-            la[0] = pair(lv(r0, g), lv(r0 + 1, g));
-            la[1] = pair(lv(r0, g + 8), lv(r0 + 1, g + 8));
-            la[2] = pair(lv(r0 + 8, g), lv(r0 + 9, g));
-            la[3] = pair(lv(r0 + 8, g + 8), lv(r0 + 9, g + 8));
-        }
-        // Register i of pack h, rows g and g + 8, is an 8×8 block whose column 2c+e is the
-        // column 32h + 8c + 2i + e; transposed it is the B operand of Lᵀ·D for that tile.
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
-            const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
+                for (int j = 0; j < 2; j++) {
+                    const int mi = lane >> 3, v = mi & 1, i = 2 * j + (mi >> 1);
+                    uint32_t d[4];
+                    load_matrices_t(d, &ring[((stage * 8 + warp) * 5 + 2 * v + h) * 32 + 4 * (lane & 7) + i]);
+                    MmaOp<T>::run(acc[h][2 * j], la, d[0], d[1]);
+                    MmaOp<T>::run(acc[h][2 * j + 1], la, d[2], d[3]);
+                }
+        } else {
+            // Register i of pack h, rows g and g + 8, is an 8×8 block whose column 2c+e is the
+            // column 32h + 8c + 2i + e; transposed it is the B operand of Lᵀ·D for that tile.
 #pragma unroll
-            for (int i = 0; i < 4; i++) MmaOp<T>::run(acc[h][i], la, transpose8x8(w0[i]), transpose8x8(w1[i]));
+            for (int h = 0; h < 2; h++) {
+                const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
+                const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
+#pragma unroll
+                for (int i = 0; i < 4; i++) MmaOp<T>::run(acc[h][i], la, transpose8x8(w0[i]), transpose8x8(w1[i]));
+            }
         }
         if (WITH_G) {
             float ga[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -246,22 +342,18 @@ __device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L
             float sum = 0.f;
 #pragma unroll
             for (int w = 0; w < 8; w++) sum += gbuf[WITH_G ? parity : 0][w][tid];
-            const int row = row0 + tid / 16;
+            const int row = row_start + 16 * step + tid / 16;
             if (row < row_end) Gp[((size_t)slab * m + row) * 16 + (tid & 15)] = sum;
             parity ^= 1;
         }
-#pragma unroll
-        for (int v = 0; v < 2; v++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) cur[v][h] = nxt[v][h];
     }
-    // acc[h][i]: ranks g and g + 8, columns 32h + 8c + 2i and + 1.
+    // acc[h][i]: ranks g and g + 8, columns 32h + 8c + 2i and + 1 (LDM: 32h + 8i + 2c and + 1).
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        if (!col_ok[h]) continue;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int col = strip + 32 * h + 8 * c + 2 * i;
+            const int col = strip + 32 * h + (LDM ? 8 * i + 2 * c : 8 * c + 2 * i);
+            if (col >= n) continue;
             *reinterpret_cast<float2*>(Pp + ((size_t)chunk * 16 + g) * n + col) = make_float2(acc[h][i][0], acc[h][i][1]);
             *reinterpret_cast<float2*>(Pp + ((size_t)chunk * 16 + g + 8) * n + col) =
                 make_float2(acc[h][i][2], acc[h][i][3]);
@@ -284,25 +376,29 @@ __device__ void sum_parts(const float* __restrict__ P, int S, int I, int J, int 
     }
 }
 
+#define LORA_OUTER_KERNEL(NAME, T, KC, SUFFIX, STAGED)                                                                \
+    extern "C" __global__ void __launch_bounds__(128) lora_outer_k##KC##SUFFIX##_##NAME(                              \
+        const T* L, long long ld_l, const T* R, long long rc, long long rk, const T* bias, T* y, int m, int n, int r,    \
+        int tiles, float alpha) {                                                                                      \
+        lora_outer<T, KC, STAGED>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                 \
+    }
+#define LORA_GRAD_KERNELS(NAME, T, SUFFIX, LDM)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) lora_dy_grads##SUFFIX##_##NAME(                                  \
+        const T* D, const T* L, const T* B, long long sb0, long long sb1, float* Gp, float* Pp, int m, int n, int r,     \
+        int rows_per_chunk) {                                                                                          \
+        lora_tall_grads<T, true, LDM>(D, L, B, sb0, sb1, Gp, Pp, m, n, r, rows_per_chunk);                             \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) lora_x_grad##SUFFIX##_##NAME(                                    \
+        const T* D, const T* L, float* Pp, int m, int n, int r, int rows_per_chunk) {                                  \
+        lora_tall_grads<T, false, LDM>(D, L, nullptr, 0, 0, nullptr, Pp, m, n, r, rows_per_chunk);                     \
+    }
 #define LORA_TC_KERNELS(NAME, T)                                                                                       \
-    extern "C" __global__ void lora_outer_k1_##NAME(const T* L, long long ld_l, const T* R, long long rc, long long rk,  \
-                                                    const T* bias, T* y, int m, int n, int r, int tiles, float alpha) { \
-        lora_outer<T, 1>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                          \
-    }                                                                                                                  \
-    extern "C" __global__ void lora_outer_k2_##NAME(const T* L, long long ld_l, const T* R, long long rc, long long rk,  \
-                                                    const T* bias, T* y, int m, int n, int r, int tiles, float alpha) { \
-        lora_outer<T, 2>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                          \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) lora_dy_grads_##NAME(                                            \
-        const T* D, const T* L, long long ld_l, const T* B, long long sb0, long long sb1, float* Gp, float* Pp, int m,   \
-        int n, int r, int rows_per_chunk) {                                                                            \
-        lora_tall_grads<T, true>(D, L, ld_l, B, sb0, sb1, Gp, Pp, m, n, r, rows_per_chunk);                            \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) lora_x_grad_##NAME(const T* D, const T* L, long long ld_l,       \
-                                                                         float* Pp, int m, int n, int r,               \
-                                                                         int rows_per_chunk) {                          \
-        lora_tall_grads<T, false>(D, L, ld_l, nullptr, 0, 0, nullptr, Pp, m, n, r, rows_per_chunk);                    \
-    }                                                                                                                  \
+    LORA_OUTER_KERNEL(NAME, T, 1, , false)                                                                            \
+    LORA_OUTER_KERNEL(NAME, T, 2, , false)                                                                            \
+    LORA_OUTER_KERNEL(NAME, T, 1, s, true)                                                                            \
+    LORA_OUTER_KERNEL(NAME, T, 2, s, true)                                                                            \
+    LORA_GRAD_KERNELS(NAME, T, , false)                                                                               \
+    LORA_GRAD_KERNELS(NAME, T, _ldm, true)                                                                            \
     extern "C" __global__ void sum_parts_##NAME(const float* P, int S, int I, int J, int iu, int ju, T* out,            \
                                                 long long oi, long long oj, float scale) {                             \
         sum_parts<T>(P, S, I, J, iu, ju, out, oi, oj, scale);                                                          \
