@@ -2,7 +2,8 @@
 // the lab runs the shipped code): first checked against a CPU reference (f64 sums of the bf16
 // inputs) on odd shapes, then timed at bf16 8×2048×4096 (m 16384, in = out = 4096, r = 16)
 // against the cuBLAS calls they replace, and the whole backward and forward sequences
-// interleaved (alternating batches, so that the GEMM's clock drift hits both alike).
+// interleaved (alternating batches, so that the GEMM's clock drift hits both alike). Earlier
+// states of this file (commit 303144a) also timed the variants that were not kept.
 //
 //   nvcc -arch=sm_90 -O3 -std=c++17 --expt-relaxed-constexpr -Icrates/metal-candle/src/ops/cuda/kernels \
 //        bench/kernel-lab/tclab.cu -lcublas -o tclab && ./tclab
@@ -43,14 +44,11 @@ static int sms = 132;
 static const int RING = GRAD_STAGES * 8 * 5 * 32 * 16;  // the gradient kernels' dynamic shared memory
 
 // --- launches, as the library makes them -----------------------------------------------------
-static bool staged_outer = false;  // which lora_outer variant `outer` launches
-static bool use_ldm = false;       // which gradient kernels: B operands by ldmatrix.trans, or movmatrix
 static void outer(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias, bf* y, int m,
                   int n, int r, float alpha) {
     const int warps = 4, tiles = 8;
     dim3 grid((n + 64 * warps - 1) / (64 * warps), (m + 16 * tiles - 1) / (16 * tiles));
-    auto f = r <= 16 ? (staged_outer ? lora_outer_k1s_bf16 : lora_outer_k1_bf16)
-                     : (staged_outer ? lora_outer_k2s_bf16 : lora_outer_k2_bf16);
+    auto f = r <= 16 ? lora_outer_k1_bf16 : lora_outer_k2_bf16;
     f<<<grid, 32 * warps>>>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);
 }
 
@@ -63,30 +61,15 @@ static int chunks_for(int m, int n, int* rows_per_chunk) {
     return (m + rpc - 1) / rpc;
 }
 
-static void sum_parts_launch(const float* P, int S, int I, int J, int iu, int ju, bf* out, long long oi, long long oj,
-                             float scale) {
-    const long long total = (long long)iu * ju;
-    const int blocks = (int)std::min<long long>((total + 255) / 256, 4 * sms);
-    sum_parts_bf16<<<blocks, 256>>>(P, S, I, J, iu, ju, out, oi, oj, scale);
-}
-
 // G = dy·Bᵀ (m, 16) and dB = Tᵀ·dy (r, n) from one read of dy; T (m, 16).
 static void dy_grads(const bf* dy, const bf* t, const bf* b, bf* g, bf* db, float* gp, float* pp, int m, int n,
                      int r) {
     int rpc;
     const int chunks = chunks_for(m, n, &rpc), slabs = (n + 511) / 512;
-    (use_ldm ? lora_dy_grads_ldm_bf16 : lora_dy_grads_bf16)<<<dim3(slabs, chunks), 256, RING>>>(dy, t, b, n, 1, gp, pp,
-                                                                                                 m, n, r, rpc);
-    sum_parts_launch(gp, slabs, m, 16, m, 16, g, 16, 1, 1.f);
-    sum_parts_launch(pp, chunks, 16, n, r, n, db, n, 1, 1.f);
-}
-
-// dA = scale·xᵀ·G (k, r) from one read of x; G (m, 16).
-static void x_grad(const bf* x, const bf* g, bf* da, float* pp, int m, int k, int r, float scale) {
-    int rpc;
-    const int chunks = chunks_for(m, k, &rpc), slabs = (k + 511) / 512;
-    (use_ldm ? lora_x_grad_ldm_bf16 : lora_x_grad_bf16)<<<dim3(slabs, chunks), 256, RING>>>(x, g, pp, m, k, r, rpc);
-    sum_parts_launch(pp, chunks, 16, k, r, k, da, 1, r, scale);
+    lora_dy_grads_bf16<<<dim3(slabs, chunks), 256, RING>>>(dy, t, b, n, 1, gp, pp, m, n, r, rpc);
+    const PartSum<bf> gs{gp, g, 16, 1, slabs, m, 16, m, 16, 1.f}, ds{pp, db, n, 1, chunks, 16, n, r, n, 1.f};
+    const long long most = std::max<long long>((long long)m * 16, (long long)r * n);
+    sum_two_parts_bf16<<<dim3((int)std::min<long long>((most + 255) / 256, 4 * sms), 2), 256>>>(gs, ds);
 }
 
 // --- data --------------------------------------------------------------------------------------
@@ -142,7 +125,6 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
     const bool grads = r <= 16;  // the gradient kernels' limit; past it, dx from G = T
     if (grads) {
         dy_grads(dy, t, b, g, db, gp, pp, m, n, r);
-        x_grad(x, g, da, pp, m, k, r, scale);
     } else {
         CK(cudaMemcpy(g, t, (size_t)m * ld * 2, cudaMemcpyDeviceToDevice));
     }
@@ -151,10 +133,8 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
     CK(cudaGetLastError());
     const auto X = to_host(x, (size_t)m * k), DY = to_host(dy, (size_t)m * n), A = to_host(a, (size_t)k * r),
                B = to_host(b, (size_t)r * n), T = to_host(t, (size_t)m * ld), BI = to_host(bias, n),
-               Y = to_host(y, (size_t)m * n), G = to_host(g, (size_t)m * ld), DB = to_host(db, (size_t)r * n),
-               DA = to_host(da, (size_t)k * r), DX = to_host(dx, (size_t)m * k);
-    std::vector<double> wy((size_t)m * n), wg((size_t)m * r), wdb((size_t)r * n, 0), wda((size_t)k * r, 0),
-        wdx((size_t)m * k);
+               Y = to_host(y, (size_t)m * n), G = to_host(g, (size_t)m * ld), DB = to_host(db, (size_t)r * n), DX = to_host(dx, (size_t)m * k);
+    std::vector<double> wy((size_t)m * n), wg((size_t)m * r), wdb((size_t)r * n, 0), wdx((size_t)m * k);
     for (int i = 0; i < m; i++)
         for (int c = 0; c < n; c++) {
             double s = 0;
@@ -175,24 +155,18 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
             for (int i = 0; i < m; i++) s += (double)T[(size_t)i * ld + j] * DY[(size_t)i * n + c];
             wdb[(size_t)j * n + c] = s;
         }
-    // dA and dx from the kernel's G (bf16), as the library computes them.
-    for (int c = 0; c < k; c++)
-        for (int j = 0; j < r; j++) {
-            double s = 0;
-            for (int i = 0; i < m; i++) s += (double)X[(size_t)i * k + c] * G[(size_t)i * ld + j];
-            wda[(size_t)c * r + j] = scale * s;
-        }
+    // dx from the kernel's G (bf16), as the library computes it.
     for (int i = 0; i < m; i++)
         for (int c = 0; c < k; c++) {
             double s = 0;
             for (int j = 0; j < r; j++) s += (double)G[(size_t)i * ld + j] * A[(size_t)c * r + j];
             wdx[(size_t)i * k + c] = scale * s;
         }
-    const double e[5] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
-                         grads ? rel_err(DA, wda) : 0.0, rel_err(DX, wdx)};
-    const bool ok = *std::max_element(e, e + 5) < 1e-2;
-    printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dA %.1e dx %.1e  %s\n", m, k, n, r, with_bias,
-           e[0], e[1], e[2], e[3], e[4], ok ? "ok" : "FAIL");
+    const double e[4] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
+                         rel_err(DX, wdx)};
+    const bool ok = *std::max_element(e, e + 4) < 1e-2;
+    printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dx %.1e  %s\n", m, k, n, r, with_bias, e[0],
+           e[1], e[2], e[3], ok ? "ok" : "FAIL");
     for (void* p : {(void*)x, (void*)dy, (void*)a, (void*)b, (void*)t, (void*)bias, (void*)y, (void*)g, (void*)db,
                     (void*)da, (void*)dx, (void*)gp, (void*)pp})
         CK(cudaFree(p));
@@ -247,18 +221,11 @@ int main(int argc, char** argv) {
     CK(cudaEventCreate(&ev0));
     CK(cudaEventCreate(&ev1));
     CK(cudaFuncSetAttribute(lora_dy_grads_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
-    CK(cudaFuncSetAttribute(lora_x_grad_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
-    CK(cudaFuncSetAttribute(lora_dy_grads_ldm_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
-    CK(cudaFuncSetAttribute(lora_x_grad_ldm_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
+
     bool ok = true;
     const int cases[][5] = {{1, 8, 8, 8, 0},      {37, 72, 40, 8, 1},    {129, 520, 1000, 16, 1}, {200, 64, 1544, 5, 0},
                             {16, 4096, 512, 16, 0}, {1000, 264, 136, 13, 1}, {300, 200, 96, 24, 0}};
-    for (int variant = 0; variant < 2; variant++) {
-        use_ldm = variant;
-        printf("gradient kernels with %s\n", variant ? "ldmatrix.trans" : "movmatrix");
-        for (auto& cs : cases) ok &= check_case(cs[0], cs[1], cs[2], cs[3], cs[4]);
-    }
-    use_ldm = false;
+    for (auto& cs : cases) ok &= check_case(cs[0], cs[1], cs[2], cs[3], cs[4]);
     if (argc > 1 && std::string(argv[1]) == "check") return ok ? 0 : 1;
 
     const int m = 16384, in = 4096, out = 4096, r = 16;
@@ -289,32 +256,16 @@ int main(int argc, char** argv) {
     // Backward's pieces.
     report("cuBLAS G = dy·Bᵀ", time_us([&] { gemm(h, m, r, out, dy, false, out, b, true, out, g, r, 1.f, 0.f); }), mb);
     report("cuBLAS dB = Tᵀ·dy", time_us([&] { gemm(h, r, out, m, t, true, r, dy, false, out, db, out, 1.f, 0.f); }), mb);
-    for (int variant = 0; variant < 2; variant++) {
-        use_ldm = variant;
-        printf("gradient kernels with %s\n", variant ? "ldmatrix.trans" : "movmatrix");
-        report("  fused G + dB (+ sums)", time_us([&] { dy_grads(dy, t, b, g, db, gp, pp, m, out, r); }), mb);
-        report("  x_grad dA = s·xᵀ·G (+ sums)", time_us([&] { x_grad(x, g, da, pp, m, in, r, scale); }), mb);
-        int rpc;
-        const int chunks = chunks_for(m, out, &rpc);
-        report("  x_grad, the one pass", time_us([&] {
-                   (use_ldm ? lora_x_grad_ldm_bf16 : lora_x_grad_bf16)<<<dim3(8, chunks), 256, RING>>>(x, g, pp, m, in,
-                                                                                                      r, rpc);
-               }),
-               mb);
-    }
-    use_ldm = true;
+    report("fused G + dB (+ sums)", time_us([&] { dy_grads(dy, t, b, g, db, gp, pp, m, out, r); }), mb);
     {
         int rpc;
         const int chunks = chunks_for(m, out, &rpc);
-        for (int variant = 0; variant < 2; variant++)
-            report(variant ? "  its one pass over dy (ldmatrix)" : "  its one pass over dy (movmatrix)", time_us([&] {
-                       (variant ? lora_dy_grads_ldm_bf16 : lora_dy_grads_bf16)<<<dim3(8, chunks), 256, RING>>>(
-                           dy, t, b, out, 1, gp, pp, m, out, r, rpc);
-                   }),
-                   mb);
+        report("  its one pass over dy", time_us([&] {
+                   lora_dy_grads_bf16<<<dim3(8, chunks), 256, RING>>>(dy, t, b, out, 1, gp, pp, m, out, r, rpc);
+               }),
+               mb);
     }
     report("cuBLAS dA = s·xᵀ·G", time_us([&] { gemm(h, in, r, m, x, true, in, g, false, r, da, r, scale, 0.f); }), mb);
-    report("x_grad dA = s·xᵀ·G (+ sums)", time_us([&] { x_grad(x, g, da, pp, m, in, r, scale); }), mb);
     report("cuBLAS dx = s·G·Aᵀ", time_us([&] { gemm(h, m, in, r, g, false, r, a, true, r, dx, in, scale, 0.f); }), mb);
     report("outer  dx = s·G·Aᵀ", time_us([&] { outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale); }), mb);
     auto dx_gemm0 = [&] { gemm(h, m, in, out, dy, false, out, w, false, in, dx, in, 1.f, 0.f); };
@@ -326,13 +277,7 @@ int main(int argc, char** argv) {
         gemm(h, m, in, r, g, false, r, a, true, r, dx, in, scale, 0.f);
         dx_gemm1();
     };
-    auto bwd_tc = [&] {
-        dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
-        x_grad(x, g, da, pp, m, in, r, scale);
-        outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale);
-        dx_gemm1();
-    };
-    auto bwd_mixed = [&] {  // tensor-core G + dB and dx, cuBLAS dA
+    auto bwd_tc = [&] {  // as the library: tensor-core G + dB and dx, cuBLAS dA
         dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
         gemm(h, in, r, m, x, true, in, g, false, 16, da, r, scale, 0.f);
         outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale);
@@ -341,7 +286,6 @@ int main(int argc, char** argv) {
     interleaved("dX GEMM beta 1 vs beta 0", dx_gemm1, dx_gemm0, "beta1", "beta0");
     interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");
     interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
-    interleaved("backward, mixed / dX GEMM", bwd_mixed, dx_gemm0, "seq", "gemm");
     auto base0 = [&] { gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 0.f); };
     auto fwd_cublas = [&] {
         gemm(h, m, r, in, x, false, in, a, false, r, t, r, scale, 0.f);
@@ -355,10 +299,8 @@ int main(int argc, char** argv) {
     };
     interleaved("forward, cuBLAS pieces / base GEMM", fwd_cublas, base0, "seq", "gemm");
     interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
-    use_ldm = false;
-    interleaved("backward, tc (movmatrix) / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
-    use_ldm = true;
-    interleaved("backward, tc (ldmatrix) / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
+    interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");
+    interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
     interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
     printf("checks %s\n", ok ? "passed" : "FAILED");
     return ok ? 0 : 1;

@@ -17,8 +17,7 @@
 //! `dB = scale·(x·A)ᵀ·dy`, `dA = scale·xᵀ·G`, `dx = scale·G·Aᵀ` (+ `dy·W` for the linear
 //! layer, accumulated by the base GEMM with beta = 1). Past the one-launch kernel's sizes, bf16
 //! and f16 at rank ≤ 16 with rows of whole packs take the tensor-core kernels: G and dB from
-//! one read of dy, dA from one read of x, `G·Aᵀ` written at the memory's write rate; the rest
-//! takes cuBLAS. W never gets a gradient here: the fused linear op is only used when W and the
+//! one read of dy, `G·Aᵀ` written at the memory's write rate; dA and the rest take cuBLAS. W never gets a gradient here: the fused linear op is only used when W and the
 //! bias are frozen.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -542,7 +541,7 @@ fn backward(
         // sizes their extra launches would cost more than the memory passes they save. They
         // read T in rows of 16 (as the forward saves it for them).
         let large = !use_small_kernel(m, k, r, n);
-        let tc_grads = large && lora_tc::grads_fit::<T>(&dev, (m, k, n, r), &xv, &gv)?;
+        let tc_grads = large && lora_tc::grads_fit::<T>(&dev, (m, n, r), &gv)?;
         let want_ld = if tc_grads { lora_tc::PROJ_LD } else { r };
         let saved = saved.filter(|s| {
             s.rows == m && s.rank == r && s.storage.dtype() == x.dtype() && (!tc_grads || s.ld == want_ld)
@@ -561,7 +560,9 @@ fn backward(
             let (sb0, sb1) = element_strides(&bm);
             let bs = Strided { data: &bv, s0: sb0, s1: sb1 };
             let (g, db) = lora_tc::dy_grads::<T>(&dev, &gv, &tv, bs, (m, n, r))?;
-            let da = lora_tc::x_grad::<T>(&dev, &xv, &g.slice(..), (m, k, r), alpha)?;
+            let mut da = alloc_out::<T>(&dev, k * r)?;
+            let g_op = Operand { data: &g.slice(..), trans: false, ld: lora_tc::PROJ_LD };
+            gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, g_op, 0.0, &mut da, 0, r)?;
             (g, lora_tc::PROJ_LD, db, da)
         } else {
             let mut g = alloc_out::<T>(&dev, m * r)?;

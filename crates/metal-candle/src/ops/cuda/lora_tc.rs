@@ -5,12 +5,15 @@
 //!   `G·Aᵀ`, written at the memory's write rate (cuBLAS: 67% of it at 16384 × 4096, r = 16).
 //! - [`dy_grads`]: `G = dy·Bᵀ` and `dB = Tᵀ·dy` from one read of dy (cuBLAS reads it twice),
 //!   rank ≤ 16.
-//! - [`x_grad`]: `dA = scale·xᵀ·G`, rank ≤ 16.
+//!
+//! `dA = scale·xᵀ·G` stays with cuBLAS, which ran it faster than a kernel of this kind did.
 //!
 //! Each `*_fits` function says whether its kernel serves a problem; the callers fall back to
 //! cuBLAS otherwise (f32, other ranks, rows not whole 16-byte packs, older GPUs).
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Result};
 
@@ -80,19 +83,16 @@ pub(super) fn projection_ld(dev: &CudaDevice, dtype: DType, r: usize) -> Result<
     )
 }
 
-/// Whether [`dy_grads`] and [`x_grad`] serve `dy` (m, n) and x (m, k) at rank `r`.
+/// Whether [`dy_grads`] serves `dy` (m, n) at rank `r` (x (m, k) for the rest of the backward).
 pub(super) fn grads_fit<T: Elem>(
     dev: &CudaDevice,
-    (m, k, n, r): (usize, usize, usize, usize),
-    x: &CudaView<'_, T>,
+    (m, n, r): (usize, usize, usize),
     dy: &CudaView<'_, T>,
 ) -> Result<bool> {
     Ok(half_precision(T::DTYPE)
         && (1..=16).contains(&r)
-        && k.is_multiple_of(8)
         && n.is_multiple_of(8)
-        && fits_i32(&[m, k, n])
-        && aligned16(x, dev)
+        && fits_i32(&[m, n])
         && aligned16(dy, dev)
         && tensor_cores(dev)?)
 }
@@ -170,43 +170,84 @@ fn row_chunks(dev: &CudaDevice, m: usize, slabs: usize) -> Result<(usize, usize)
     Ok((m.div_ceil(rows).max(1), rows))
 }
 
-/// `out[i·oi + j·oj] = scale · Σ_s parts[s][i][j]` for i < iu, j < ju, parts (S, I, J) dense.
-#[allow(clippy::too_many_arguments)]
-fn sum_parts<T: Elem>(
-    dev: &CudaDevice,
-    parts: &CudaSlice<f32>,
-    (s, i, j): (usize, usize, usize),
-    (iu, ju): (usize, usize),
-    out: &mut CudaSlice<T>,
-    (oi, oj): (usize, usize),
+/// One sum of partial products as the kernel takes it (`PartSum` in lora_tc.cu, same layout):
+/// `out[i·oi + j·oj] = scale · Σ_s P[s][i][j]` for i < iu, j < ju, P (S, I, J) dense f32.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PartSum {
+    parts: u64,
+    out: u64,
+    oi: i64,
+    oj: i64,
+    s: i32,
+    i: i32,
+    j: i32,
+    iu: i32,
+    ju: i32,
     scale: f32,
+}
+
+// SAFETY: a plain #[repr(C)] struct of integers and floats, laid out as the kernel's PartSum.
+unsafe impl DeviceRepr for PartSum {}
+
+/// G's and dB's sums, one launch (`sum_two_parts`): `g_parts` (slabs, m, 16) into G
+/// (m, [`PROJ_LD`]), `db_parts` (chunks, 16, n) into dB's first r rows.
+#[allow(clippy::too_many_arguments)]
+fn sum_two_parts<T: Elem>(
+    dev: &CudaDevice,
+    (g_parts, slabs): (&CudaSlice<f32>, usize),
+    (db_parts, chunks): (&CudaSlice<f32>, usize),
+    g: &mut CudaSlice<T>,
+    db: &mut CudaSlice<T>,
+    (m, n, r): (usize, usize, usize),
 ) -> Result<()> {
-    let total = iu * ju;
-    if total == 0 {
-        return Ok(());
-    }
-    let f = load(dev, &format!("sum_parts_{}", T::NAME), MODULE, LORA_TC_PTX)?;
-    let blocks = total.div_ceil(256).min(4 * sm_count(dev)? as usize);
-    let (s_i, i_i, j_i, iu_i, ju_i) = (s as i32, i as i32, j as i32, iu as i32, ju as i32);
-    let (oi, oj) = (oi as i64, oj as i64);
+    let f = load(
+        dev,
+        &format!("sum_two_parts_{}", T::NAME),
+        MODULE,
+        LORA_TC_PTX,
+    )?;
     let stream = dev.cuda_stream();
+    let (gp, _gp) = g_parts.device_ptr(&stream);
+    let (dp, _dp) = db_parts.device_ptr(&stream);
+    let (go, _go) = g.device_ptr_mut(&stream);
+    let (dbo, _dbo) = db.device_ptr_mut(&stream);
+    let g_sum = PartSum {
+        parts: gp,
+        out: go,
+        oi: PROJ_LD as i64,
+        oj: 1,
+        s: slabs as i32,
+        i: m as i32,
+        j: 16,
+        iu: m as i32,
+        // All 16 columns of G: those past r are zero sums (B's ranks past r read as zero).
+        ju: PROJ_LD as i32,
+        scale: 1.0,
+    };
+    let db_sum = PartSum {
+        parts: dp,
+        out: dbo,
+        oi: n as i64,
+        oj: 1,
+        s: chunks as i32,
+        i: 16,
+        j: n as i32,
+        iu: r as i32,
+        ju: n as i32,
+        scale: 1.0,
+    };
+    let most = (m * PROJ_LD).max(r * n);
+    let blocks = most.div_ceil(256).min(4 * sm_count(dev)? as usize);
     let mut b = stream.launch_builder(&f);
-    b.arg(parts)
-        .arg(&s_i)
-        .arg(&i_i)
-        .arg(&j_i)
-        .arg(&iu_i)
-        .arg(&ju_i)
-        .arg(out)
-        .arg(&oi)
-        .arg(&oj)
-        .arg(&scale);
+    b.arg(&g_sum).arg(&db_sum);
     let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
+        grid_dim: (blocks as u32, 2, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: parts holds s·i·j floats, out covers (iu − 1)·oi + (ju − 1)·oj; iu ≤ i, ju ≤ j.
+    // SAFETY: the parts hold slabs·m·16 and chunks·16·n floats, G m·16 and dB r·n elements, all
+    // alive (their guards above) until the launch is queued on this stream.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }
@@ -262,64 +303,13 @@ pub(super) fn dy_grads<T: Elem>(
     // r·n at its strides; the parts hold slabs·m·16 and chunks·16·n floats, all of which the
     // grid (slabs × chunks blocks of 256 threads, chunks · rows ≥ m) writes.
     unsafe { b.launch(cfg) }.w()?;
-    // All 16 columns of G: those past r are zero sums (B's ranks past r read as zero).
-    sum_parts(
+    sum_two_parts(
         dev,
-        &g_parts,
-        (slabs, m, 16),
-        (m, PROJ_LD),
+        (&g_parts, slabs),
+        (&db_parts, chunks),
         &mut g,
-        (PROJ_LD, 1),
-        1.0,
-    )?;
-    sum_parts(
-        dev,
-        &db_parts,
-        (chunks, 16, n),
-        (r, n),
         &mut db,
-        (n, 1),
-        1.0,
+        (m, n, r),
     )?;
     Ok((g, db))
-}
-
-/// `dA = scale·xᵀ·G` (k, r) from one read of x (m, k) dense; G (m, [`PROJ_LD`]) as
-/// [`dy_grads`] returns it. The caller checked [`grads_fit`].
-pub(super) fn x_grad<T: Elem>(
-    dev: &CudaDevice,
-    x: &CudaView<'_, T>,
-    g: &CudaView<'_, T>,
-    (m, k, r): (usize, usize, usize),
-    scale: f32,
-) -> Result<CudaSlice<T>> {
-    if m == 0 || k == 0 {
-        return dev.alloc_zeros::<T>(k * r);
-    }
-    let mut da = alloc_out::<T>(dev, k * r)?;
-    let slabs = k.div_ceil(SLAB);
-    let (chunks, rows) = row_chunks(dev, m, slabs)?;
-    let mut parts = alloc_out::<f32>(dev, chunks * 16 * k)?;
-    let f = grad_kernel::<T>(dev, "lora_x_grad")?;
-    let (m_i, k_i, r_i, rows_i) = (m as i32, k as i32, r as i32, rows as i32);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(x)
-        .arg(g)
-        .arg(&mut parts)
-        .arg(&m_i)
-        .arg(&k_i)
-        .arg(&r_i)
-        .arg(&rows_i);
-    let cfg = LaunchConfig {
-        grid_dim: (slabs as u32, chunks as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: GRAD_RING_BYTES as u32,
-    };
-    // SAFETY: x holds m·k elements (16-byte aligned, k % 8 == 0), G m·16 (a fresh allocation:
-    // aligned); parts chunks·16·k floats, all written by the grid.
-    unsafe { b.launch(cfg) }.w()?;
-    // parts[c][j][col] sums G[row][j]·x[row][col]: dA[col][j] is their total times scale.
-    sum_parts(dev, &parts, (chunks, 16, k), (r, k), &mut da, (1, r), scale)?;
-    Ok(da)
 }

@@ -13,16 +13,21 @@
 // every thread ends with two runs of 8 consecutive outputs of a row, and the four threads of a
 // row write 64 contiguous bytes per store instruction.
 //
-// lora_tall_grads: one read of D (m, n) for two products, the backward's `G = dy·Bᵀ` (m, r)
-// and `Tᵀ·dy` (r, n, which is dB), or with `WITH_G` off the single product `Gᵀ·x` (which is
-// dAᵀ). A thread loads 16-byte packs of two rows of D; as they are loaded they are the A
-// operand of `D·Bᵀ` (the reduction index k runs over the pack's columns in a permuted order,
-// and B's fragments are loaded in the same order), and `movmatrix.trans` turns them into the B
-// operand of `Tᵀ·D` (k over rows). A warp owns 64 columns of a 512-column slab; a block's
-// eight warps cover the slab and walk down a chunk of rows, streaming it through a ring of
-// cp.async copies in shared memory several steps deep. Partial sums go to f32 scratch
+// lora_dy_grads: one read of dy (m, n) for both of the backward's products that read it,
+// `G = dy·Bᵀ` (m, r) and `dB = Tᵀ·dy` (r, n). A thread's 16-byte packs of two rows of dy are, as
+// loaded, the A operand of `dy·Bᵀ` (the reduction index k runs over the pack's columns in a
+// permuted order, and B's fragments are loaded in the same order), and `movmatrix.trans` turns
+// them into the B operand of `Tᵀ·dy` (k over rows). A warp owns 64 columns of a 512-column slab;
+// a block's eight warps cover the slab and walk down a chunk of rows, streaming dy and T through
+// a ring of cp.async copies in shared memory several steps deep. Partial sums go to f32 scratch
 // without atomics: G's per slab (the eight warps' parts meet in shared memory first), dB's per
-// row chunk; `sum_parts` adds them up afterwards (deterministic).
+// row chunk; `sum_two_parts` adds both up afterwards in one launch (deterministic).
+//
+// Measured on an H200 (bench/kernel-lab/tclab.cu, bf16, m 16384, in = out = 4096, r = 16):
+// lora_outer 41 µs where cuBLAS takes 46–48; lora_dy_grads with its sums 62 µs where cuBLAS's
+// two GEMMs take 36 + 38. Tried and not kept (the lab's history): staging lora_outer's tile
+// through shared memory for whole 128-byte rows (43 µs), ldmatrix.trans instead of movmatrix
+// (no faster), the same kernel for dA = scale·xᵀ·G (48 µs against cuBLAS's 38).
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -74,12 +79,9 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t v) {
 // L[row][j] at row·ld_l + j and R[col][j] at col·rc + j·rk. The host guarantees n % 8 == 0 and
 // y 16-byte aligned (dense rows of n). Blocks of whole warps; warp w of block (bx, by) takes
 // columns [64·(bx·warps + w), +64) and rows [16·tiles·by, +16·tiles).
-// STAGED: the tile goes through shared memory first, so that each store instruction writes four
-// whole rows of 128 bytes (else 64 contiguous bytes of eight rows). At most 4 warps per block.
-template <typename T, int KC, bool STAGED>
+template <typename T, int KC>
 __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __restrict__ R, long long rc, long long rk,
                            const T* __restrict__ bias, T* __restrict__ y, int m, int n, int r, int tiles, float alpha) {
-    __shared__ uint4 tile_buf[STAGED ? 4 : 1][16][9];  // [warp][row][16-byte pack], one pack of padding
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int strip = (blockIdx.x * (blockDim.x >> 5) + warp) * 64;
@@ -139,39 +141,18 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
 #pragma unroll
             for (int q = 0; q < KC; q++) MmaOp<T>::run(acc[t], a[q], rf[q][t][0], rf[q][t][1]);
         }
-        if (STAGED) {
 #pragma unroll
-            for (int half = 0; half < 2; half++)
+        for (int half = 0; half < 2; half++) {
+            const int row = row0 + g + 8 * half;
+            if (row >= m) continue;
 #pragma unroll
-                for (int p = 0; p < 2; p++) {
-                    float o[8];
+            for (int p = 0; p < 2; p++) {
+                const int col = strip + 32 * p + 8 * c;
+                if (col >= n) continue;
+                float o[8];
 #pragma unroll
-                    for (int e = 0; e < 8; e++) o[e] = alpha * acc[4 * p + e / 2][2 * half + (e & 1)] + bv[p][e];
-                    store<T, 8>(reinterpret_cast<T*>(&tile_buf[STAGED ? warp : 0][g + 8 * half][4 * p + c]), o);
-                }
-            __syncwarp();
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int rr = 4 * k + (lane >> 3), pk = lane & 7;
-                const int row = row0 + rr, col = strip + 8 * pk;
-                if (row < m && col < n)
-                    *reinterpret_cast<uint4*>(y + (size_t)row * n + col) = tile_buf[STAGED ? warp : 0][rr][pk];
-            }
-            __syncwarp();
-        } else {
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int row = row0 + g + 8 * half;
-                if (row >= m) continue;
-#pragma unroll
-                for (int p = 0; p < 2; p++) {
-                    const int col = strip + 32 * p + 8 * c;
-                    if (col >= n) continue;
-                    float o[8];
-#pragma unroll
-                    for (int e = 0; e < 8; e++) o[e] = alpha * acc[4 * p + e / 2][2 * half + (e & 1)] + bv[p][e];
-                    store<T, 8>(y + (size_t)row * n + col, o);
-                }
+                for (int e = 0; e < 8; e++) o[e] = alpha * acc[4 * p + e / 2][2 * half + (e & 1)] + bv[p][e];
+                store<T, 8>(y + (size_t)row * n + col, o);
             }
         }
 #pragma unroll
@@ -181,15 +162,15 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
     }
 }
 
-// Stages of the ring through which lora_tall_grads streams D and L: the copies of the next
+// Stages of the ring through which lora_dy_grads streams D and L: the copies of the next
 // GRAD_STAGES − 1 steps are in flight while a step is computed (with the next step's only, the
 // kernel read dy at half the memory's rate). 20 KiB per stage and block.
 constexpr int GRAD_STAGES = 4;
-// L's leading dimension in lora_tall_grads: a row of 16 ranks is 32 bytes, two 16-byte copies.
+// L's leading dimension in lora_dy_grads: a row of 16 ranks is 32 bytes, two 16-byte copies.
 constexpr int L_LD = 16;
 
 // One read of D (m, n), dense rows, n % 8 == 0, 16-byte aligned, for
-//   Gp[slab][row][κ] = Σ_{col in slab} D[row][col]·B[κ][col]    (WITH_G; κ < 16, B[κ][col] at κ·sb0 + col·sb1)
+//   Gp[slab][row][κ] = Σ_{col in slab} D[row][col]·B[κ][col]    (κ < 16, B[κ][col] at κ·sb0 + col·sb1)
 //   Pp[chunk][κ][col] = Σ_{row in chunk} L[row][κ]·D[row][col]  (κ < 16)
 // with L (m, 16) dense and 16-byte aligned; B's ranks ≥ r are read as zero, and L's columns past
 // r only reach the rows of Pp past r (which the host does not read). 256 threads (eight warps,
@@ -197,23 +178,11 @@ constexpr int L_LD = 16;
 // +rows_per_chunk), rows_per_chunk % 16 == 0. Dynamic shared memory: GRAD_STAGES · 20 KiB, the
 // ring: per stage and warp, each lane's four packs of D (read back only by that lane) and the
 // step's 16 × 16 tile of L (copied by all 32 lanes, read by all after a warp barrier).
-// Four 8×8 matrices of 16-bit values from shared memory, transposed (ldmatrix .trans): lane l
-// gives the address of row l % 8 of matrix l / 8; register j gets matrix j as movmatrix.trans
-// leaves it.
-__device__ __forceinline__ void load_matrices_t(uint32_t (&d)[4], const void* row) {
-#if MC_TENSOR_CORES
-    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-                 : "r"(a));
-#endif
-}
-
-template <typename T, bool WITH_G, bool LDM>
-__device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L, const T* __restrict__ B,
+template <typename T>
+__device__ void lora_dy_grads(const T* __restrict__ D, const T* __restrict__ L, const T* __restrict__ B,
                                 long long sb0, long long sb1, float* __restrict__ Gp, float* __restrict__ Pp, int m, int n,
                                 int r, int rows_per_chunk) {
-    __shared__ float gbuf[WITH_G ? 2 : 1][8][256];
+    __shared__ float gbuf[2][8][256];
     extern __shared__ uint4 ring[];  // [stage][warp][q: D packs 2v + h, then 4: L's tile][lane]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, c = lane & 3;
@@ -227,19 +196,17 @@ __device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L
     // B's fragments for G, in the order the packs give k: chunk (h, s) of D·Bᵀ takes, for
     // thread c, columns 32h + 8c + 4s + {0, 1} (k = 2c, 2c+1) and + {2, 3} (k = 2c+8, 2c+9).
     uint32_t gb[2][2][2][2];  // [h][s][u: ranks 8u…8u+7][reg]
-    if (WITH_G) {
 #pragma unroll
-        for (int h = 0; h < 2; h++)
+    for (int h = 0; h < 2; h++)
 #pragma unroll
-            for (int s = 0; s < 2; s++)
+        for (int s = 0; s < 2; s++)
 #pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    const int rank = 8 * u + g, col = strip + 32 * h + 8 * c + 4 * s;
-                    auto bv = [&](int cc) { return (rank < r && col_ok[h]) ? B[rank * sb0 + (long long)cc * sb1] : zero; };
-                    gb[h][s][u][0] = pair(bv(col), bv(col + 1));
-                    gb[h][s][u][1] = pair(bv(col + 2), bv(col + 3));
-                }
-    }
+            for (int u = 0; u < 2; u++) {
+                const int rank = 8 * u + g, col = strip + 32 * h + 8 * c + 4 * s;
+                auto bv = [&](int cc) { return (rank < r && col_ok[h]) ? B[rank * sb0 + (long long)cc * sb1] : zero; };
+                gb[h][s][u][0] = pair(bv(col), bv(col + 1));
+                gb[h][s][u][1] = pair(bv(col + 2), bv(col + 3));
+            }
     float acc[2][4][4];  // Pp's part: [h][i: 8-column tile][fragment]
 #pragma unroll
     for (int h = 0; h < 2; h++)
@@ -291,68 +258,51 @@ __device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L
         la[1] = pair(lt[(2 * c) * L_LD + g + 8], lt[(2 * c + 1) * L_LD + g + 8]);
         la[2] = pair(lt[(2 * c + 8) * L_LD + g], lt[(2 * c + 9) * L_LD + g]);
         la[3] = pair(lt[(2 * c + 8) * L_LD + g + 8], lt[(2 * c + 9) * L_LD + g + 8]);
-        if (LDM) {
-            // Tile (h, i): columns 32h + 8i … +7, rows 0–7 (b0) and 8–15 (b1); row ρ of it is
-            // the pack of lane 4(ρ % 8) + i, q = 2(ρ / 8) + h. One ldmatrix takes two tiles.
+        // Register i of pack h, rows g and g + 8, is an 8×8 block whose column 2c+e is the
+        // column 32h + 8c + 2i + e; transposed it is the B operand of Lᵀ·D for that tile.
 #pragma unroll
-            for (int h = 0; h < 2; h++)
+        for (int h = 0; h < 2; h++) {
+            const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
+            const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
 #pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const int mi = lane >> 3, v = mi & 1, i = 2 * j + (mi >> 1);
-                    uint32_t d[4];
-                    load_matrices_t(d, &ring[((stage * 8 + warp) * 5 + 2 * v + h) * 32 + 4 * (lane & 7) + i]);
-                    MmaOp<T>::run(acc[h][2 * j], la, d[0], d[1]);
-                    MmaOp<T>::run(acc[h][2 * j + 1], la, d[2], d[3]);
-                }
-        } else {
-            // Register i of pack h, rows g and g + 8, is an 8×8 block whose column 2c+e is the
-            // column 32h + 8c + 2i + e; transposed it is the B operand of Lᵀ·D for that tile.
+            for (int i = 0; i < 4; i++) MmaOp<T>::run(acc[h][i], la, transpose8x8(w0[i]), transpose8x8(w1[i]));
+        }
+        float ga[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
-                const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
+        for (int h = 0; h < 2; h++) {
+            const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
+            const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
 #pragma unroll
-                for (int i = 0; i < 4; i++) MmaOp<T>::run(acc[h][i], la, transpose8x8(w0[i]), transpose8x8(w1[i]));
+            for (int s = 0; s < 2; s++) {
+                const uint32_t a[4] = {w0[2 * s], w1[2 * s], w0[2 * s + 1], w1[2 * s + 1]};
+#pragma unroll
+                for (int u = 0; u < 2; u++) MmaOp<T>::run(ga[u], a, gb[h][s][u][0], gb[h][s][u][1]);
             }
         }
-        if (WITH_G) {
-            float ga[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        // The eight warps' parts of this step's 16 × 16 G tile meet in shared memory
+        // (alternate buffers: one barrier per step).
+        float* buf = gbuf[parity][warp];
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint32_t w0[4] = {cur[0][h].x, cur[0][h].y, cur[0][h].z, cur[0][h].w};
-                const uint32_t w1[4] = {cur[1][h].x, cur[1][h].y, cur[1][h].z, cur[1][h].w};
-#pragma unroll
-                for (int s = 0; s < 2; s++) {
-                    const uint32_t a[4] = {w0[2 * s], w1[2 * s], w0[2 * s + 1], w1[2 * s + 1]};
-#pragma unroll
-                    for (int u = 0; u < 2; u++) MmaOp<T>::run(ga[u], a, gb[h][s][u][0], gb[h][s][u][1]);
-                }
-            }
-            // The eight warps' parts of this step's 16 × 16 G tile meet in shared memory
-            // (alternate buffers: one barrier per step).
-            float* buf = gbuf[WITH_G ? parity : 0][warp];
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                buf[g * 16 + 8 * u + 2 * c] = ga[u][0];
-                buf[g * 16 + 8 * u + 2 * c + 1] = ga[u][1];
-                buf[(g + 8) * 16 + 8 * u + 2 * c] = ga[u][2];
-                buf[(g + 8) * 16 + 8 * u + 2 * c + 1] = ga[u][3];
-            }
-            __syncthreads();
-            float sum = 0.f;
-#pragma unroll
-            for (int w = 0; w < 8; w++) sum += gbuf[WITH_G ? parity : 0][w][tid];
-            const int row = row_start + 16 * step + tid / 16;
-            if (row < row_end) Gp[((size_t)slab * m + row) * 16 + (tid & 15)] = sum;
-            parity ^= 1;
+        for (int u = 0; u < 2; u++) {
+            buf[g * 16 + 8 * u + 2 * c] = ga[u][0];
+            buf[g * 16 + 8 * u + 2 * c + 1] = ga[u][1];
+            buf[(g + 8) * 16 + 8 * u + 2 * c] = ga[u][2];
+            buf[(g + 8) * 16 + 8 * u + 2 * c + 1] = ga[u][3];
         }
+        __syncthreads();
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) sum += gbuf[parity][w][tid];
+        const int row = row_start + 16 * step + tid / 16;
+        if (row < row_end) Gp[((size_t)slab * m + row) * 16 + (tid & 15)] = sum;
+        parity ^= 1;
     }
-    // acc[h][i]: ranks g and g + 8, columns 32h + 8c + 2i and + 1 (LDM: 32h + 8i + 2c and + 1).
+    // acc[h][i]: ranks g and g + 8, columns 32h + 8c + 2i and + 1.
 #pragma unroll
     for (int h = 0; h < 2; h++) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int col = strip + 32 * h + (LDM ? 8 * i + 2 * c : 8 * c + 2 * i);
+            const int col = strip + 32 * h + 8 * c + 2 * i;
             if (col >= n) continue;
             *reinterpret_cast<float2*>(Pp + ((size_t)chunk * 16 + g) * n + col) = make_float2(acc[h][i][0], acc[h][i][1]);
             *reinterpret_cast<float2*>(Pp + ((size_t)chunk * 16 + g + 8) * n + col) =
@@ -361,47 +311,46 @@ __device__ void lora_tall_grads(const T* __restrict__ D, const T* __restrict__ L
     }
 }
 
-// out[i·oi + j·oj] = scale · Σ_{s < S} P[(s·I + i)·J + j] for i < iu, j < ju: the sums of the
-// partial products above, in the output's dtype and layout.
+// One sum of partial products: out[i·oi + j·oj] = scale · Σ_{s < S} P[(s·I + i)·J + j] for
+// i < iu, j < ju, in the output's dtype and layout. Passed by value (kernel parameters).
 template <typename T>
-__device__ void sum_parts(const float* __restrict__ P, int S, int I, int J, int iu, int ju, T* __restrict__ out,
-                          long long oi, long long oj, float scale) {
-    const long long total = (long long)iu * ju;
+struct PartSum {
+    const float* P;
+    T* out;
+    long long oi, oj;
+    int S, I, J, iu, ju;
+    float scale;
+};
+
+// Both sums of lora_dy_grads' parts (G's and dB's) in one launch: blockIdx.y picks the sum.
+template <typename T>
+__device__ void sum_parts(const PartSum<T> q) {
+    const long long total = (long long)q.iu * q.ju;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
-        const long long i = idx / ju, j = idx % ju;
+        const long long i = idx / q.ju, j = idx % q.ju;
         float s = 0.f;
-        for (int p = 0; p < S; p++) s += P[((long long)p * I + i) * J + j];
-        out[i * oi + j * oj] = from_f<T>(scale * s);
+        for (int p = 0; p < q.S; p++) s += q.P[((long long)p * q.I + i) * q.J + j];
+        q.out[i * q.oi + j * q.oj] = from_f<T>(q.scale * s);
     }
 }
 
-#define LORA_OUTER_KERNEL(NAME, T, KC, SUFFIX, STAGED)                                                                \
-    extern "C" __global__ void __launch_bounds__(128) lora_outer_k##KC##SUFFIX##_##NAME(                              \
+#define LORA_OUTER_KERNEL(NAME, T, KC)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) lora_outer_k##KC##_##NAME(                                      \
         const T* L, long long ld_l, const T* R, long long rc, long long rk, const T* bias, T* y, int m, int n, int r,    \
         int tiles, float alpha) {                                                                                      \
-        lora_outer<T, KC, STAGED>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                 \
-    }
-#define LORA_GRAD_KERNELS(NAME, T, SUFFIX, LDM)                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) lora_dy_grads##SUFFIX##_##NAME(                                  \
-        const T* D, const T* L, const T* B, long long sb0, long long sb1, float* Gp, float* Pp, int m, int n, int r,     \
-        int rows_per_chunk) {                                                                                          \
-        lora_tall_grads<T, true, LDM>(D, L, B, sb0, sb1, Gp, Pp, m, n, r, rows_per_chunk);                             \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) lora_x_grad##SUFFIX##_##NAME(                                    \
-        const T* D, const T* L, float* Pp, int m, int n, int r, int rows_per_chunk) {                                  \
-        lora_tall_grads<T, false, LDM>(D, L, nullptr, 0, 0, nullptr, Pp, m, n, r, rows_per_chunk);                     \
+        lora_outer<T, KC>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                         \
     }
 #define LORA_TC_KERNELS(NAME, T)                                                                                       \
-    LORA_OUTER_KERNEL(NAME, T, 1, , false)                                                                            \
-    LORA_OUTER_KERNEL(NAME, T, 2, , false)                                                                            \
-    LORA_OUTER_KERNEL(NAME, T, 1, s, true)                                                                            \
-    LORA_OUTER_KERNEL(NAME, T, 2, s, true)                                                                            \
-    LORA_GRAD_KERNELS(NAME, T, , false)                                                                               \
-    LORA_GRAD_KERNELS(NAME, T, _ldm, true)                                                                            \
-    extern "C" __global__ void sum_parts_##NAME(const float* P, int S, int I, int J, int iu, int ju, T* out,            \
-                                                long long oi, long long oj, float scale) {                             \
-        sum_parts<T>(P, S, I, J, iu, ju, out, oi, oj, scale);                                                          \
+    LORA_OUTER_KERNEL(NAME, T, 1)                                                                                      \
+    LORA_OUTER_KERNEL(NAME, T, 2)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) lora_dy_grads_##NAME(                                            \
+        const T* D, const T* L, const T* B, long long sb0, long long sb1, float* Gp, float* Pp, int m, int n, int r,     \
+        int rows_per_chunk) {                                                                                          \
+        lora_dy_grads<T>(D, L, B, sb0, sb1, Gp, Pp, m, n, r, rows_per_chunk);                                          \
+    }                                                                                                                  \
+    extern "C" __global__ void sum_two_parts_##NAME(PartSum<T> first, PartSum<T> second) {                             \
+        sum_parts<T>(blockIdx.y == 0 ? first : second);                                                                \
     }
 
 LORA_TC_KERNELS(bf16, __nv_bfloat16)
