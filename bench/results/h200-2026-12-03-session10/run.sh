@@ -3,7 +3,7 @@
 # checks, then each kernel against the cuBLAS call it replaces and the whole sequences against
 # the bare GEMMs, interleaved); the library build's GPU tests; the LoRA ops at 8×2048×4096,
 # bf16 and f16, forward and backward, of this build and of the build the session started from
-# (BASE_XZ), interleaved twice; training of both builds.
+# (BASE_XZ), interleaved twice; training of both builds, interleaved twice.
 #   bash bench/results/h200-2026-12-03-session10/run.sh OUT BASE_XZ
 out=$1; base_xz=$2; mkdir -p "$out"
 torch_nvidia="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')"
@@ -22,12 +22,15 @@ for round in 1 2; do
       --shapes large --dtypes bf16,f16 --seconds 1 --json "$out/lora-$side-$round.json"
   done
 done
-for cfg in smollm2-135m llama-1b; do
-  for side in base new; do
-    exe=$new; [ $side = base ] && exe=$base
-    run "bench-train $cfg $side" $exe bench-train --config $cfg --batch 8 --seq 512 --rank 16 --device cuda \
-      --dtype bf16 --json "$out/train-$side-$cfg.json"
+for round in 1 2; do
+  for cfg in smollm2-135m llama-1b; do
+    for side in base new; do
+      exe=$new; [ $side = base ] && exe=$base
+      run "bench-train $cfg $side $round" $exe bench-train --config $cfg --batch 8 --seq 512 --rank 16 --device cuda \
+        --dtype bf16 --json "$out/train-$side-$cfg-$round.json"
+    done
   done
 done
 } > "$out/run.log" 2>&1
+for f in "$out"/train-*.json; do echo "$(basename "$f" .json) $(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['tokens_per_s']))" "$f")"; done > "$out/train-tokens-per-s.txt"
 cd "$out" && tar czf results.tgz --exclude results.tgz . && ls

@@ -623,8 +623,11 @@ const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     // (in, r), then rank 13 (padded to 16) with A transposed ...
     (&[3, 211, 1000], 8, 520),
     (&[1, 700, 1024], 13, 136),
-    // ... and rows of x that are not whole 16-byte packs (the gradients fall back to cuBLAS).
+    // ... and rows of x that are not whole 16-byte packs ...
     (&[2, 300, 1001], 16, 64),
+    // ... and, A transposed, the one pass over dy for G and dB: enough rows for two blocks
+    // of 256 rows per SM on an H200 (132 SMs, 9 slabs of 512 columns, the last of 8).
+    (&[2, 3850, 8], 16, 4104),
 ];
 
 /// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor; x

@@ -29,8 +29,14 @@ const STRIP: usize = 64;
 const SLAB: usize = 512;
 /// Rows per mma tile.
 const TILE_ROWS: usize = 16;
-/// Row tiles each warp of `lora_outer` writes (it loads its R fragments once for all of them).
+/// The most row tiles each warp of `lora_outer` writes (it loads its R fragments once for all
+/// of them); fewer where that leaves the GPU short of warps.
 const OUTER_TILES: usize = 8;
+/// Warps per SM that `lora_outer`'s grid aims for before giving a warp more than one tile.
+const OUTER_WARPS_PER_SM: usize = 32;
+/// The fewest rows a block of `lora_dy_grads` takes: its setup (B's fragments, the ring's
+/// first stages) and its partial sums (16·n floats per block) are paid once per block.
+const GRAD_MIN_ROWS: usize = 256;
 /// Warps per block of `lora_outer`.
 const OUTER_WARPS: usize = 4;
 /// Dynamic shared memory of the gradient kernels: their ring of `GRAD_STAGES` (lora_tc.cu)
@@ -84,14 +90,21 @@ pub(super) fn projection_ld(dev: &CudaDevice, dtype: DType, r: usize) -> Result<
 }
 
 /// Whether [`dy_grads`] serves `dy` (m, n) at rank `r` (x (m, k) for the rest of the backward).
+///
+/// Only where the grid is full (two blocks per SM) of blocks of at least [`GRAD_MIN_ROWS`] rows:
+/// below that, cuBLAS's two GEMMs are the better choice (training SmolLM2-135M, 4096 tokens per
+/// step, lost 10% of its tokens/s on an H200 when this kernel took every size, and the outer
+/// kernel gave each warp 8 row tiles whatever the size).
 pub(super) fn grads_fit<T: Elem>(
     dev: &CudaDevice,
     (m, n, r): (usize, usize, usize),
     dy: &CudaView<'_, T>,
 ) -> Result<bool> {
-    Ok(half_precision(T::DTYPE)
-        && (1..=16).contains(&r)
-        && n.is_multiple_of(8)
+    if !(half_precision(T::DTYPE) && (1..=16).contains(&r) && n.is_multiple_of(8)) {
+        return Ok(false);
+    }
+    let blocks = n.div_ceil(SLAB) * (m / GRAD_MIN_ROWS);
+    Ok(blocks >= 2 * sm_count(dev)? as usize
         && fits_i32(&[m, n])
         && aligned16(dy, dev)
         && tensor_cores(dev)?)
@@ -119,7 +132,12 @@ pub(super) fn outer<T: Elem>(
         LORA_TC_PTX,
     )?;
     let (ld_l, rc, rk) = (ld_l as i64, rm.s0 as i64, rm.s1 as i64);
-    let (m_i, n_i, r_i, tiles) = (m as i32, n as i32, r as i32, OUTER_TILES as i32);
+    // Row tiles per warp: as many as the GPU has warps to spare for, so that a medium problem
+    // (a small model's layer) still spreads over every SM.
+    let warp_tiles = n.div_ceil(STRIP) * m.div_ceil(TILE_ROWS);
+    let target = sm_count(dev)? as usize * OUTER_WARPS_PER_SM;
+    let tiles = (warp_tiles / target).clamp(1, OUTER_TILES);
+    let (m_i, n_i, r_i, tiles_i) = (m as i32, n as i32, r as i32, tiles as i32);
     let null = 0u64;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -132,12 +150,12 @@ pub(super) fn outer<T: Elem>(
         .arg(&m_i)
         .arg(&n_i)
         .arg(&r_i)
-        .arg(&tiles)
+        .arg(&tiles_i)
         .arg(&alpha);
     let cfg = LaunchConfig {
         grid_dim: (
             n.div_ceil(STRIP * OUTER_WARPS) as u32,
-            m.div_ceil(TILE_ROWS * OUTER_TILES) as u32,
+            m.div_ceil(TILE_ROWS * tiles) as u32,
             1,
         ),
         block_dim: (32 * OUTER_WARPS as u32, 1, 1),
