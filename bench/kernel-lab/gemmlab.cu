@@ -18,33 +18,7 @@
 #include <cstdlib>
 #include <functional>
 #include <vector>
-
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e = (x);                                                                   \
-        if (e != cudaSuccess) {                                                                \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
-#define CB(x)                                                                     \
-    do {                                                                          \
-        cublasStatus_t s = (x);                                                   \
-        if (s != CUBLAS_STATUS_SUCCESS) {                                         \
-            fprintf(stderr, "%s:%d %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, (int)s); \
-            exit(1);                                                              \
-        }                                                                         \
-    } while (0)
-
-typedef __nv_bfloat16 bf;
-
-__global__ void fill(bf* p, size_t n, uint32_t seed, float scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = __float2bfloat16(scale * ((h >> 8) * (1.f / 16777216.f) * 2.f - 1.f));
-    }
-}
+#include "lab.cuh"
 
 // Reads n bf16 values in 16-byte packs and writes one float per block: the read ceiling.
 __global__ void read_all(const uint4* __restrict__ p, size_t packs, float* out) {

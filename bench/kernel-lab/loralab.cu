@@ -20,26 +20,7 @@
 
 #include "../../crates/metal-candle/src/ops/cuda/kernels/lora.cu"
 #include "../../crates/metal-candle/src/ops/cuda/kernels/softmax.cu"
-
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e = (x);                                                                   \
-        if (e != cudaSuccess) {                                                                \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
-
-typedef __nv_bfloat16 bf;
-
-template <typename T>
-__global__ void fill(T* p, size_t n, uint32_t seed, float scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = from_f<T>(scale * ((h >> 8) * (1.f / 16777216.f) * 2.f - 1.f));
-    }
-}
+#include "lab.cuh"
 
 __global__ void empty_kernel() {}
 
