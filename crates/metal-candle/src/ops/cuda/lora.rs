@@ -554,25 +554,22 @@ fn backward(
                 (computed.slice(..), want_ld)
             }
         };
-        // dB = Tᵀ·dy (r, n) (T carries the scale); dA = scale·xᵀ·G (k, r); G with leading
-        // dimension g_ld.
-        let (g, g_ld, db, da) = if tc_grads {
+        // G = dy·Bᵀ with leading dimension g_ld, and dB = Tᵀ·dy (r, n) (T carries the scale).
+        let (g, g_ld, db) = if tc_grads {
             let (sb0, sb1) = element_strides(&bm);
             let bs = Strided { data: &bv, s0: sb0, s1: sb1 };
             let (g, db) = lora_tc::dy_grads::<T>(&dev, &gv, &tv, bs, (m, n, r))?;
-            let mut da = alloc_out::<T>(&dev, k * r)?;
-            let g_op = Operand { data: &g.slice(..), trans: false, ld: lora_tc::PROJ_LD };
-            gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, g_op, 0.0, &mut da, 0, r)?;
-            (g, lora_tc::PROJ_LD, db, da)
+            (g, lora_tc::PROJ_LD, db)
         } else {
             let mut g = alloc_out::<T>(&dev, m * r)?;
             gemm::<T>(&dev, (m, r, n), 1.0, dy_op(), Operand { data: &bv, trans: !bm.trans, ld: bm.ld }, 0.0, &mut g, 0, r)?;
             let mut db = alloc_out::<T>(&dev, r * n)?;
             gemm::<T>(&dev, (r, n, m), 1.0, Operand { data: &tv, trans: true, ld: t_ld }, dy_op(), 0.0, &mut db, 0, n)?;
-            let mut da = alloc_out::<T>(&dev, k * r)?;
-            gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g.slice(..), trans: false, ld: r }, 0.0, &mut da, 0, r)?;
-            (g, r, db, da)
+            (g, r, db)
         };
+        // dA = scale·xᵀ·G (k, r).
+        let mut da = alloc_out::<T>(&dev, k * r)?;
+        gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g.slice(..), trans: false, ld: g_ld }, 0.0, &mut da, 0, r)?;
         let g_view = g.slice(..);
         // dx = scale·G·Aᵀ (+ base): the tensor-core kernel writes the low-rank term where it
         // serves and nothing is to be added first; else cuBLAS, accumulating into dx_base.
