@@ -195,6 +195,32 @@ fn lora_delta_matches_reference() {
     }
 }
 
+/// The factors as strided views (transposed storage, narrowed rows), every combination: the CPU
+/// kernels pack A and B straight from their strides, so each layout must give the same
+/// output and gradients as contiguous factors.
+#[test]
+fn lora_delta_accepts_strided_factors() {
+    for dtype in [DType::F64, DType::F32, DType::BF16] {
+        for (k, n, r) in [(33, 70, 5), (64, 17, 16)] {
+            for a_view in VIEWS {
+                for b_view in VIEWS {
+                    let fused = move |t: &[Tensor]| {
+                        let a = as_view(&t[1], a_view)?;
+                        let b = as_view(&t[2], b_view)?;
+                        ops::lora_delta(&t[0], &a, &b, 0.9)
+                    };
+                    let refr = |t: &[Tensor]| Ok(reference::lora_delta(&t[0], &t[1], &t[2], 0.9)?);
+                    let x = randn(&[3, 6, k], 0.0, 1.0, dtype).unwrap();
+                    let a = randn(&[k, r], 0.0, 1.0 / (k as f64).sqrt(), dtype).unwrap();
+                    let b = randn(&[r, n], 0.0, 0.5, dtype).unwrap();
+                    let name = format!("lora_delta A {a_view:?} B {b_view:?}");
+                    compare(&name, &fused, &refr, &[x, a, b], View::Contiguous, 2.0);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn lora_linear_matches_reference_with_and_without_bias() {
     for with_bias in [false, true] {

@@ -187,7 +187,8 @@ fn cpu_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
     })
 }
 
-/// Aᵀ (r, in) and B (r, out), contiguous, from storages with arbitrary layouts.
+/// Aᵀ (r, in) and B (r, out), packed for the CPU kernels straight from storages with any
+/// 2-D strided layout.
 fn cpu_factors<T: Elem>(
     a: (&CpuStorage, &Layout),
     b: (&CpuStorage, &Layout),
@@ -195,9 +196,29 @@ fn cpu_factors<T: Elem>(
 ) -> candle_core::Result<cpu::lora::Factors<T::A>> {
     let (k, rank) = (a.1.dims()[0], a.1.dims()[1]);
     let n = b.1.dims()[1];
-    let at = cpu::contiguous::<T>(a.0, &a.1.transpose(0, 1)?)?;
-    let bv = cpu::contiguous::<T>(b.0, b.1)?;
-    Ok(cpu::lora::factors::<T>(&at, &bv, rank, k, n, scale))
+    Ok(cpu::lora::factors::<T>(
+        factor_view(a, true)?,
+        factor_view(b, false)?,
+        rank,
+        k,
+        n,
+        scale,
+    ))
+}
+
+/// A 2-D factor's elements and (row, column) strides, those of its transpose if `transpose`.
+fn factor_view<'a, T: Elem>(
+    (storage, layout): (&'a CpuStorage, &Layout),
+    transpose: bool,
+) -> candle_core::Result<cpu::lora::FactorView<'a, T>> {
+    let data = &T::cpu_storage_as_slice(storage)?[layout.start_offset()..];
+    let (rows, cols) = (layout.stride()[0], layout.stride()[1]);
+    let strides = if transpose {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    Ok(cpu::lora::FactorView { data, strides })
 }
 
 struct LoraDelta {

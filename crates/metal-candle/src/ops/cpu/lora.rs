@@ -35,19 +35,50 @@ impl<A: Acc> Packed<A> {
         }
     }
 
-    /// Packs the row-major (rows × len) `src`, converting each element with `to_acc`.
-    fn from_rows<T: Copy>(src: &[T], rows: usize, len: usize, to_acc: impl Fn(T) -> A) -> Self {
+    /// Packs the (rows × len) matrix whose element (j, c) is `src[j·row_stride + c·col_stride]`,
+    /// converting each element with `to_acc`: any strided 2-D view (a transpose included) is
+    /// packed in this one pass, with no contiguous copy first. Each block is filled in the
+    /// order that reads `src` contiguously where the view allows.
+    fn from_strided<T: Copy>(
+        src: &[T],
+        (rows, len): (usize, usize),
+        (row_stride, col_stride): (usize, usize),
+        to_acc: impl Fn(T) -> A,
+    ) -> Self {
         let mut packed = Self::zeros(rows, len);
         for (b, block) in packed.blocks_mut().enumerate() {
-            let c = b * BLOCK;
-            let width = BLOCK.min(len - c);
-            for (j, dst) in block.chunks_exact_mut(BLOCK).enumerate() {
-                for (d, &v) in dst.iter_mut().zip(&src[j * len + c..j * len + c + width]) {
-                    *d = to_acc(v);
+            let c0 = b * BLOCK;
+            let width = BLOCK.min(len - c0);
+            if row_stride == 1 && col_stride != 1 {
+                // Column-major source (a transposed row-major matrix): column by column.
+                for l in 0..width {
+                    let col = &src[(c0 + l) * col_stride..][..rows];
+                    for (j, &v) in col.iter().enumerate() {
+                        block[j * BLOCK + l] = to_acc(v);
+                    }
+                }
+            } else {
+                for (j, dst) in block.chunks_exact_mut(BLOCK).enumerate() {
+                    let row = &src[j * row_stride + c0 * col_stride..];
+                    if col_stride == 1 {
+                        for (d, &v) in dst.iter_mut().zip(&row[..width]) {
+                            *d = to_acc(v);
+                        }
+                    } else {
+                        for (l, d) in dst[..width].iter_mut().enumerate() {
+                            *d = to_acc(row[l * col_stride]);
+                        }
+                    }
                 }
             }
         }
         packed
+    }
+
+    /// Packs the row-major (rows × len) `src`.
+    #[cfg(test)]
+    fn from_rows(src: &[A], rows: usize, len: usize) -> Self {
+        Self::from_strided(src, (rows, len), (len, 1), |v| v)
     }
 
     /// Back to a row-major (rows × len) matrix.
@@ -89,18 +120,25 @@ pub(crate) struct Factors<A> {
     scale: A,
 }
 
-/// Converts factor storage (Aᵀ (r, K) and B (r, N), row-major) to accumulation precision.
+/// A factor's storage: the elements and the (row, column) strides of the view to pack.
+pub(crate) struct FactorView<'a, T> {
+    pub data: &'a [T],
+    pub strides: (usize, usize),
+}
+
+/// Packs the factors in accumulation precision: `at` is the view of Aᵀ (r, K) (for A stored
+/// as (K, r), its transposed strides), `b` that of B (r, N).
 pub(crate) fn factors<T: Elem>(
-    at: &[T],
-    b: &[T],
+    at: FactorView<'_, T>,
+    b: FactorView<'_, T>,
     rank: usize,
     k: usize,
     n: usize,
     scale: f64,
 ) -> Factors<T::A> {
     Factors {
-        at: Packed::from_rows(at, rank, k, T::to_acc),
-        b: Packed::from_rows(b, rank, n, T::to_acc),
+        at: Packed::from_strided(at.data, (rank, k), at.strides, T::to_acc),
+        b: Packed::from_strided(b.data, (rank, n), b.strides, T::to_acc),
         rank,
         k,
         n,
@@ -124,8 +162,7 @@ pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> (Vec<
         || (RowGroup::new(k, rank), Vec::new()),
         #[inline(always)]
         |(group, t), first, count, y, fma| {
-            y.fill(T::A::ZERO);
-            group.add_lora_rows(x, first, count, f, y, fma);
+            group.lora_rows(x, first, count, f, y, Combine::Overwrite, fma);
             t.extend_from_slice(&group.proj[..count * rank]);
         },
     );
@@ -165,7 +202,7 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
                                 }
                             }
                         }
-                        group.add_lora_rows(x, g * GROUP, count, f, yb, fma);
+                        group.lora_rows(x, g * GROUP, count, f, yb, Combine::Add, fma);
                         T::store(&yb[..count * n], o);
                     },
                 )
@@ -214,40 +251,52 @@ impl<A: Acc> RowGroup<A> {
         rows
     }
 
-    /// `y_i += scale·(x_i·A)·B` for the group's rows of `x` (`y`: GROUP × N, row i of the group
-    /// in row i; rows past `count` get the zero row's term, nothing).
+    /// `y_i (+)= scale·(x_i·A)·B` for the group's rows of `x` (`y`: GROUP × N, row i of the
+    /// group in row i; rows past `count` get the zero row's term: zero, or nothing added).
     #[inline(always)]
-    fn add_lora_rows<T: Elem<A = A>>(
+    #[allow(clippy::too_many_arguments)]
+    fn lora_rows<T: Elem<A = A>>(
         &mut self,
         x: &[T],
         first: usize,
         count: usize,
         f: &Factors<A>,
         y: &mut [A],
+        how: Combine,
         fma: bool,
     ) {
         let mut proj = std::mem::take(&mut self.proj);
         let xs = self.load(x, first, count);
         match (fma, wide_tiles()) {
-            (true, true) => lora_rows::<A, true, true>(xs, f, &mut proj, y),
-            (true, false) => lora_rows::<A, true, false>(xs, f, &mut proj, y),
-            (false, true) => lora_rows::<A, false, true>(xs, f, &mut proj, y),
-            (false, false) => lora_rows::<A, false, false>(xs, f, &mut proj, y),
+            (true, true) => lora_group::<A, true, true>(xs, f, &mut proj, y, how),
+            (true, false) => lora_group::<A, true, false>(xs, f, &mut proj, y, how),
+            (false, true) => lora_group::<A, false, true>(xs, f, &mut proj, y, how),
+            (false, false) => lora_group::<A, false, false>(xs, f, &mut proj, y, how),
         }
         self.proj = proj;
     }
 }
 
-/// `y_i += scale·(x_i·A)·B` for a group's rows `xs`, their projections going through `proj`.
+/// `y_i (+)= scale·(x_i·A)·B` for a group's rows `xs`, their projections going through `proj`.
 #[inline(always)]
-fn lora_rows<A: Acc, const FMA: bool, const WIDE: bool>(
+fn lora_group<A: Acc, const FMA: bool, const WIDE: bool>(
     xs: [&[A]; GROUP],
     f: &Factors<A>,
     proj: &mut [A],
     y: &mut [A],
+    how: Combine,
 ) {
     project_group::<A, FMA, WIDE>(xs, &f.at, f.scale, proj);
-    combine_group::<A, FMA, WIDE>(proj, &f.b, y);
+    combine_group::<A, FMA, WIDE>(proj, &f.b, y, how);
+}
+
+/// Whether [`combine_group`] adds its sums to the output rows or writes them over whatever the
+/// rows hold. Overwriting spares the caller a pass that zeroes the rows and the kernel the read
+/// of them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Combine {
+    Add,
+    Overwrite,
 }
 
 /// Whether the register tiles of the kernels below are sized for AVX-512 (32 registers of 16
@@ -349,54 +398,80 @@ fn dots<A: Acc, const FMA: bool, const R: usize, const L: usize>(
     })
 }
 
-/// `y_i += Σ_j t[i·r + j]·row_j` for the GROUP rows of `y` (GROUP × N, row-major) and the r
+/// `y_i (+)= Σ_j t[i·r + j]·row_j` for the GROUP rows of `y` (GROUP × N, row-major) and the r
 /// rows of the packed (r × N) matrix `m`: each block of `m` is loaded once for all GROUP rows,
-/// and each block of `y` read and written once. The GROUP sums of a block stay in registers:
-/// the whole block (GROUP × 32 lanes) when `WIDE`, else half a block at a time (GROUP × 16).
+/// and each block of `y` written once (and read once when adding). The GROUP sums of a block
+/// stay in registers: the whole block (GROUP × 32 lanes) when `WIDE`, else half a block at a
+/// time (GROUP × 16).
 #[inline(always)]
-fn combine_group<A: Acc, const FMA: bool, const WIDE: bool>(t: &[A], m: &Packed<A>, y: &mut [A]) {
+fn combine_group<A: Acc, const FMA: bool, const WIDE: bool>(
+    t: &[A],
+    m: &Packed<A>,
+    y: &mut [A],
+    how: Combine,
+) {
     if WIDE {
-        combine_columns::<A, FMA, BLOCK>(t, m, y);
+        combine_columns::<A, FMA, BLOCK>(t, m, y, how);
     } else {
-        combine_columns::<A, FMA, { BLOCK / 2 }>(t, m, y);
+        combine_columns::<A, FMA, { BLOCK / 2 }>(t, m, y, how);
     }
 }
 
 /// [`combine_group`] in column strips of `W` (a divisor of [`BLOCK`]).
 #[inline(always)]
-fn combine_columns<A: Acc, const FMA: bool, const W: usize>(t: &[A], m: &Packed<A>, y: &mut [A]) {
+fn combine_columns<A: Acc, const FMA: bool, const W: usize>(
+    t: &[A],
+    m: &Packed<A>,
+    y: &mut [A],
+    how: Combine,
+) {
     let (rank, n) = (m.rows, m.len);
+    let t = &t[..GROUP * rank];
     for (b, block) in m.blocks().enumerate() {
         for h in 0..BLOCK / W {
             let c = b * BLOCK + h * W;
             if c >= n {
                 break;
             }
-            let mut acc = [[A::ZERO; W]; GROUP];
+            // One named accumulator set per row, as in `dots`: an array of them indexed in a
+            // loop is kept on the stack when the compiler does not unroll that loop.
+            let (mut a0, mut a1, mut a2, mut a3) =
+                ([A::ZERO; W], [A::ZERO; W], [A::ZERO; W], [A::ZERO; W]);
             for (j, rc) in block.chunks_exact(BLOCK).enumerate() {
                 let rc: &[A; W] = rc[h * W..(h + 1) * W].try_into().unwrap();
-                for (i, acc_i) in acc.iter_mut().enumerate() {
-                    let tij = t[i * rank + j];
-                    for l in 0..W {
-                        acc_i[l] = tij.madd::<FMA>(rc[l], acc_i[l]);
-                    }
+                let (t0, t1, t2, t3) = (t[j], t[rank + j], t[2 * rank + j], t[3 * rank + j]);
+                for l in 0..W {
+                    a0[l] = t0.madd::<FMA>(rc[l], a0[l]);
+                    a1[l] = t1.madd::<FMA>(rc[l], a1[l]);
+                    a2[l] = t2.madd::<FMA>(rc[l], a2[l]);
+                    a3[l] = t3.madd::<FMA>(rc[l], a3[l]);
                 }
             }
             let width = W.min(n - c);
-            for (i, sums) in acc.into_iter().enumerate() {
-                let yc = &mut y[i * n + c..i * n + c + width];
-                if let Ok(yc) = <&mut [A; W]>::try_from(&mut *yc) {
-                    for l in 0..W {
-                        yc[l] += sums[l];
-                    }
-                } else {
-                    // The last, partial strip. Its own loop over a copy: indexing `acc` by a
-                    // run-time width would keep it in memory, and the loops above unvectorised.
-                    for (v, a) in yc.iter_mut().zip(sums) {
-                        *v += a;
-                    }
-                }
-            }
+            put_strip(&mut y[c..c + width], &a0, how);
+            put_strip(&mut y[n + c..n + c + width], &a1, how);
+            put_strip(&mut y[2 * n + c..2 * n + c + width], &a2, how);
+            put_strip(&mut y[3 * n + c..3 * n + c + width], &a3, how);
+        }
+    }
+}
+
+/// Adds or writes the sums `acc` into the strip `y` (W values, or fewer for the last strip).
+#[inline(always)]
+fn put_strip<A: Acc, const W: usize>(y: &mut [A], acc: &[A; W], how: Combine) {
+    if let Ok(y) = <&mut [A; W]>::try_from(&mut *y) {
+        for l in 0..W {
+            y[l] = match how {
+                Combine::Add => y[l] + acc[l],
+                Combine::Overwrite => acc[l],
+            };
+        }
+    } else {
+        for (v, &a) in y.iter_mut().zip(acc) {
+            *v = match how {
+                Combine::Add => *v + a,
+                Combine::Overwrite => a,
+            };
         }
     }
 }
@@ -504,11 +579,14 @@ fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
         None => project_group::<T::A, FMA, WIDE>(xs, &f.at, f.scale, &mut t),
     }
     project_group::<T::A, FMA, WIDE>(dys, &f.b, f.scale, &mut g);
-    match dx_init {
-        Some(init) => dxg[..count * k].copy_from_slice(&init[first * k..(first + count) * k]),
-        None => dxg[..count * k].fill(T::A::ZERO),
-    }
-    combine_group::<T::A, FMA, WIDE>(&g, &f.at, dxg);
+    let how = match dx_init {
+        Some(init) => {
+            dxg[..count * k].copy_from_slice(&init[first * k..(first + count) * k]);
+            Combine::Add
+        }
+        None => Combine::Overwrite,
+    };
+    combine_group::<T::A, FMA, WIDE>(&g, &f.at, dxg, how);
     add_outer_products::<T::A, FMA>(&g, xs, dat);
     add_outer_products::<T::A, FMA>(&t, dys, db);
     xg.proj = t;
@@ -578,7 +656,7 @@ mod tests {
         for rank in [1, 2, 3, 4, 5, 8, 9] {
             for len in [1, 7, 16, 31, 32, 33, 100] {
                 let m_rows = values(rank * len, 1);
-                let m = Packed::from_rows(&m_rows, rank, len, |v| v);
+                let m = Packed::from_rows(&m_rows, rank, len);
                 let xs_data = values(GROUP * len, 2);
                 let xs: [&[f64]; GROUP] = std::array::from_fn(|i| &xs_data[i * len..(i + 1) * len]);
                 let t: Vec<f64> = values(GROUP * rank, 3);
@@ -603,10 +681,10 @@ mod tests {
                     let mut got_y = vec![1.0; GROUP * len];
                     if wide {
                         project_group::<f64, false, true>(xs, &m, scale, &mut got_t);
-                        combine_group::<f64, false, true>(&t, &m, &mut got_y);
+                        combine_group::<f64, false, true>(&t, &m, &mut got_y, Combine::Add);
                     } else {
                         project_group::<f64, false, false>(xs, &m, scale, &mut got_t);
-                        combine_group::<f64, false, false>(&t, &m, &mut got_y);
+                        combine_group::<f64, false, false>(&t, &m, &mut got_y, Combine::Add);
                     }
                     for (what, got, want) in [("x·A", &got_t, &want_t), ("t·B", &got_y, &want_y)]
                     {
