@@ -26,12 +26,31 @@ static int sms = 132;
 static const int RING = GRAD_STAGES * 8 * 5 * 32 * 16;  // the gradient kernels' dynamic shared memory
 
 // --- launches, as the library makes them -----------------------------------------------------
-static void outer(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias, bf* y, int m,
-                  int n, int r, float alpha) {
-    const int warps = 4, tiles = 8;
+// y = alpha·L·Rᵀ (+ bias) (+ addend); L (m, r) in rows of ld_l.
+static void outer_add(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias,
+                      const bf* addend, bf* y, int m, int n, int r, float alpha, cudaStream_t stream = 0) {
+    // Row tiles per warp as the library picks them: enough warps for 32 per SM, at most 8 tiles.
+    const int warps = 4, warp_tiles = (n + 63) / 64 * ((m + 15) / 16);
+    const int tiles = std::min(8, std::max(1, warp_tiles / (sms * 32)));
     dim3 grid((n + 64 * warps - 1) / (64 * warps), (m + 16 * tiles - 1) / (16 * tiles));
-    auto f = r <= 16 ? lora_outer_k1_bf16 : lora_outer_k2_bf16;
-    f<<<grid, 32 * warps>>>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);
+    auto f = addend ? (r <= 16 ? lora_outer_add_k1_bf16 : lora_outer_add_k2_bf16)
+                    : (r <= 16 ? lora_outer_k1_bf16 : lora_outer_k2_bf16);
+    f<<<grid, 32 * warps, 0, stream>>>(L, ld_l, R, rc, rk, bias, addend, y, m, n, r, tiles, alpha);
+}
+static void outer(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias, bf* y, int m,
+                  int n, int r, float alpha, cudaStream_t stream = 0) {
+    outer_add(L, ld_l, R, rc, rk, bias, nullptr, y, m, n, r, alpha, stream);
+}
+
+// out[i][j] = in[j][i] for in (rows, cols) dense: B (r, out) into Bᵀ, the merge's L.
+__global__ void transpose(const bf* in, bf* out, int rows, int cols) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx < rows * cols) out[(idx % cols) * rows + idx / cols] = in[idx];
+}
+// W' = W + scale·Bᵀ·Aᵀ (n, k) through Bᵀ (n, r) in `bt`.
+static void merge_weight(const bf* w, const bf* b, const bf* a, bf* bt, bf* wm, int n, int k, int r, float scale) {
+    transpose<<<(r * n + 255) / 256, 256>>>(b, bt, r, n);
+    outer_add(bt, r, a, r, 1, nullptr, w, wm, n, k, r, scale);
 }
 
 static int chunks_for(int m, int n, int* rows_per_chunk) {
@@ -45,13 +64,13 @@ static int chunks_for(int m, int n, int* rows_per_chunk) {
 
 // G = dy·Bᵀ (m, 16) and dB = Tᵀ·dy (r, n) from one read of dy; T (m, 16).
 static void dy_grads(const bf* dy, const bf* t, const bf* b, bf* g, bf* db, float* gp, float* pp, int m, int n,
-                     int r) {
+                     int r, cudaStream_t stream = 0) {
     int rpc;
     const int chunks = chunks_for(m, n, &rpc), slabs = (n + 511) / 512;
-    lora_dy_grads_bf16<<<dim3(slabs, chunks), 256, RING>>>(dy, t, b, n, 1, gp, pp, m, n, r, rpc);
+    lora_dy_grads_bf16<<<dim3(slabs, chunks), 256, RING, stream>>>(dy, t, b, n, 1, gp, pp, m, n, r, rpc);
     const PartSum<bf> gs{gp, g, 16, 1, slabs, m, 16, m, 16, 1.f}, ds{pp, db, n, 1, chunks, 16, n, r, n, 1.f};
     const long long most = std::max<long long>((long long)m * 16, (long long)r * n);
-    sum_two_parts_bf16<<<dim3((int)std::min<long long>((most + 255) / 256, 4 * sms), 2), 256>>>(gs, ds);
+    sum_two_parts_bf16<<<dim3((int)std::min<long long>((most + 255) / 256, 4 * sms), 2), 256, 0, stream>>>(gs, ds);
 }
 
 // --- data --------------------------------------------------------------------------------------
@@ -104,6 +123,13 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
         CK(cudaMemcpy(g, t, (size_t)m * ld * 2, cudaMemcpyDeviceToDevice));
     }
     outer(g, ld, a, r, 1, nullptr, dx, m, k, r, scale);
+    // The merged weight W' = W + scale·Bᵀ·Aᵀ (n, k): L[i][j] = B[j][i], R[col][j] = A[col][j].
+    bf *w = dev_random((size_t)n * k, 7, 1.f), *wm;
+    CK(cudaMalloc(&wm, (size_t)n * k * 2));
+    CK(cudaMemset(wm, 0xff, (size_t)n * k * 2));
+    bf* bt;
+    CK(cudaMalloc(&bt, (size_t)n * r * 2));
+    merge_weight(w, b, a, bt, wm, n, k, r, scale);
     CK(cudaDeviceSynchronize());
     CK(cudaGetLastError());
     const auto X = to_host(x, (size_t)m * k), DY = to_host(dy, (size_t)m * n), A = to_host(a, (size_t)k * r),
@@ -137,13 +163,21 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
             for (int j = 0; j < r; j++) s += (double)G[(size_t)i * ld + j] * A[(size_t)c * r + j];
             wdx[(size_t)i * k + c] = scale * s;
         }
-    const double e[4] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
-                         rel_err(DX, wdx)};
-    const bool ok = *std::max_element(e, e + 4) < 1e-2;
-    printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dx %.1e  %s\n", m, k, n, r, with_bias, e[0],
-           e[1], e[2], e[3], ok ? "ok" : "FAIL");
+    const auto W = to_host(w, (size_t)n * k), WM = to_host(wm, (size_t)n * k);
+    std::vector<double> wwm((size_t)n * k);
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < k; c++) {
+            double s = 0;
+            for (int j = 0; j < r; j++) s += (double)B[(size_t)j * n + i] * A[(size_t)c * r + j];
+            wwm[(size_t)i * k + c] = W[(size_t)i * k + c] + scale * s;
+        }
+    const double e[5] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
+                         rel_err(DX, wdx), rel_err(WM, wwm)};
+    const bool ok = *std::max_element(e, e + 5) < 1e-2;
+    printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dx %.1e W' %.1e  %s\n", m, k, n, r, with_bias,
+           e[0], e[1], e[2], e[3], e[4], ok ? "ok" : "FAIL");
     for (void* p : {(void*)x, (void*)dy, (void*)a, (void*)b, (void*)t, (void*)bias, (void*)y, (void*)g, (void*)db,
-                    (void*)da, (void*)dx, (void*)gp, (void*)pp})
+                    (void*)da, (void*)dx, (void*)gp, (void*)pp, (void*)w, (void*)wm, (void*)bt})
         CK(cudaFree(p));
     return ok;
 }
@@ -188,6 +222,7 @@ static void gemm(cublasHandle_t h, int m, int n, int k, const bf* a, bool ta, in
                     ldb, a, CUDA_R_16BF, lda, &beta, c, CUDA_R_16BF, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+#ifndef TCLAB_NO_MAIN  // overlaplab.cu reuses the helpers above
 int main(int argc, char** argv) {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
@@ -244,6 +279,18 @@ int main(int argc, char** argv) {
     report("cuBLAS dx = s·G·Aᵀ", time_us([&] { gemm(h, m, in, r, g, false, r, a, true, r, dx, in, scale, 0.f); }), mb);
     report("outer  dx = s·G·Aᵀ", time_us([&] { outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale); }), mb);
     auto dx_gemm0 = [&] { gemm(h, m, in, out, dy, false, out, w, false, in, dx, in, 1.f, 0.f); };
+    // The merged weight W' = W + scale·Bᵀ·Aᵀ (out, in): dx = dy·W' is then the whole dx.
+    bf *wm, *bt;
+    CK(cudaMalloc(&wm, (size_t)out * in * 2));
+    CK(cudaMalloc(&bt, (size_t)out * r * 2));
+    auto merge = [&] { merge_weight(w, b, a, bt, wm, out, in, r, scale); };
+    report("merge  W' = W + s·Bᵀ·Aᵀ", time_us(merge), 2.0 * out * in * 2);
+    auto bwd_merged = [&] {  // G + dB in one pass, cuBLAS dA, then dx = dy·W'
+        dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
+        gemm(h, in, r, m, x, true, in, g, false, 16, da, r, scale, 0.f);
+        merge();
+        gemm(h, m, in, out, dy, false, out, wm, false, in, dx, in, 1.f, 0.f);
+    };
     auto dx_gemm1 = [&] { gemm(h, m, in, out, dy, false, out, w, false, in, dx, in, 1.f, 1.f); };
     auto bwd_cublas = [&] {
         gemm(h, m, r, out, dy, false, out, b, true, out, g, r, 1.f, 0.f);
@@ -258,9 +305,28 @@ int main(int argc, char** argv) {
         outer(g, 16, a, r, 1, nullptr, dx, m, in, r, scale);
         dx_gemm1();
     };
+    {  // How far dx through W' (rounded to bf16 once merged) is from dx through W and G·Aᵀ.
+        bf* dx_tc;
+        CK(cudaMalloc(&dx_tc, (size_t)m * in * 2));
+        bwd_tc();
+        CK(cudaMemcpy(dx_tc, dx, (size_t)m * in * 2, cudaMemcpyDeviceToDevice));
+        bwd_merged();
+        CK(cudaDeviceSynchronize());
+        const auto p = to_host(dx, (size_t)m * in), q = to_host(dx_tc, (size_t)m * in);
+        double d2 = 0, q2 = 0, dmax = 0, qmax = 0;
+        for (size_t i = 0; i < p.size(); i++) {
+            const double d = (double)p[i] - q[i];
+            d2 += d * d; q2 += (double)q[i] * q[i];
+            dmax = std::max(dmax, std::fabs(d)); qmax = std::max(qmax, (double)std::fabs(q[i]));
+        }
+        printf("dx through W' vs through W + G·Aᵀ: relative L2 %.2e, max %.2e (of the largest |dx|)\n",
+               std::sqrt(d2 / q2), dmax / qmax);
+        CK(cudaFree(dx_tc));
+    }
     interleaved("dX GEMM beta 1 vs beta 0", dx_gemm1, dx_gemm0, "beta1", "beta0");
     interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");
     interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
+    interleaved("backward, merged W' / dX GEMM", bwd_merged, dx_gemm0, "seq", "gemm");
     auto base0 = [&] { gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 0.f); };
     auto fwd_cublas = [&] {
         gemm(h, m, r, in, x, false, in, a, false, r, t, r, scale, 0.f);
@@ -276,7 +342,9 @@ int main(int argc, char** argv) {
     interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
     interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");
     interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
+    interleaved("backward, merged W' / dX GEMM", bwd_merged, dx_gemm0, "seq", "gemm");
     interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
     printf("checks %s\n", ok ? "passed" : "FAILED");
     return ok ? 0 : 1;
 }
+#endif

@@ -628,6 +628,10 @@ const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     // ... and, A transposed, the one pass over dy for G and dB: enough rows for two blocks
     // of 256 rows per SM on an H200 (132 SMs, 9 slabs of 512 columns, the last of 8).
     (&[2, 3850, 8], 16, 4104),
+    // The LoRA linear backward merges B·A into W for dx where the layer has no more outputs
+    // than rows (the cases above with whole packs); here more outputs than rows keep the
+    // low-rank term written into dx by the tensor-core kernel, the GEMM adding onto it.
+    (&[1, 200, 2048], 16, 2048),
 ];
 
 /// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor; x

@@ -225,7 +225,7 @@ fn forward(
             let (s0, s1) = element_strides(&bm);
             let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
             let rm = Strided { data: &bv, s0: s1, s1: s0 };
-            lora_tc::outer::<T>(&dev, (&t.slice(..), t_ld), rm, bias_v.as_ref(), &mut y, (m, n, r), 1.0)?;
+            lora_tc::outer::<T>(&dev, (&t.slice(..), t_ld), rm, bias_v.as_ref(), None, &mut y, (m, n, r), 1.0)?;
         } else {
             gemm::<T>(
                 &dev,
@@ -266,6 +266,35 @@ fn element_strides(mat: &Matrix<'_>) -> (usize, usize) {
     } else {
         (mat.ld, 1)
     }
+}
+
+/// The merged weight `W + alpha·Bᵀ·Aᵀ` (out × in, dense) for the LoRA linear backward's dx, or
+/// `None` where the tensor-core kernel does not serve it (W not dense and 16-byte aligned, f32,
+/// rank past 32, `in` not a multiple of 8, older GPUs): the caller then adds the low-rank term
+/// to dx itself.
+#[rustfmt::skip]
+fn merged_weight<T: Elem>(
+    dev: &CudaDevice,
+    b: &Tensor,
+    (am, av): (&Matrix<'_>, &CudaView<'_, T>),
+    wm: &Matrix<'_>,
+    (n, k, r): (usize, usize, usize),
+    alpha: f32,
+) -> Result<Option<CudaSlice<T>>> {
+    let wv = wm.data.view::<T>()?;
+    let dense = !wm.trans && wm.ld == k && aligned16(&wv, dev);
+    if !dense || !lora_tc::outer_fits(dev, T::DTYPE, n, k, r)? {
+        return Ok(None);
+    }
+    // L = Bᵀ (n, r) in rows of r, R[col][j] = A[col][j].
+    let bt = b.t()?.contiguous()?;
+    let (bts, btl) = bt.storage_and_layout();
+    let btv = cuda_storage(&bts, "lora backward: Bᵀ")?.as_cuda_slice::<T>()?.slice(btl.start_offset()..);
+    let (sa0, sa1) = element_strides(am);
+    let rm = Strided { data: av, s0: sa0, s1: sa1 };
+    let mut merged = alloc_out::<T>(dev, n * k)?;
+    lora_tc::outer::<T>(dev, (&btv, r), rm, None, Some(&wv), &mut merged, (n, k, r), alpha)?;
+    Ok(Some(merged))
 }
 
 /// The most rows one block of `lora_small` takes (`MAX_ROWS` in lora.cu).
@@ -571,31 +600,43 @@ fn backward(
         let mut da = alloc_out::<T>(&dev, k * r)?;
         gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g.slice(..), trans: false, ld: g_ld }, 0.0, &mut da, 0, r)?;
         let g_view = g.slice(..);
-        // dx = scale·G·Aᵀ (+ base): the tensor-core kernel writes the low-rank term where it
-        // serves and nothing is to be added first; else cuBLAS, accumulating into dx_base.
         let mut dx = alloc_out::<T>(&dev, m * k)?;
-        if large && base_in.is_none() && lora_tc::outer_fits(&dev, x.dtype(), m, k, r)? {
-            // R[col][j] = A[col][j].
-            let (sa0, sa1) = element_strides(&am);
-            let rm = Strided { data: &av, s0: sa0, s1: sa1 };
-            lora_tc::outer::<T>(&dev, (&g_view, g_ld), rm, None, &mut dx, (m, k, r), alpha)?;
+        // With a frozen base weight, dx = dy·W + scale·G·Aᵀ = dy·(W + scale·Bᵀ·Aᵀ): one GEMM
+        // through the merged weight where that moves fewer bytes (see `lora_tc::merge_pays`).
+        let merged = match &base_w {
+            Some(wm) if large && lora_tc::merge_pays(m, n) => {
+                merged_weight::<T>(&dev, b, (&am, &av), wm, (n, k, r), alpha)?
+            }
+            _ => None,
+        };
+        if let Some(w_merged) = &merged {
+            gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &w_merged.slice(..), trans: false, ld: k }, 0.0, &mut dx, 0, k.max(1))?;
         } else {
-            let beta = match &base_in {
-                Some(bi) => {
-                    let bv = bi.view::<T>()?;
-                    if bv.len() != m * k {
-                        candle_core::bail!("lora backward: dx_base has {} elements, expected {}", bv.len(), m * k)
+            // dx = scale·G·Aᵀ (+ base): the tensor-core kernel writes the low-rank term where it
+            // serves and nothing is to be added first; else cuBLAS, accumulating into dx_base.
+            if large && base_in.is_none() && lora_tc::outer_fits(&dev, x.dtype(), m, k, r)? {
+                // R[col][j] = A[col][j].
+                let (sa0, sa1) = element_strides(&am);
+                let rm = Strided { data: &av, s0: sa0, s1: sa1 };
+                lora_tc::outer::<T>(&dev, (&g_view, g_ld), rm, None, None, &mut dx, (m, k, r), alpha)?;
+            } else {
+                let beta = match &base_in {
+                    Some(bi) => {
+                        let bv = bi.view::<T>()?;
+                        if bv.len() != m * k {
+                            candle_core::bail!("lora backward: dx_base has {} elements, expected {}", bv.len(), m * k)
+                        }
+                        dev.memcpy_dtod(&bv, &mut dx)?;
+                        1.0
                     }
-                    dev.memcpy_dtod(&bv, &mut dx)?;
-                    1.0
-                }
-                None => 0.0,
-            };
-            gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: g_ld }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
-        }
-        if let Some(wm) = &base_w {
-            let wv = wm.data.view::<T>()?;
-            gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &wv, trans: wm.trans, ld: wm.ld }, 1.0, &mut dx, 0, k.max(1))?;
+                    None => 0.0,
+                };
+                gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: g_ld }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
+            }
+            if let Some(wm) = &base_w {
+                let wv = wm.data.view::<T>()?;
+                gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &wv, trans: wm.trans, ld: wm.ld }, 1.0, &mut dx, 0, k.max(1))?;
+            }
         }
         Ok((to_tensor(dx, &dev, x.shape().clone()), to_tensor(da, &dev, (k, r)), to_tensor(db, &dev, (r, n))))
     })

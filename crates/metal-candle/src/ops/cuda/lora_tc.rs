@@ -1,9 +1,10 @@
 //! Launches of the tensor-core LoRA kernels (`kernels/lora_tc.cu`) that replace cuBLAS for the
 //! LoRA linear layer's thin products at large sizes, bf16 and f16 on sm_80 and later:
 //!
-//! - [`outer`]: `y = alpha·L·Rᵀ (+ bias)`, rank ≤ 32: the forward's `T·B` and the backward's
-//!   `G·Aᵀ`, written at 80% of the memory's write rate (cuBLAS: 70% at 16384 × 4096, r = 16, on
-//!   an H200).
+//! - [`outer`]: `y = alpha·L·Rᵀ (+ bias) (+ C)`, rank ≤ 32: the forward's `T·B`, the
+//!   backward's `G·Aᵀ`, written at 80% of the memory's write rate (cuBLAS: 70% at 16384 × 4096,
+//!   r = 16, on an H200), and the merged weight `W + scale·Bᵀ·Aᵀ` (C = W) of the LoRA linear
+//!   backward (see [`merge_pays`]).
 //! - [`dy_grads`]: `G = dy·Bᵀ` and `dB = Tᵀ·dy` from one read of dy (cuBLAS reads it twice),
 //!   rank ≤ 16.
 //!
@@ -111,13 +112,29 @@ pub(super) fn grads_fit<T: Elem>(
         && tensor_cores(dev)?)
 }
 
-/// `y = alpha·L·Rᵀ (+ bias)` into `y` (m, n) dense: L (m, r) with leading dimension `ld_l`,
-/// R (n, r) through its strides, `bias` n elements. The caller checked [`outer_fits`].
+/// Whether the LoRA linear backward should take dx as `dy·W'` with the merged weight
+/// `W' = W + scale·Bᵀ·Aᵀ` (out × in), written by [`outer`], rather than `dy·W` accumulating onto
+/// `scale·G·Aᵀ` (m × in): merging reads W and writes W' (2·out·in elements) where the
+/// low-rank term is written and read back by the GEMM's beta = 1 (about m·in elements each,
+/// the read partly hidden in the GEMM), so it pays once the layer has no more outputs than the
+/// batch has rows. An H200, bf16, m 16384, in = out = 4096, r = 16: the backward's time over the
+/// dX GEMM alone went from 1.193× to 1.167× (bench/kernel-lab/tclab.cu). W' is rounded to the
+/// dtype once, so dx differs from the unmerged sum by about half a unit in the last place
+/// (relative L2 3.4e-3 in bf16), the size of dx's own rounding.
+pub(super) fn merge_pays(m: usize, out: usize) -> bool {
+    out <= m
+}
+
+/// `y = alpha·L·Rᵀ (+ bias) (+ addend)` into `y` (m, n) dense: L (m, r) with leading dimension
+/// `ld_l`, R (n, r) through its strides, `bias` n elements, `addend` (m, n) dense and 16-byte
+/// aligned. The caller checked [`outer_fits`] (and the addend's layout).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn outer<T: Elem>(
     dev: &CudaDevice,
     (l, ld_l): (&CudaView<'_, T>, usize),
     rm: Strided<'_, '_, T>,
     bias: Option<&CudaView<'_, T>>,
+    addend: Option<&CudaView<'_, T>>,
     y: &mut CudaSlice<T>,
     (m, n, r): (usize, usize, usize),
     alpha: f32,
@@ -126,9 +143,12 @@ pub(super) fn outer<T: Elem>(
         return Ok(());
     }
     let chunks = if r <= 16 { 1 } else { 2 };
+    // The addend has its own kernel (a template argument in lora_tc.cu): the plain one keeps
+    // its registers, and with them its occupancy.
+    let kind = if addend.is_some() { "lora_outer_add" } else { "lora_outer" };
     let f = load(
         dev,
-        &format!("lora_outer_k{chunks}_{}", T::NAME),
+        &format!("{kind}_k{chunks}_{}", T::NAME),
         MODULE,
         LORA_TC_PTX,
     )?;
@@ -143,10 +163,12 @@ pub(super) fn outer<T: Elem>(
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(l).arg(&ld_l).arg(rm.data).arg(&rc).arg(&rk);
-    match bias {
-        Some(bias) => b.arg(bias),
-        None => b.arg(&null),
-    };
+    for v in [bias, addend] {
+        match v {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+    }
     b.arg(y)
         .arg(&m_i)
         .arg(&n_i)
@@ -163,8 +185,9 @@ pub(super) fn outer<T: Elem>(
         shared_mem_bytes: 0,
     };
     // SAFETY: L holds m rows of ld_l ≥ r elements, R n·r elements at the given strides, bias n
-    // (or null), y m·n elements, 16-byte aligned (a fresh allocation), n % 8 == 0, r ≤ 32; the
-    // grid covers m and n as the kernel expects.
+    // (or null), the addend m·n elements 16-byte aligned (or null), y m·n elements, 16-byte
+    // aligned (a fresh allocation), n % 8 == 0, r ≤ 32; the grid covers m and n as the kernel
+    // expects.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }

@@ -7,8 +7,9 @@
 // multiply-adds per element moved) but too much for the CUDA cores to keep pace with HBM, so
 // they run on the tensor cores, and the kernels are shaped around the memory traffic:
 //
-// lora_outer: `y = alpha·L·Rᵀ (+ bias)`, L (m, r) and R (n, r) by strides: the forward's
-// `T·B` and the backward's `G·Aᵀ`. A warp owns 64 output columns (its R fragments stay in
+// lora_outer: `y = alpha·L·Rᵀ (+ bias) (+ C)`, L (m, r) and R (n, r) by strides: the forward's
+// `T·B`, the backward's `G·Aᵀ`, and the merged weight `W + scale·Bᵀ·Aᵀ` (C = W, L = Bᵀ) that
+// the backward's dx GEMM takes in place of W. A warp owns 64 output columns (its R fragments stay in
 // registers) and walks down 16-row tiles; the columns of its mma tiles are permuted so that
 // every thread ends with two runs of 8 consecutive outputs of a row, and the four threads of a
 // row write 64 contiguous bytes per store instruction.
@@ -75,13 +76,15 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t v) {
     return out;
 }
 
-// y[row][col] = alpha · Σ_j L[row][j]·R[col][j] (+ bias[col]) for j < r ≤ 16·KC, with
-// L[row][j] at row·ld_l + j and R[col][j] at col·rc + j·rk. The host guarantees n % 8 == 0 and
-// y 16-byte aligned (dense rows of n). Blocks of whole warps; warp w of block (bx, by) takes
+// y[row][col] = alpha · Σ_j L[row][j]·R[col][j] (+ bias[col]) (+ C[row][col] where ADD) for
+// j < r ≤ 16·KC, with L[row][j] at row·ld_l + j and R[col][j] at col·rc + j·rk. The host
+// guarantees n % 8 == 0 and y and C 16-byte aligned (dense rows of n). ADD is a template
+// argument, not a null test: the kernel without it keeps its registers and schedule. Blocks of whole warps; warp w of block (bx, by) takes
 // columns [64·(bx·warps + w), +64) and rows [16·tiles·by, +16·tiles).
-template <typename T, int KC>
+template <typename T, int KC, bool ADD>
 __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __restrict__ R, long long rc, long long rk,
-                           const T* __restrict__ bias, T* __restrict__ y, int m, int n, int r, int tiles, float alpha) {
+                           const T* __restrict__ bias, const T* __restrict__ addend, T* __restrict__ y, int m, int n,
+                           int r, int tiles, float alpha) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int strip = (blockIdx.x * (blockDim.x >> 5) + warp) * 64;
@@ -134,6 +137,18 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
         if (row0 >= m) break;
         uint32_t a_next[KC][4];
         load_l(row0 + 16, a_next);  // in flight while this tile is computed and stored
+        // The addend's packs at the positions this thread stores, loaded before the products so
+        // that their latency overlaps them.
+        Pack<T, 8> cpk[2][2];
+        if constexpr (ADD) {
+#pragma unroll
+            for (int half = 0; half < 2; half++)
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    const int row = row0 + g + 8 * half, col = strip + 32 * p + 8 * c;
+                    if (row < m && col < n) cpk[half][p] = load_raw<T, 8>(addend + (size_t)row * n + col);
+                }
+        }
         float acc[8][4];
 #pragma unroll
         for (int t = 0; t < 8; t++) {
@@ -149,9 +164,10 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
             for (int p = 0; p < 2; p++) {
                 const int col = strip + 32 * p + 8 * c;
                 if (col >= n) continue;
-                float o[8];
+                float o[8], cv[8] = {};
+                if constexpr (ADD) unpack<T, 8>(cpk[half][p], cv);
 #pragma unroll
-                for (int e = 0; e < 8; e++) o[e] = alpha * acc[4 * p + e / 2][2 * half + (e & 1)] + bv[p][e];
+                for (int e = 0; e < 8; e++) o[e] = alpha * acc[4 * p + e / 2][2 * half + (e & 1)] + bv[p][e] + cv[e];
                 store<T, 8>(y + (size_t)row * n + col, o);
             }
         }
@@ -335,15 +351,18 @@ __device__ void sum_parts(const PartSum<T> q) {
     }
 }
 
-#define LORA_OUTER_KERNEL(NAME, T, KC)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) lora_outer_k##KC##_##NAME(                                      \
-        const T* L, long long ld_l, const T* R, long long rc, long long rk, const T* bias, T* y, int m, int n, int r,    \
-        int tiles, float alpha) {                                                                                      \
-        lora_outer<T, KC>(L, ld_l, R, rc, rk, bias, y, m, n, r, tiles, alpha);                                         \
+// lora_outer_k{KC}_{T}, and lora_outer_add_k{KC}_{T} with the addend (the other takes it too, unused).
+#define LORA_OUTER_KERNEL(NAME, T, KC, ADD, PREFIX)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) PREFIX##_k##KC##_##NAME(                                        \
+        const T* L, long long ld_l, const T* R, long long rc, long long rk, const T* bias, const T* addend, T* y, int m, \
+        int n, int r, int tiles, float alpha) {                                                                        \
+        lora_outer<T, KC, ADD>(L, ld_l, R, rc, rk, bias, addend, y, m, n, r, tiles, alpha);                           \
     }
 #define LORA_TC_KERNELS(NAME, T)                                                                                       \
-    LORA_OUTER_KERNEL(NAME, T, 1)                                                                                      \
-    LORA_OUTER_KERNEL(NAME, T, 2)                                                                                      \
+    LORA_OUTER_KERNEL(NAME, T, 1, false, lora_outer)                                                                   \
+    LORA_OUTER_KERNEL(NAME, T, 2, false, lora_outer)                                                                   \
+    LORA_OUTER_KERNEL(NAME, T, 1, true, lora_outer_add)                                                                \
+    LORA_OUTER_KERNEL(NAME, T, 2, true, lora_outer_add)                                                                \
     extern "C" __global__ void __launch_bounds__(256) lora_dy_grads_##NAME(                                            \
         const T* D, const T* L, const T* B, long long sb0, long long sb1, float* Gp, float* Pp, int m, int n, int r,     \
         int rows_per_chunk) {                                                                                          \
