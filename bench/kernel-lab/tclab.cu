@@ -9,6 +9,7 @@
 //        bench/kernel-lab/tclab.cu -lcublas -o tclab && ./tclab
 // (on the GPU machine, libcublas.so.13 from PyTorch's nvidia/cu13/lib on LD_LIBRARY_PATH).
 #include "lora_tc.cu"
+#include "dy_bulk.cuh"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -24,6 +25,27 @@
 
 static int sms = 132;
 static const int RING = GRAD_STAGES * 8 * 5 * 32 * 16;  // the gradient kernels' dynamic shared memory
+
+// The bulk-copy variant (lora_dy_grads_bulk_bf16 has BULK_STAGES stages); the lab's own
+// instances with other stage counts; `per_sm`: blocks per SM the grid is sized for (as the
+// library's chunks_for, which takes two; three stages leave room for three).
+template <int S, bool LANES = true, bool STAGGER = false, bool MATH = true>
+__global__ void __launch_bounds__(256) dy_grads_bulk_s(const bf* D, const bf* L, const bf* B, long long sb0, long long sb1,
+                                                       float* Gp, float* Pp, int m, int n, int r, int rpc) {
+    lora_dy_grads_bulk<bf, S, LANES, STAGGER, MATH>(D, L, B, sb0, sb1, Gp, Pp, m, n, r, rpc);
+}
+using DyGradsFn = void (*)(const bf*, const bf*, const bf*, long long, long long, float*, float*, int, int, int, int);
+// `rpc`: rows per chunk in the timed shape where > 0 (528: chunks 4.125 MiB apart, not 4).
+struct BulkVariant { DyGradsFn f; int stages, per_sm, rpc; const char* name; };
+// (Earlier runs also timed rows_per_chunk 528 and 3 blocks per SM: no faster; the notes in
+// bench/results/h200-2026-12-04-session11/lab/tclab-bulk.txt.)
+static const BulkVariant bulk_variants[] = {{lora_dy_grads_bulk_bf16, BULK_STAGES, 2, 0, "bulk (lanes issue)"},
+                                            {dy_grads_bulk_s<4, false>, 4, 2, 0, "bulk, thread 0 issues"},
+                                            {dy_grads_bulk_s<4, true, true>, 4, 2, 0, "bulk, stagger"},
+                                            {dy_grads_bulk_s<3, true, true>, 3, 2, 0, "bulk, 3 stages, stagger"},
+                                            {dy_grads_bulk_s<3>, 3, 2, 0, "bulk, 3 stages"},
+                                            {dy_grads_bulk_s<5>, 5, 2, 0, "bulk, 5 stages"},
+                                            {dy_grads_bulk_s<4, true, false, false>, 4, 2, 0, "bulk, no products (diag.)"}};
 
 // --- launches, as the library makes them -----------------------------------------------------
 // y = alpha·L·Rᵀ (+ bias) (+ addend); L (m, r) in rows of ld_l.
@@ -68,6 +90,26 @@ static void dy_grads(const bf* dy, const bf* t, const bf* b, bf* g, bf* db, floa
     int rpc;
     const int chunks = chunks_for(m, n, &rpc), slabs = (n + 511) / 512;
     lora_dy_grads_bf16<<<dim3(slabs, chunks), 256, RING, stream>>>(dy, t, b, n, 1, gp, pp, m, n, r, rpc);
+    const PartSum<bf> gs{gp, g, 16, 1, slabs, m, 16, m, 16, 1.f}, ds{pp, db, n, 1, chunks, 16, n, r, n, 1.f};
+    const long long most = std::max<long long>((long long)m * 16, (long long)r * n);
+    sum_two_parts_bf16<<<dim3((int)std::min<long long>((most + 255) / 256, 4 * sms), 2), 256, 0, stream>>>(gs, ds);
+}
+
+// chunks_for for `per_sm` blocks per SM.
+static int bulk_chunks(int m, int n, int per_sm, int* rows_per_chunk) {
+    const int slabs = (n + 511) / 512;
+    const int chunks = std::max(1, (per_sm * sms + slabs - 1) / slabs);
+    *rows_per_chunk = std::max(16, ((m + chunks - 1) / chunks + 15) / 16 * 16);
+    return (m + *rows_per_chunk - 1) / *rows_per_chunk;
+}
+// The same with lora_dy_grads_bulk (or a variant of it); rows_per_chunk `rpc_force` where > 0.
+static void dy_grads_bulk(const bf* dy, const bf* t, const bf* b, bf* g, bf* db, float* gp, float* pp, int m, int n,
+                          int r, cudaStream_t stream = 0, const BulkVariant& v = bulk_variants[0], int rpc_force = 0) {
+    int rpc;
+    int chunks = bulk_chunks(m, n, v.per_sm, &rpc);
+    const int slabs = (n + 511) / 512;
+    if (rpc_force > 0) { rpc = rpc_force; chunks = (m + rpc - 1) / rpc; }
+    v.f<<<dim3(slabs, chunks), 256, v.stages * BULK_STAGE_BYTES, stream>>>(dy, t, b, n, 1, gp, pp, m, n, r, rpc);
     const PartSum<bf> gs{gp, g, 16, 1, slabs, m, 16, m, 16, 1.f}, ds{pp, db, n, 1, chunks, 16, n, r, n, 1.f};
     const long long most = std::max<long long>((long long)m * 16, (long long)r * n);
     sum_two_parts_bf16<<<dim3((int)std::min<long long>((most + 255) / 256, 4 * sms), 2), 256, 0, stream>>>(gs, ds);
@@ -171,11 +213,33 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
             for (int j = 0; j < r; j++) s += (double)B[(size_t)j * n + i] * A[(size_t)c * r + j];
             wwm[(size_t)i * k + c] = W[(size_t)i * k + c] + scale * s;
         }
-    const double e[5] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
-                         rel_err(DX, wdx), rel_err(WM, wwm)};
-    const bool ok = *std::max_element(e, e + 5) < 1e-2;
-    printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dx %.1e W' %.1e  %s\n", m, k, n, r, with_bias,
-           e[0], e[1], e[2], e[3], e[4], ok ? "ok" : "FAIL");
+    // lora_dy_grads_bulk's G and dB, with the library's chunks and with chunks of 11 steps (the
+    // ring wraps); then the variant with staggered walks, both ways.
+    double eb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (grads) {
+        bf *g2, *db2;
+        CK(cudaMalloc(&g2, (size_t)m * 16 * 2)); CK(cudaMalloc(&db2, (size_t)r * n * 2));
+        for (int v = 0; v < 4; v++) {
+            CK(cudaMemset(g2, 0xff, (size_t)m * 16 * 2)); CK(cudaMemset(db2, 0xff, (size_t)r * n * 2));
+            dy_grads_bulk(dy, t, b, g2, db2, gp, pp, m, n, r, 0, bulk_variants[v < 2 ? 0 : 2], v & 1 ? 176 : 0);
+            CK(cudaDeviceSynchronize());
+            CK(cudaGetLastError());
+            const auto G2 = to_host(g2, (size_t)m * 16), DB2 = to_host(db2, (size_t)r * n);
+            std::vector<float> G2r((size_t)m * r);
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < r; j++) G2r[(size_t)i * r + j] = G2[(size_t)i * 16 + j];
+            eb[2 * v] = rel_err(G2r, wg);
+            eb[2 * v + 1] = rel_err(DB2, wdb);
+        }
+        CK(cudaFree(g2)); CK(cudaFree(db2));
+    }
+    const double e[13] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
+                          rel_err(DX, wdx), rel_err(WM, wwm), eb[0], eb[1], eb[2], eb[3], eb[4], eb[5], eb[6], eb[7]};
+    const bool ok = *std::max_element(e, e + 13) < 1e-2;
+    printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dx %.1e W' %.1e | bulk G %.1e dB %.1e, "
+           "rpc 176 G %.1e dB %.1e; stagger G %.1e dB %.1e, rpc 176 G %.1e dB %.1e  %s\n",
+           m, k, n, r, with_bias, e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8], e[9], e[10], e[11], e[12],
+           ok ? "ok" : "FAIL");
     for (void* p : {(void*)x, (void*)dy, (void*)a, (void*)b, (void*)t, (void*)bias, (void*)y, (void*)g, (void*)db,
                     (void*)da, (void*)dx, (void*)gp, (void*)pp, (void*)w, (void*)wm, (void*)bt})
         CK(cudaFree(p));
@@ -231,10 +295,13 @@ int main(int argc, char** argv) {
     CK(cudaEventCreate(&ev0));
     CK(cudaEventCreate(&ev1));
     CK(cudaFuncSetAttribute(lora_dy_grads_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
+    for (auto& v : bulk_variants)
+        CK(cudaFuncSetAttribute(v.f, cudaFuncAttributeMaxDynamicSharedMemorySize, v.stages * BULK_STAGE_BYTES));
 
     bool ok = true;
     const int cases[][5] = {{1, 8, 8, 8, 0},      {37, 72, 40, 8, 1},    {129, 520, 1000, 16, 1}, {200, 64, 1544, 5, 0},
-                            {16, 4096, 512, 16, 0}, {1000, 264, 136, 13, 1}, {300, 200, 96, 24, 0}};
+                            {16, 4096, 512, 16, 0}, {1000, 264, 136, 13, 1}, {300, 200, 96, 24, 0},
+                            {4999, 64, 1032, 16, 0}, {2048, 32, 4096, 16, 1}};
     for (auto& cs : cases) ok &= check_case(cs[0], cs[1], cs[2], cs[3], cs[4]);
     if (argc > 1 && std::string(argv[1]) == "check") return ok ? 0 : 1;
 
@@ -274,6 +341,57 @@ int main(int argc, char** argv) {
                    lora_dy_grads_bf16<<<dim3(8, chunks), 256, RING>>>(dy, t, b, out, 1, gp, pp, m, out, r, rpc);
                }),
                mb);
+        // The bulk-copy pass: first its outputs against lora_dy_grads' (the same sums in the same
+        // order: bit for bit), then its times.
+        bf *g1, *db1;
+        CK(cudaMalloc(&g1, (size_t)m * 16 * 2)); CK(cudaMalloc(&db1, (size_t)r * out * 2));
+        dy_grads(dy, t, b, g1, db1, gp, pp, m, out, r);
+        CK(cudaDeviceSynchronize());
+        const auto G1 = to_host(g1, (size_t)m * 16), DB1 = to_host(db1, (size_t)r * out);
+        for (auto& v : bulk_variants) {
+            if (std::string(v.name).find("diag") != std::string::npos) continue;  // not a correct kernel
+            CK(cudaMemset(g, 0xff, (size_t)m * 16 * 2)); CK(cudaMemset(db, 0xff, (size_t)r * out * 2));
+            dy_grads_bulk(dy, t, b, g, db, gp, pp, m, out, r, 0, v, v.rpc);
+            CK(cudaDeviceSynchronize());
+            CK(cudaGetLastError());
+            const auto G2 = to_host(g, (size_t)m * 16), DB2 = to_host(db, (size_t)r * out);
+            size_t diff = 0;
+            double e = 0, s1 = 1e-30, e2 = 0, s2 = 1e-30;
+            for (size_t i = 0; i < G1.size(); i++) {
+                diff += G1[i] != G2[i];
+                e = std::max(e, (double)std::fabs(G1[i] - G2[i])); s1 = std::max(s1, (double)std::fabs(G1[i]));
+            }
+            for (size_t i = 0; i < DB1.size(); i++) {
+                diff += DB1[i] != DB2[i];
+                e2 = std::max(e2, (double)std::fabs(DB1[i] - DB2[i])); s2 = std::max(s2, (double)std::fabs(DB1[i]));
+            }
+            printf("%-44s %zu of %zu values differ from lora_dy_grads' (G %.1e, dB %.1e)\n", v.name, diff,
+                   G1.size() + DB1.size(), e / s1, e2 / s2);
+            ok &= e / s1 < 1e-2 && e2 / s2 < 1e-2;
+        }
+        CK(cudaFree(g1)); CK(cudaFree(db1));
+        for (auto& v : bulk_variants) {
+            int vrpc;
+            int vchunks = bulk_chunks(m, out, v.per_sm, &vrpc);
+            if (v.rpc > 0) { vrpc = v.rpc; vchunks = (m + vrpc - 1) / vrpc; }
+            const std::string s1 = std::string("fused G + dB (+ sums), ") + v.name, s2 = std::string("  its one pass, ") + v.name;
+            report(s1.c_str(), time_us([&] { dy_grads_bulk(dy, t, b, g, db, gp, pp, m, out, r, 0, v, v.rpc); }), mb);
+            report(s2.c_str(), time_us([&] {
+                       v.f<<<dim3(8, vchunks), 256, v.stages * BULK_STAGE_BYTES>>>(dy, t, b, out, 1, gp, pp, m, out, r, vrpc);
+                   }),
+                   mb);
+        }
+        report("  its one pass over dy, rpc 528", time_us([&] {
+                   lora_dy_grads_bf16<<<dim3(8, (m + 527) / 528), 256, RING>>>(dy, t, b, out, 1, gp, pp, m, out, r, 528);
+               }),
+               mb);
+        // The two passes alternating, pair by pair.
+        interleaved("pass: cp.async / bulk", [&] {
+            lora_dy_grads_bf16<<<dim3(8, chunks), 256, RING>>>(dy, t, b, out, 1, gp, pp, m, out, r, rpc);
+        }, [&] {
+            lora_dy_grads_bulk_bf16<<<dim3(8, chunks), 256, BULK_STAGES * BULK_STAGE_BYTES>>>(dy, t, b, out, 1, gp, pp, m,
+                                                                                                out, r, rpc);
+        }, "cpasync", "bulk");
     }
     report("cuBLAS dA = s·xᵀ·G", time_us([&] { gemm(h, in, r, m, x, true, in, g, false, r, da, r, scale, 0.f); }), mb);
     report("cuBLAS dx = s·G·Aᵀ", time_us([&] { gemm(h, m, in, r, g, false, r, a, true, r, dx, in, scale, 0.f); }), mb);
@@ -287,6 +405,12 @@ int main(int argc, char** argv) {
     report("merge  W' = W + s·Bᵀ·Aᵀ", time_us(merge), 2.0 * out * in * 2);
     auto bwd_merged = [&] {  // G + dB in one pass, cuBLAS dA, then dx = dy·W'
         dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
+        gemm(h, in, r, m, x, true, in, g, false, 16, da, r, scale, 0.f);
+        merge();
+        gemm(h, m, in, out, dy, false, out, wm, false, in, dx, in, 1.f, 0.f);
+    };
+    auto bwd_merged_bulk = [&] {  // bwd_merged with lora_dy_grads_bulk
+        dy_grads_bulk(dy, t, b, g, db, gp, pp, m, out, r);
         gemm(h, in, r, m, x, true, in, g, false, 16, da, r, scale, 0.f);
         merge();
         gemm(h, m, in, out, dy, false, out, wm, false, in, dx, in, 1.f, 0.f);
@@ -327,6 +451,7 @@ int main(int argc, char** argv) {
     interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");
     interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
     interleaved("backward, merged W' / dX GEMM", bwd_merged, dx_gemm0, "seq", "gemm");
+    interleaved("backward, merged W' bulk / dX GEMM", bwd_merged_bulk, dx_gemm0, "seq", "gemm");
     auto base0 = [&] { gemm(h, m, out, in, x, false, in, w, true, in, y, out, 1.f, 0.f); };
     auto fwd_cublas = [&] {
         gemm(h, m, r, in, x, false, in, a, false, r, t, r, scale, 0.f);
@@ -343,6 +468,7 @@ int main(int argc, char** argv) {
     interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");
     interleaved("backward, tensor-core / dX GEMM", bwd_tc, dx_gemm0, "seq", "gemm");
     interleaved("backward, merged W' / dX GEMM", bwd_merged, dx_gemm0, "seq", "gemm");
+    interleaved("backward, merged W' bulk / dX GEMM", bwd_merged_bulk, dx_gemm0, "seq", "gemm");
     interleaved("forward, outer kernel / base GEMM", fwd_tc, base0, "seq", "gemm");
     printf("checks %s\n", ok ? "passed" : "FAILED");
     return ok ? 0 : 1;
