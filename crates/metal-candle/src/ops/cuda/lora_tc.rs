@@ -145,7 +145,11 @@ pub(super) fn outer<T: Elem>(
     let chunks = if r <= 16 { 1 } else { 2 };
     // The addend has its own kernel (a template argument in lora_tc.cu): the plain one keeps
     // its registers, and with them its occupancy.
-    let kind = if addend.is_some() { "lora_outer_add" } else { "lora_outer" };
+    let kind = if addend.is_some() {
+        "lora_outer_add"
+    } else {
+        "lora_outer"
+    };
     let f = load(
         dev,
         &format!("{kind}_k{chunks}_{}", T::NAME),
