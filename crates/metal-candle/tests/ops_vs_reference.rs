@@ -9,8 +9,8 @@ use metal_candle::ops::{self, reference};
 
 const DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::BF16, DType::F16];
 const HIDDEN: [usize; 5] = [1, 3, 17, 1000, 4099];
-/// Leading dims: one row, a few, two batch dims, and 45 rows (past the CPU LoRA kernels'
-/// 16-row chunks, ending in a short chunk whose last group of four has one row).
+/// Leading dims: one row, a few, two batch dims, and 45 rows (past the CPU LoRA backward's
+/// 32-row chunks, ending in a short chunk whose last group of four has one row).
 const LEADING: [&[usize]; 4] = [&[1], &[7], &[2, 3], &[5, 9]];
 const VIEWS: [View; 3] = [View::Contiguous, View::Transposed, View::Narrowed];
 

@@ -9,8 +9,9 @@
 use rayon::prelude::*;
 
 use super::dispatch::{simd_level, SimdLevel};
+use super::rows::build_row_groups_then;
 use super::simd::{self, Acc};
-use super::{build_row_groups, row_in_acc, rows_per_task, with_widest_simd, Elem};
+use super::{build_row_groups, rows_per_task, with_widest_simd, Elem};
 
 /// Columns per block of a [`Packed`] matrix: two 16-lane vectors of f32.
 const BLOCK: usize = 32;
@@ -211,7 +212,8 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
 }
 
 /// Scratch for one group of rows of an input: the rows in accumulation precision (for
-/// storage types that are not the accumulation type), a zero row standing in for the missing
+/// storage types that are not the accumulation type; allocated on first use, and holding
+/// several groups for the backward pass's chunks), a zero row standing in for the missing
 /// rows of a short group, and the group's `scale·row·F` projections (GROUP × r).
 struct RowGroup<A> {
     rows: Vec<A>,
@@ -222,33 +224,50 @@ struct RowGroup<A> {
 impl<A: Acc> RowGroup<A> {
     fn new(len: usize, rank: usize) -> Self {
         Self {
-            rows: vec![A::ZERO; GROUP * len],
+            rows: Vec::new(),
             zero: vec![A::ZERO; len],
             proj: vec![A::ZERO; GROUP * rank],
         }
     }
 
     /// Rows `first..first + count` of the row-major `src` in accumulation precision; the
-    /// missing rows of a short group are zero rows, so their projections are zero.
+    /// missing rows of a short group are zero rows, so their projections are zero. Converted
+    /// rows go to slots `slot..slot + count` of the buffer, where [`RowGroup::row`] finds them.
     #[inline(always)]
     fn load<'a, T: Elem<A = A>>(
         &'a mut self,
         src: &'a [T],
         first: usize,
         count: usize,
+        slot: usize,
     ) -> [&'a [A]; GROUP] {
         let len = self.zero.len();
         let mut rows: [&[A]; GROUP] = [&self.zero[..]; GROUP];
-        for (i, (slot, buf)) in rows
-            .iter_mut()
-            .zip(self.rows.chunks_mut(len.max(1)))
-            .take(count)
-            .enumerate()
-        {
-            let r = first + i;
-            *slot = row_in_acc(&src[r * len..(r + 1) * len], buf);
+        if T::as_acc(src).is_some() {
+            for (i, row) in rows.iter_mut().take(count).enumerate() {
+                *row = acc_row(src, first + i, len, &[]);
+            }
+        } else {
+            let end = (slot + count) * len;
+            if self.rows.len() < end {
+                self.rows.resize(end, A::ZERO);
+            }
+            let bufs = self.rows[slot * len..end].chunks_exact_mut(len.max(1));
+            for (i, (row, buf)) in rows.iter_mut().zip(bufs).enumerate() {
+                let r = first + i;
+                T::load(&src[r * len..(r + 1) * len], buf);
+                *row = buf;
+            }
         }
         rows
+    }
+
+    /// Row `r` of `src` in accumulation precision, loaded earlier into `slot` by
+    /// [`RowGroup::load`] where it had to be converted.
+    #[inline(always)]
+    fn row<'a, T: Elem<A = A>>(&'a self, src: &'a [T], r: usize, slot: usize) -> &'a [A] {
+        let len = self.zero.len();
+        acc_row(src, r, len, &self.rows[(slot * len).min(self.rows.len())..])
     }
 
     /// `y_i (+)= scale·(x_i·A)·B` for the group's rows of `x` (`y`: GROUP × N, row i of the
@@ -266,7 +285,7 @@ impl<A: Acc> RowGroup<A> {
         fma: bool,
     ) {
         let mut proj = std::mem::take(&mut self.proj);
-        let xs = self.load(x, first, count);
+        let xs = self.load(x, first, count, 0);
         match (fma, wide_tiles()) {
             (true, true) => lora_group::<A, true, true>(xs, f, &mut proj, y, how),
             (true, false) => lora_group::<A, true, false>(xs, f, &mut proj, y, how),
@@ -275,6 +294,13 @@ impl<A: Acc> RowGroup<A> {
         }
         self.proj = proj;
     }
+}
+
+/// Row `r` (of length `len`) of the row-major `src` in accumulation precision: borrowed from
+/// `src` where that is the accumulation type, else the first row of `converted`.
+#[inline(always)]
+fn acc_row<'a, T: Elem>(src: &'a [T], r: usize, len: usize, converted: &'a [T::A]) -> &'a [T::A] {
+    T::as_acc(&src[r * len..(r + 1) * len]).unwrap_or_else(|| &converted[..len])
 }
 
 /// `y_i (+)= scale·(x_i·A)·B` for a group's rows `xs`, their projections going through `proj`.
@@ -467,7 +493,10 @@ fn put_strip<A: Acc, const W: usize>(y: &mut [A], acc: &[A; W], how: Combine) {
             };
         }
     } else {
-        for (v, &a) in y.iter_mut().zip(acc) {
+        // A copy for the indexing by a variable: on `acc` itself, it would keep the caller's
+        // accumulators in memory (read and written around every strip's loop).
+        let acc = *acc;
+        for (v, &a) in y.iter_mut().zip(&acc) {
             *v = match how {
                 Combine::Add => *v + a,
                 Combine::Overwrite => a,
@@ -476,25 +505,39 @@ fn put_strip<A: Acc, const W: usize>(y: &mut [A], acc: &[A; W], how: Combine) {
     }
 }
 
-/// One task's share of the backward pass: its partial parameter gradients and the scratch
-/// of the group of rows in flight.
+/// Rows whose outer products a backward task gathers before adding them to its dAᵀ and dB
+/// (a multiple of [`GROUP`]). Added group by group, each group of four rows would read and
+/// write the whole of dAᵀ and dB (2·r·(K + N) values, 1 MiB at K = N = 4096, r = 16: more than
+/// L2 along with the factors); a chunk's sums are instead gathered one column strip at a time
+/// in registers (see [`add_outer_products`]), so that dAᵀ and dB pass through the caches once
+/// per chunk.
+const CHUNK: usize = 32;
+
+/// One task's share of the backward pass: its partial parameter gradients and the chunk of
+/// rows in flight.
 struct BackwardTask<A> {
     /// Σ over this task's rows of `g ⊗ x`: dAᵀ, (r, K).
     dat: Packed<A>,
     /// Σ of `t ⊗ dy`: dB, (r, N).
     db: Packed<A>,
-    /// The group's rows of x and their projections `t = scale·x·A`.
+    /// The chunk's rows of x (converted, for storage types that need it).
     x: RowGroup<A>,
-    /// The group's rows of dy and their projections `g = scale·dy·Bᵀ`.
+    /// The chunk's rows of dy.
     dy: RowGroup<A>,
+    /// The chunk's projections `t = scale·x·A` and `g = scale·dy·Bᵀ`, (CHUNK × r) each.
+    t: Vec<A>,
+    g: Vec<A>,
+    /// The chunk's first row and its number of rows so far.
+    first: usize,
+    rows: usize,
 }
 
 /// Gradients of `scale·(x·A)·B` given `dy`: returns `(dx, dAᵀ, dB)` with dx (M, K),
 /// dAᵀ (r, K), dB (r, N). `dx_init`, when given, is added into dx before its single rounding
 /// to `T` (the base layer's dx, kept in accumulation precision).
 ///
-/// Per group of rows: `t = scale·x·A` and `g = scale·dy·Bᵀ`, the dx rows `g·Aᵀ`, then the
-/// outer products `g ⊗ x` and `t ⊗ dy` summed into the task's dAᵀ and dB.
+/// Per group of rows: `t = scale·x·A` and `g = scale·dy·Bᵀ` and the dx rows `g·Aᵀ`; per chunk
+/// of rows, the outer products `g ⊗ x` and `t ⊗ dy` summed into the task's dAᵀ and dB.
 ///
 /// `saved_t`, when given, is the forward pass's `t` (M, r) (see [`forward`]); otherwise `t`
 /// is computed again here.
@@ -507,7 +550,7 @@ pub(crate) fn backward<T: Elem>(
     rows: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
-    let (dx, tasks) = build_row_groups::<T, _, GROUP>(
+    let (dx, tasks) = build_row_groups_then::<T, _, GROUP>(
         rows,
         k,
         || BackwardTask {
@@ -515,6 +558,10 @@ pub(crate) fn backward<T: Elem>(
             db: Packed::zeros(rank, n),
             x: RowGroup::new(k, rank),
             dy: RowGroup::new(n, rank),
+            t: vec![T::A::ZERO; CHUNK * rank],
+            g: vec![T::A::ZERO; CHUNK * rank],
+            first: 0,
+            rows: 0,
         },
         #[inline(always)]
         |task, first, count, dxg, fma| match (fma, wide_tiles()) {
@@ -531,6 +578,14 @@ pub(crate) fn backward<T: Elem>(
                 task, x, dy, f, dx_init, saved_t, first, count, dxg,
             ),
         },
+        // The task's last chunk, short or not yet added.
+        #[inline(always)]
+        |task, fma| match (fma, wide_tiles()) {
+            (true, true) => add_chunk::<T, true, true>(task, x, dy),
+            (true, false) => add_chunk::<T, true, false>(task, x, dy),
+            (false, true) => add_chunk::<T, false, true>(task, x, dy),
+            (false, false) => add_chunk::<T, false, false>(task, x, dy),
+        },
     );
     let mut dat = Packed::zeros(rank, k);
     let mut db = Packed::zeros(rank, n);
@@ -546,7 +601,8 @@ pub(crate) fn backward<T: Elem>(
 }
 
 /// The backward pass over rows `first..first + count`, writing their dx rows into `dxg`
-/// (GROUP × K).
+/// (GROUP × K) and adding them to the task's chunk (whose outer products are added when it
+/// is full).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
@@ -561,24 +617,31 @@ fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
     dxg: &mut [T::A],
 ) {
     let (k, rank) = (f.k, f.rank);
+    if task.rows == 0 {
+        task.first = first;
+    }
+    // Groups are whole but for a task's last one, so a group never straddles two chunks.
+    let slot = task.rows;
+    let proj = slot * rank..(slot + GROUP) * rank;
     let BackwardTask {
-        dat,
-        db,
         x: xg,
         dy: dyg,
-    } = task;
-    let (mut t, mut g) = (std::mem::take(&mut xg.proj), std::mem::take(&mut dyg.proj));
-    let xs = xg.load(x, first, count);
-    let dys = dyg.load(dy, first, count);
+        t,
+        g,
+        ..
+    } = &mut *task;
+    let (t, g) = (&mut t[proj.clone()], &mut g[proj]);
+    let xs = xg.load(x, first, count, slot);
+    let dys = dyg.load(dy, first, count, slot);
     match saved_t {
         Some(saved) => {
             // Rows past `count` are zero rows: their projections are zero.
             t.fill(T::A::ZERO);
             t[..count * rank].copy_from_slice(&saved[first * rank..(first + count) * rank]);
         }
-        None => project_group::<T::A, FMA, WIDE>(xs, &f.at, f.scale, &mut t),
+        None => project_group::<T::A, FMA, WIDE>(xs, &f.at, f.scale, t),
     }
-    project_group::<T::A, FMA, WIDE>(dys, &f.b, f.scale, &mut g);
+    project_group::<T::A, FMA, WIDE>(dys, &f.b, f.scale, g);
     let how = match dx_init {
         Some(init) => {
             dxg[..count * k].copy_from_slice(&init[first * k..(first + count) * k]);
@@ -586,46 +649,179 @@ fn backward_group<T: Elem, const FMA: bool, const WIDE: bool>(
         }
         None => Combine::Overwrite,
     };
-    combine_group::<T::A, FMA, WIDE>(&g, &f.at, dxg, how);
-    add_outer_products::<T::A, FMA>(&g, xs, dat);
-    add_outer_products::<T::A, FMA>(&t, dys, db);
-    xg.proj = t;
-    dyg.proj = g;
+    combine_group::<T::A, FMA, WIDE>(g, &f.at, dxg, how);
+    task.rows += count;
+    if task.rows == CHUNK {
+        add_chunk::<T, FMA, WIDE>(task, x, dy);
+    }
 }
 
-/// `out_j += Σ_i coef[i·r + j]·rows_i` for the r rows `j` of the packed (r × len) `out`,
-/// with `coef` (GROUP × r) and GROUP rows of length `len`: each block of the input rows is
-/// loaded once and serves all r output rows.
+/// Adds the outer products of the task's chunk, `g ⊗ x` and `t ⊗ dy`, to its dAᵀ and dB,
+/// and empties the chunk.
 #[inline(always)]
-fn add_outer_products<A: Acc, const FMA: bool>(
+fn add_chunk<T: Elem, const FMA: bool, const WIDE: bool>(
+    task: &mut BackwardTask<T::A>,
+    x: &[T],
+    dy: &[T],
+) {
+    let (count, first, rank) = (task.rows, task.first, task.dat.rows);
+    if count == 0 {
+        return;
+    }
+    let xs: [&[T::A]; CHUNK] = std::array::from_fn(|i| {
+        if i < count {
+            task.x.row(x, first + i, i)
+        } else {
+            &[]
+        }
+    });
+    let dys: [&[T::A]; CHUNK] = std::array::from_fn(|i| {
+        if i < count {
+            task.dy.row(dy, first + i, i)
+        } else {
+            &[]
+        }
+    });
+    add_outer_products::<T::A, FMA, WIDE>(&task.g[..count * rank], &xs[..count], &mut task.dat);
+    add_outer_products::<T::A, FMA, WIDE>(&task.t[..count * rank], &dys[..count], &mut task.db);
+    task.rows = 0;
+}
+
+/// `out_j += Σ_i coef[i·r + j]·rows_i` for the r rows `j` of the packed (r × len) `out`, with
+/// `coef` (rows × r): column strip by column strip, each strip's sums for several ranks
+/// (sixteen when `WIDE`, else eight, of 16 or 8 lanes) held in registers over all the rows,
+/// so that `out` is read and written once.
+#[inline(always)]
+fn add_outer_products<A: Acc, const FMA: bool, const WIDE: bool>(
     coef: &[A],
-    rows: [&[A]; GROUP],
+    rows: &[&[A]],
     out: &mut Packed<A>,
 ) {
+    let rank = out.rows;
+    let mut j = 0;
+    while j < rank {
+        j += match (WIDE, rank - j) {
+            (true, 16..) => outer_ranks::<A, FMA, 4, 4, 16>(coef, rows, out, j),
+            (true, 8..) => outer_ranks::<A, FMA, 4, 2, 16>(coef, rows, out, j),
+            (true, 4..) => outer_ranks::<A, FMA, 4, 1, 16>(coef, rows, out, j),
+            (true, _) => outer_ranks::<A, FMA, 1, 1, 16>(coef, rows, out, j),
+            (false, 8..) => outer_ranks::<A, FMA, 4, 2, 8>(coef, rows, out, j),
+            (false, 4..) => outer_ranks::<A, FMA, 4, 1, 8>(coef, rows, out, j),
+            (false, _) => outer_ranks::<A, FMA, 1, 1, 8>(coef, rows, out, j),
+        };
+    }
+}
+
+/// Ranks `j0..j0 + S·Q` of [`add_outer_products`] (S is 1 or 4), in strips of `L` columns
+/// (`L` divides [`BLOCK`]); returns S·Q. The accumulators are S named sets of Q ranks, as in
+/// `dots`: a single array of more ranks is vectorised across the ranks, with gathers and
+/// scatters to the stack, instead of across the lanes.
+#[inline(always)]
+fn outer_ranks<A: Acc, const FMA: bool, const S: usize, const Q: usize, const L: usize>(
+    coef: &[A],
+    rows: &[&[A]],
+    out: &mut Packed<A>,
+    j0: usize,
+) -> usize {
     let (rank, len) = (out.rows, out.len);
-    let rows = rows.map(|row| &row[..len]);
     for (b, block) in out.blocks_mut().enumerate() {
-        let c = b * BLOCK;
-        if c + BLOCK <= len {
-            let chunks: [&[A; BLOCK]; GROUP] =
-                rows.map(|row| row[c..c + BLOCK].try_into().unwrap());
-            for (j, o) in block.chunks_exact_mut(BLOCK).enumerate() {
-                let o: &mut [A; BLOCK] = o.try_into().unwrap();
-                let mut acc = *o;
-                for (i, chunk) in chunks.iter().enumerate() {
-                    let cf = coef[i * rank + j];
-                    for l in 0..BLOCK {
-                        acc[l] = cf.madd::<FMA>(chunk[l], acc[l]);
+        for h in 0..BLOCK / L {
+            let c = b * BLOCK + h * L;
+            if c >= len {
+                break;
+            }
+            // Set `s`'s accumulators, from and back to `block`.
+            let load = |block: &[A], s: usize| -> [[A; L]; Q] {
+                std::array::from_fn(|q| {
+                    let at = (j0 + s * Q + q) * BLOCK + h * L;
+                    block[at..at + L].try_into().unwrap()
+                })
+            };
+            let store = |block: &mut [A], s: usize, acc: &[[A; L]; Q]| {
+                for (q, a) in acc.iter().enumerate() {
+                    let at = (j0 + s * Q + q) * BLOCK + h * L;
+                    block[at..at + L].copy_from_slice(a);
+                }
+            };
+            let mut a0 = load(block, 0);
+            let (mut a1, mut a2, mut a3) = if S > 1 {
+                (load(block, 1), load(block, 2), load(block, 3))
+            } else {
+                ([[A::ZERO; L]; Q], [[A::ZERO; L]; Q], [[A::ZERO; L]; Q])
+            };
+            if c + L <= len {
+                for (i, row) in rows.iter().enumerate() {
+                    // The rows' strips are a row apart, too many streams for the hardware
+                    // prefetchers: ask for the strip PREFETCH columns ahead.
+                    if let Some(ahead) = row.get(c + PREFETCH) {
+                        prefetch(ahead);
                     }
+                    let xv = row[c..c + L].try_into().unwrap();
+                    let sets = [&mut a0, &mut a1, &mut a2, &mut a3];
+                    add_row::<A, FMA, S, Q, L>(sets, &coef[i * rank + j0..], xv);
                 }
-                *o = acc;
-            }
-        } else {
-            for (j, o) in block.chunks_exact_mut(BLOCK).enumerate() {
-                for (l, v) in o[..len - c].iter_mut().enumerate() {
-                    *v = (0..GROUP).fold(*v, |s, i| s + coef[i * rank + j] * rows[i][c + l]);
+            } else {
+                // The last, partial strip: zeros past `len` (the packed padding stays zero).
+                for (i, row) in rows.iter().enumerate() {
+                    let mut xv = [A::ZERO; L];
+                    xv[..len - c].copy_from_slice(&row[c..len]);
+                    let sets = [&mut a0, &mut a1, &mut a2, &mut a3];
+                    add_row::<A, FMA, S, Q, L>(sets, &coef[i * rank + j0..], &xv);
                 }
             }
+            store(block, 0, &a0);
+            if S > 1 {
+                store(block, 1, &a1);
+                store(block, 2, &a2);
+                store(block, 3, &a3);
+            }
+        }
+    }
+    S * Q
+}
+
+/// How far ahead of the strip in work [`outer_ranks`] prefetches each row, in columns.
+const PREFETCH: usize = 64;
+
+/// Asks the CPU to bring the cache line holding `v` into L1 (a hint).
+#[inline(always)]
+fn prefetch<A>(v: &A) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, and SSE is part of the x86-64 baseline.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((v as *const A).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// `set_s[q] += cf[s·Q + q]·x` for the first S of the four sets of Q ranks.
+#[inline(always)]
+fn add_row<A: Acc, const FMA: bool, const S: usize, const Q: usize, const L: usize>(
+    [a0, a1, a2, a3]: [&mut [[A; L]; Q]; 4],
+    cf: &[A],
+    x: &[A; L],
+) {
+    add_scaled::<A, FMA, Q, L>(a0, &cf[..Q], x);
+    if S > 1 {
+        add_scaled::<A, FMA, Q, L>(a1, &cf[Q..2 * Q], x);
+        add_scaled::<A, FMA, Q, L>(a2, &cf[2 * Q..3 * Q], x);
+        add_scaled::<A, FMA, Q, L>(a3, &cf[3 * Q..4 * Q], x);
+    }
+}
+
+/// `acc[q] += cf[q]·x` for the Q ranks of a set of accumulators.
+#[inline(always)]
+fn add_scaled<A: Acc, const FMA: bool, const Q: usize, const L: usize>(
+    acc: &mut [[A; L]; Q],
+    cf: &[A],
+    x: &[A; L],
+) {
+    let cf: &[A; Q] = cf.try_into().unwrap();
+    for q in 0..Q {
+        for l in 0..L {
+            acc[q][l] = cf[q].madd::<FMA>(x[l], acc[q][l]);
         }
     }
 }
@@ -698,5 +894,143 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Both tilings of [`add_outer_products`] against plain loops, for ranks around the tiles'
+    /// rank counts (16, 8, 4, single), lengths around the strips and blocks, and row counts up
+    /// to a whole chunk.
+    #[test]
+    fn outer_product_tilings_match_plain_loops() {
+        for rank in [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 20, 33] {
+            for len in [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100] {
+                for count in [1, 3, 4, 5, CHUNK] {
+                    let init = values(rank * len, 4);
+                    let coef = values(count * rank, 5);
+                    let rows_data = values(count * len, 6);
+                    let rows: Vec<&[f64]> = rows_data.chunks_exact(len).collect();
+                    let mut want = init.clone();
+                    for j in 0..rank {
+                        for c in 0..len {
+                            for i in 0..count {
+                                want[j * len + c] += coef[i * rank + j] * rows[i][c];
+                            }
+                        }
+                    }
+                    for wide in [true, false] {
+                        let mut out = Packed::from_rows(&init, rank, len);
+                        if wide {
+                            add_outer_products::<f64, false, true>(&coef, &rows, &mut out);
+                        } else {
+                            add_outer_products::<f64, false, false>(&coef, &rows, &mut out);
+                        }
+                        for (g, w) in out.to_rows().iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= 1e-12 * (1.0 + w.abs()),
+                                "rank {rank}, length {len}, {count} rows, wide {wide}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`backward`] against plain loops over enough rows for several tasks of several chunks,
+    /// each task ending in a short chunk whose last group is short; with and without the
+    /// forward's `t` and a base dx, for a storage type read in place (f32) and one converted
+    /// row by row (bf16).
+    #[test]
+    fn backward_matches_plain_loops() {
+        fn check<T: Elem>(tol: f64) {
+            let (k, n, scale) = (100, 70, 0.75);
+            for (rows, rank) in [(1, 3), (37, 16), (700, 5), (700, 16)] {
+                let round = |v: Vec<f64>| -> Vec<T> {
+                    v.into_iter()
+                        .map(|v| T::from_acc(T::A::from_f64(v)))
+                        .collect()
+                };
+                let x = round(values(rows * k, 7));
+                let dy = round(values(rows * n, 8));
+                let at = round(values(rank * k, 9));
+                let b = round(values(rank * n, 10));
+                let f64s = |v: &[T]| -> Vec<f64> { v.iter().map(|&v| to_f64(v)).collect() };
+                let (xf, dyf, atf, bf) = (f64s(&x), f64s(&dy), f64s(&at), f64s(&b));
+                let init = values(rows * k, 11);
+                let dot = |u: &[f64], v: &[f64]| u.iter().zip(v).map(|(a, b)| a * b).sum::<f64>();
+                let proj = |m: &[f64], len: usize, fac: &[f64]| -> Vec<f64> {
+                    (0..rows * rank)
+                        .map(|e| {
+                            let (i, j) = (e / rank, e % rank);
+                            scale * dot(&m[i * len..][..len], &fac[j * len..][..len])
+                        })
+                        .collect()
+                };
+                let (t, g) = (proj(&xf, k, &atf), proj(&dyf, n, &bf));
+                let outer = |coef: &[f64], m: &[f64], len: usize| -> Vec<f64> {
+                    (0..rank * len)
+                        .map(|e| {
+                            let (j, c) = (e / len, e % len);
+                            (0..rows).map(|i| coef[i * rank + j] * m[i * len + c]).sum()
+                        })
+                        .collect()
+                };
+                let (want_dat, want_db) = (outer(&g, &xf, k), outer(&t, &dyf, n));
+                let f = factors(
+                    FactorView {
+                        data: &at,
+                        strides: (k, 1),
+                    },
+                    FactorView {
+                        data: &b,
+                        strides: (n, 1),
+                    },
+                    rank,
+                    k,
+                    n,
+                    scale,
+                );
+                let t_acc: Vec<T::A> = t.iter().map(|&v| T::A::from_f64(v)).collect();
+                let init_acc: Vec<T::A> = init.iter().map(|&v| T::A::from_f64(v)).collect();
+                for (saved, with_init) in [(false, false), (true, false), (true, true)] {
+                    let (dx, dat, db) = backward(
+                        &x,
+                        &dy,
+                        &f,
+                        with_init.then_some(&init_acc[..]),
+                        saved.then_some(&t_acc[..]),
+                        rows,
+                    );
+                    let want_dx: Vec<f64> = (0..rows * k)
+                        .map(|e| {
+                            let (i, c) = (e / k, e % k);
+                            let base = if with_init { init[e] } else { 0.0 };
+                            base + (0..rank)
+                                .map(|j| g[i * rank + j] * atf[j * k + c])
+                                .sum::<f64>()
+                        })
+                        .collect();
+                    for (what, got, want) in [
+                        ("dx", dx, want_dx),
+                        ("dAᵀ", dat, want_dat.clone()),
+                        ("dB", db, want_db.clone()),
+                    ] {
+                        let norm = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                        for (e, (&g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (to_f64(g) - w).abs() <= tol * norm,
+                                "{what}[{e}], {rows} rows, rank {rank}, saved t {saved}, \
+                                 init {with_init}: {} vs {w}",
+                                to_f64(g)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        fn to_f64<T: Elem>(v: T) -> f64 {
+            candle_core::WithDType::to_f64(v)
+        }
+        check::<f32>(1e-5);
+        check::<half::bf16>(2e-2);
     }
 }

@@ -63,18 +63,32 @@ pub(crate) fn build_row_groups<T: Elem, S: Send, const G: usize>(
     init: impl Fn() -> S + Sync,
     group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
-    let streaming = stream::should_stream(rows * row_len * std::mem::size_of::<T>());
-    build_row_groups_with::<T, S, G>(rows, row_len, streaming, init, group)
+    build_row_groups_then::<T, S, G>(rows, row_len, init, group, |_, _| {})
 }
 
-/// [`build_row_groups`] with the store kind chosen by the caller (tests cover both on small
-/// sizes).
+/// [`build_row_groups`], then `finish(state, fma)` (`#[inline(always)]` too) once per block
+/// after its last group, still on the block's thread: for kernels that gather work over
+/// several groups (see `lora::backward`) and must complete what is pending.
+pub(crate) fn build_row_groups_then<T: Elem, S: Send, const G: usize>(
+    rows: usize,
+    row_len: usize,
+    init: impl Fn() -> S + Sync,
+    group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
+    finish: impl Fn(&mut S, bool) + Sync,
+) -> (Vec<T>, Vec<S>) {
+    let streaming = stream::should_stream(rows * row_len * std::mem::size_of::<T>());
+    build_row_groups_with::<T, S, G>(rows, row_len, streaming, init, group, finish)
+}
+
+/// [`build_row_groups_then`] with the store kind chosen by the caller (tests cover both on
+/// small sizes).
 fn build_row_groups_with<T: Elem, S: Send, const G: usize>(
     rows: usize,
     row_len: usize,
     streaming: bool,
     init: impl Fn() -> S + Sync,
     group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
+    finish: impl Fn(&mut S, bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
     let len = rows * row_len;
     let mut out: Vec<T> = Vec::with_capacity(len);
@@ -108,6 +122,7 @@ fn build_row_groups_with<T: Elem, S: Send, const G: usize>(
                             T::store_uninit(values, out_rows);
                         }
                     }
+                    finish(&mut state, fma);
                 },
             );
             if streaming {
@@ -178,13 +193,15 @@ mod tests {
         fn check_groups<T: Elem + PartialEq + std::fmt::Debug, const G: usize>(streaming: bool) {
             for (rows, row_len) in [(0usize, 3usize), (1, 1), (7, 5), (1000, 33), (3, 40_000)] {
                 let value = |i: usize| T::from_acc(T::A::from_usize(i % 251));
-                let (out, states) = build_row_groups_with::<T, Vec<usize>, G>(
+                // The state: the rows seen, and whether `finish` ran (after them all).
+                let (out, states) = build_row_groups_with::<T, (Vec<usize>, bool), G>(
                     rows,
                     row_len,
                     streaming,
-                    Vec::new,
-                    |seen, first, count, y, _fma| {
+                    || (Vec::new(), false),
+                    |(seen, finished), first, count, y, _fma| {
                         assert!((1..=G).contains(&count), "group of {count} rows, G = {G}");
+                        assert!(!*finished, "a group after `finish`");
                         for r in first..first + count {
                             seen.push(r);
                             let at = (r - first) * row_len;
@@ -193,10 +210,18 @@ mod tests {
                             }
                         }
                     },
+                    |(_, finished), _fma| {
+                        assert!(!*finished, "`finish` twice");
+                        *finished = true;
+                    },
                 );
                 let expected: Vec<T> = (0..rows * row_len).map(value).collect();
                 assert_eq!(out, expected, "{rows}x{row_len} streaming={streaming}");
-                let order: Vec<usize> = states.into_iter().flatten().collect();
+                assert!(
+                    states.iter().all(|s| s.1),
+                    "{rows}x{row_len}: a block not finished"
+                );
+                let order: Vec<usize> = states.into_iter().flat_map(|s| s.0).collect();
                 assert_eq!(order, (0..rows).collect::<Vec<_>>(), "{rows}x{row_len}");
             }
         }
