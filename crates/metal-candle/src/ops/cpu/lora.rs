@@ -754,7 +754,7 @@ fn outer_ranks<A: Acc, const FMA: bool, const S: usize, const Q: usize, const L:
                     // The rows' strips are a row apart, too many streams for the hardware
                     // prefetchers: ask for the strip PREFETCH columns ahead.
                     if let Some(ahead) = row.get(c + PREFETCH) {
-                        prefetch(ahead);
+                        simd::prefetch(ahead);
                     }
                     let xv = row[c..c + L].try_into().unwrap();
                     let sets = [&mut a0, &mut a1, &mut a2, &mut a3];
@@ -782,19 +782,6 @@ fn outer_ranks<A: Acc, const FMA: bool, const S: usize, const Q: usize, const L:
 
 /// How far ahead of the strip in work [`outer_ranks`] prefetches each row, in columns.
 const PREFETCH: usize = 64;
-
-/// Asks the CPU to bring the cache line holding `v` into L1 (a hint).
-#[inline(always)]
-fn prefetch<A>(v: &A) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, and SSE is part of the x86-64 baseline.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((v as *const A).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
-}
 
 /// `set_s[q] += cf[s·Q + q]·x` for the first S of the four sets of Q ranks.
 #[inline(always)]

@@ -309,17 +309,17 @@ pub(crate) fn exp_shifted_sum<A: Acc, const FMA: bool>(
     sum(y)
 }
 
-/// Asks the CPU to bring the cache line holding `byte` into L1 (a hint; no effect elsewhere).
+/// Asks the CPU to bring the cache line holding `v` into L1 (a hint; no effect elsewhere).
 #[inline(always)]
-pub(crate) fn prefetch(byte: &u8) {
+pub(crate) fn prefetch<V>(v: &V) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults, and SSE is part of the x86-64 baseline.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((byte as *const u8).cast::<i8>());
+        _mm_prefetch::<_MM_HINT_T0>((v as *const V).cast::<i8>());
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = byte;
+    let _ = v;
 }
 
 /// max a[i] (−∞ for an empty slice)
