@@ -4,7 +4,9 @@
 //! in column blocks (see [`Packed`]). Aᵀ is used rather than A so that every inner loop runs
 //! along the columns: `t = x·A` is r dot products of length K, and `t·B` is r axpys of length
 //! N. The rank r is small (4–64), so the factors stay in cache while x streams through once;
-//! a group of four rows shares every load of them.
+//! a group of four rows shares every load of them. The backward's parameter gradients (the
+//! outer products `g ⊗ x` and `t ⊗ dy`) are gathered over chunks of [`CHUNK`] rows, so that
+//! their sums pass through the caches once per chunk rather than once per group.
 
 use rayon::prelude::*;
 
