@@ -48,31 +48,54 @@ static const BulkVariant bulk_variants[] = {{lora_dy_grads_bulk_bf16, BULK_STAGE
                                             {dy_grads_bulk_s<4, true, false, false>, 4, 2, 0, "bulk, no products (diag.)"}};
 
 // --- launches, as the library makes them -----------------------------------------------------
-// y = alpha·L·Rᵀ (+ bias) (+ addend); L (m, r) in rows of ld_l.
-static void outer_add(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias,
-                      const bf* addend, bf* y, int m, int n, int r, float alpha, cudaStream_t stream = 0) {
-    // Row tiles per warp as the library picks them: enough warps for 32 per SM, at most 8 tiles.
-    const int warps = 4, warp_tiles = (n + 63) / 64 * ((m + 15) / 16);
-    const int tiles = std::min(8, std::max(1, warp_tiles / (sms * 32)));
+// Row tiles per warp of lora_outer as the library picks them: enough warps for 32 per SM, at
+// most 8 tiles.
+static int outer_tiles(int m, int n) {
+    const int warp_tiles = (n + 63) / 64 * ((m + 15) / 16);
+    return std::min(8, std::max(1, warp_tiles / (sms * 32)));
+}
+// y = alpha·L·Rᵀ (+ bias) (+ addend); L[row][j] at row·ld_l + j·l_col (l_col 1 without an addend).
+static void outer_add(const bf* L, long long ld_l, long long l_col, const bf* R, long long rc, long long rk,
+                      const bf* bias, const bf* addend, bf* y, int m, int n, int r, float alpha, cudaStream_t stream = 0) {
+    const int warps = 4, tiles = outer_tiles(m, n);
     dim3 grid((n + 64 * warps - 1) / (64 * warps), (m + 16 * tiles - 1) / (16 * tiles));
     auto f = addend ? (r <= 16 ? lora_outer_add_k1_bf16 : lora_outer_add_k2_bf16)
                     : (r <= 16 ? lora_outer_k1_bf16 : lora_outer_k2_bf16);
-    f<<<grid, 32 * warps, 0, stream>>>(L, ld_l, R, rc, rk, bias, addend, y, m, n, r, tiles, alpha);
+    f<<<grid, 32 * warps, 0, stream>>>(L, ld_l, l_col, R, rc, rk, bias, addend, y, m, n, r, tiles, alpha);
 }
 static void outer(const bf* L, long long ld_l, const bf* R, long long rc, long long rk, const bf* bias, bf* y, int m,
                   int n, int r, float alpha, cudaStream_t stream = 0) {
-    outer_add(L, ld_l, R, rc, rk, bias, nullptr, y, m, n, r, alpha, stream);
+    outer_add(L, ld_l, 1, R, rc, rk, bias, nullptr, y, m, n, r, alpha, stream);
 }
 
-// out[i][j] = in[j][i] for in (rows, cols) dense: B (r, out) into Bᵀ, the merge's L.
+// W' = W + scale·Bᵀ·Aᵀ (n, k), as the library: L[i][j] = B[j][i] read through B's strides.
+static void merge_weight(const bf* w, const bf* b, const bf* a, bf* wm, int n, int k, int r, float scale) {
+    outer_add(b, 1, n, a, r, 1, nullptr, w, wm, n, k, r, scale);
+}
+
+// The merge at other row-tile counts per warp than the library's rule gives. (Session 12 also
+// timed a variant that loaded the next tile's addend ahead, and one held to 5 blocks per SM:
+// no faster; bench/results/gpu-2026-12-06-session12/.)
+__global__ void __launch_bounds__(128) merge_lab(const bf* L, long long ld_l, long long l_col, const bf* R, long long rc,
+                                                 long long rk, const bf* addend, bf* y, int m, int n, int r, int tiles,
+                                                 float alpha) {
+    lora_outer<bf, 1, true>(L, ld_l, l_col, R, rc, rk, nullptr, addend, y, m, n, r, tiles, alpha);
+}
+// Rank ≤ 16 (one chunk of ranks).
+static void merge_variant(int tiles, const bf* w, const bf* b, const bf* a, bf* wm, int n, int k, int r, float scale) {
+    dim3 grid((k + 255) / 256, (n + 16 * tiles - 1) / (16 * tiles));
+    merge_lab<<<grid, 128>>>(b, 1, n, a, r, 1, w, wm, n, k, r, tiles, scale);
+}
+// Session 11's merge: B transposed by a kernel of its own, then the per-tile addend loads.
 __global__ void transpose(const bf* in, bf* out, int rows, int cols) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx < rows * cols) out[(idx % cols) * rows + idx / cols] = in[idx];
 }
-// W' = W + scale·Bᵀ·Aᵀ (n, k) through Bᵀ (n, r) in `bt`.
-static void merge_weight(const bf* w, const bf* b, const bf* a, bf* bt, bf* wm, int n, int k, int r, float scale) {
+static void merge_weight_s11(const bf* w, const bf* b, const bf* a, bf* bt, bf* wm, int n, int k, int r, float scale) {
     transpose<<<(r * n + 255) / 256, 256>>>(b, bt, r, n);
-    outer_add(bt, r, a, r, 1, nullptr, w, wm, n, k, r, scale);
+    const int tiles = outer_tiles(n, k);
+    dim3 grid((k + 255) / 256, (n + 16 * tiles - 1) / (16 * tiles));
+    merge_lab<<<grid, 128>>>(bt, r, 1, a, r, 1, w, wm, n, k, r, tiles, scale);
 }
 
 static int chunks_for(int m, int n, int* rows_per_chunk) {
@@ -171,7 +194,7 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
     CK(cudaMemset(wm, 0xff, (size_t)n * k * 2));
     bf* bt;
     CK(cudaMalloc(&bt, (size_t)n * r * 2));
-    merge_weight(w, b, a, bt, wm, n, k, r, scale);
+    merge_weight(w, b, a, wm, n, k, r, scale);
     CK(cudaDeviceSynchronize());
     CK(cudaGetLastError());
     const auto X = to_host(x, (size_t)m * k), DY = to_host(dy, (size_t)m * n), A = to_host(a, (size_t)k * r),
@@ -233,8 +256,18 @@ static bool check_case(int m, int k, int n, int r, bool with_bias) {
         }
         CK(cudaFree(g2)); CK(cudaFree(db2));
     }
+    // The merge with 3 row tiles per warp (tiles that run past n's rows), and session 11's.
+    // Both take one chunk of ranks (r ≤ 16).
+    double emv = 0;
+    for (int variant = 0; variant < 2 && r <= 16; variant++) {
+        CK(cudaMemset(wm, 0xff, (size_t)n * k * 2));
+        if (variant == 0) merge_variant(3, w, b, a, wm, n, k, r, scale);
+        else merge_weight_s11(w, b, a, bt, wm, n, k, r, scale);
+        CK(cudaDeviceSynchronize());
+        emv = std::max(emv, rel_err(to_host(wm, (size_t)n * k), wwm));
+    }
     const double e[13] = {rel_err(Y, wy), grads ? rel_err(Gr, wg) : 0.0, grads ? rel_err(DB, wdb) : 0.0,
-                          rel_err(DX, wdx), rel_err(WM, wwm), eb[0], eb[1], eb[2], eb[3], eb[4], eb[5], eb[6], eb[7]};
+                          rel_err(DX, wdx), std::max(rel_err(WM, wwm), emv), eb[0], eb[1], eb[2], eb[3], eb[4], eb[5], eb[6], eb[7]};
     const bool ok = *std::max_element(e, e + 13) < 1e-2;
     printf("check m %5d k %4d n %4d r %2d bias %d: y %.1e G %.1e dB %.1e dx %.1e W' %.1e | bulk G %.1e dB %.1e, "
            "rpc 176 G %.1e dB %.1e; stagger G %.1e dB %.1e, rpc 176 G %.1e dB %.1e  %s\n",
@@ -305,6 +338,8 @@ int main(int argc, char** argv) {
     for (auto& cs : cases) ok &= check_case(cs[0], cs[1], cs[2], cs[3], cs[4]);
     if (argc > 1 && std::string(argv[1]) == "check") return ok ? 0 : 1;
 
+    // `merge`: the checks, then only the pieces and sequences of the backward through W'.
+    const bool quick = argc > 1 && std::string(argv[1]) == "merge";
     const int m = 16384, in = 4096, out = 4096, r = 16;
     const float scale = 2.f;
     cublasHandle_t h;
@@ -329,12 +364,20 @@ int main(int argc, char** argv) {
     // Forward's thin product y = s·T·B.
     report("cuBLAS y = s·T·B", time_us([&] { gemm(h, m, out, r, t, false, r, b, false, out, y, out, scale, 0.f); }), mb);
     report("outer  y = s·T·B", time_us([&] { outer(t, 16, b, 1, out, nullptr, y, m, out, r, scale); }), mb);
+    for (int tiles : {2, 4, 5, 6, 8, 10, 12, 16}) {  // the library takes 8 here
+        const std::string name = "outer  y = s·T·B, tiles " + std::to_string(tiles);
+        dim3 grid((out + 255) / 256, (m + 16 * tiles - 1) / (16 * tiles));
+        report(name.c_str(), time_us([&] {
+                   lora_outer_k1_bf16<<<grid, 128>>>(t, 16, 1, b, 1, out, nullptr, nullptr, y, m, out, r, tiles, scale);
+               }),
+               mb);
+    }
 
     // Backward's pieces.
     report("cuBLAS G = dy·Bᵀ", time_us([&] { gemm(h, m, r, out, dy, false, out, b, true, out, g, r, 1.f, 0.f); }), mb);
     report("cuBLAS dB = Tᵀ·dy", time_us([&] { gemm(h, r, out, m, t, true, r, dy, false, out, db, out, 1.f, 0.f); }), mb);
     report("fused G + dB (+ sums)", time_us([&] { dy_grads(dy, t, b, g, db, gp, pp, m, out, r); }), mb);
-    {
+    if (!quick) {
         int rpc;
         const int chunks = chunks_for(m, out, &rpc);
         report("  its one pass over dy", time_us([&] {
@@ -401,12 +444,24 @@ int main(int argc, char** argv) {
     bf *wm, *bt;
     CK(cudaMalloc(&wm, (size_t)out * in * 2));
     CK(cudaMalloc(&bt, (size_t)out * r * 2));
-    auto merge = [&] { merge_weight(w, b, a, bt, wm, out, in, r, scale); };
+    auto merge = [&] { merge_weight(w, b, a, wm, out, in, r, scale); };
+    auto merge_s11 = [&] { merge_weight_s11(w, b, a, bt, wm, out, in, r, scale); };
     report("merge  W' = W + s·Bᵀ·Aᵀ", time_us(merge), 2.0 * out * in * 2);
+    report("merge, session 11 (transpose, tile loads)", time_us(merge_s11), 2.0 * out * in * 2);
+    for (int tiles : {1, 2, 3, 4, 6, 8, 12, 16, 32}) {
+        const std::string name = "merge, tiles " + std::to_string(tiles);
+        report(name.c_str(), time_us([&] { merge_variant(tiles, w, b, a, wm, out, in, r, scale); }), 2.0 * out * in * 2);
+    }
     auto bwd_merged = [&] {  // G + dB in one pass, cuBLAS dA, then dx = dy·W'
         dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
         gemm(h, in, r, m, x, true, in, g, false, 16, da, r, scale, 0.f);
         merge();
+        gemm(h, m, in, out, dy, false, out, wm, false, in, dx, in, 1.f, 0.f);
+    };
+    auto bwd_merged_s11 = [&] {  // bwd_merged as session 11 shipped it
+        dy_grads(dy, t, b, g, db, gp, pp, m, out, r);
+        gemm(h, in, r, m, x, true, in, g, false, 16, da, r, scale, 0.f);
+        merge_s11();
         gemm(h, m, in, out, dy, false, out, wm, false, in, dx, in, 1.f, 0.f);
     };
     auto bwd_merged_bulk = [&] {  // bwd_merged with lora_dy_grads_bulk
@@ -446,6 +501,15 @@ int main(int argc, char** argv) {
         printf("dx through W' vs through W + G·Aᵀ: relative L2 %.2e, max %.2e (of the largest |dx|)\n",
                std::sqrt(d2 / q2), dmax / qmax);
         CK(cudaFree(dx_tc));
+    }
+    if (quick) {
+        for (int round = 0; round < 2; round++) {
+            interleaved("backward, merged W' / dX GEMM", bwd_merged, dx_gemm0, "seq", "gemm");
+            interleaved("backward, session 11 / dX GEMM", bwd_merged_s11, dx_gemm0, "seq", "gemm");
+            interleaved("backward, merged W' / session 11", bwd_merged, bwd_merged_s11, "new", "s11");
+        }
+        printf("checks %s\n", ok ? "passed" : "FAILED");
+        return ok ? 0 : 1;
     }
     interleaved("dX GEMM beta 1 vs beta 0", dx_gemm1, dx_gemm0, "beta1", "beta0");
     interleaved("backward, cuBLAS pieces / dX GEMM", bwd_cublas, dx_gemm0, "seq", "gemm");

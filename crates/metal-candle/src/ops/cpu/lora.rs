@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::dispatch::{simd_level, SimdLevel};
 use super::rows::build_row_groups_then;
 use super::simd::{self, Acc};
-use super::{build_row_groups, rows_per_task, with_widest_simd, Elem};
+use super::{build_row_groups, rows_per_task_for_work, with_widest_simd, Elem};
 
 /// Columns per block of a [`Packed`] matrix: two 16-lane vectors of f32.
 const BLOCK: usize = 32;
@@ -154,6 +154,11 @@ pub(crate) fn factors<T: Elem>(
 /// r = 8) are streamed from L2 for every row and bound the kernels.
 const GROUP: usize = 4;
 
+/// Multiply-adds of the forward per row: r·K for `x·A`, r·N for `t·B`.
+fn forward_fmas_per_row<A>(f: &Factors<A>) -> usize {
+    f.rank * (f.k + f.n)
+}
+
 /// `scale·(x·A)·B` as a new (M, N) output (`rows` = M), and the projections
 /// `t = scale·x·A` (M, r) in accumulation precision: the backward pass needs them, and
 /// handing them over saves it one of its five passes over a factor.
@@ -162,6 +167,7 @@ pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> (Vec<
     let (out, blocks) = build_row_groups::<T, _, GROUP>(
         rows,
         n,
+        rows_per_task_for_work(forward_fmas_per_row(f)),
         || (RowGroup::new(k, rank), Vec::new()),
         #[inline(always)]
         |(group, t), first, count, y, fma| {
@@ -186,31 +192,40 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], f: &Factors<T::A>, bias: Option<&[T
     if n == 0 {
         return;
     }
-    out.par_chunks_mut(GROUP * n)
-        .enumerate()
-        .with_min_len(rows_per_task(k.max(n)).div_ceil(GROUP))
-        .for_each_init(
-            || (RowGroup::new(k, rank), vec![T::A::ZERO; GROUP * n]),
-            |(group, yb), (g, o)| {
-                with_widest_simd(
-                    #[inline(always)]
-                    |fma| {
-                        let count = o.len() / n;
-                        let y = &mut yb[..count * n];
-                        T::load(o, y);
-                        if let Some(bias) = &bias {
-                            for row in y.chunks_exact_mut(n) {
-                                for (v, &bv) in row.iter_mut().zip(bias) {
-                                    *v += bv;
-                                }
-                            }
+    let groups_per_task = rows_per_task_for_work(forward_fmas_per_row(f)).div_ceil(GROUP);
+    let init = || (RowGroup::new(k, rank), vec![T::A::ZERO; GROUP * n]);
+    let run_group = |(group, yb): &mut (RowGroup<T::A>, Vec<T::A>), (g, o): (usize, &mut [T])| {
+        with_widest_simd(
+            #[inline(always)]
+            |fma| {
+                let count = o.len() / n;
+                let y = &mut yb[..count * n];
+                T::load(o, y);
+                if let Some(bias) = &bias {
+                    for row in y.chunks_exact_mut(n) {
+                        for (v, &bv) in row.iter_mut().zip(bias) {
+                            *v += bv;
                         }
-                        group.lora_rows(x, g * GROUP, count, f, yb, Combine::Add, fma);
-                        T::store(&yb[..count * n], o);
-                    },
-                )
+                    }
+                }
+                group.lora_rows(x, g * GROUP, count, f, yb, Combine::Add, fma);
+                T::store(&yb[..count * n], o);
             },
-        );
+        )
+    };
+    // A problem of one task's size runs on the calling thread (see `rows_per_task_for_work`).
+    let groups = (out.len() / n).div_ceil(GROUP);
+    if groups <= groups_per_task {
+        let mut state = init();
+        out.chunks_mut(GROUP * n)
+            .enumerate()
+            .for_each(|item| run_group(&mut state, item));
+    } else {
+        out.par_chunks_mut(GROUP * n)
+            .enumerate()
+            .with_min_len(groups_per_task)
+            .for_each_init(init, run_group);
+    }
 }
 
 /// Scratch for one group of rows of an input: the rows in accumulation precision (for
@@ -552,9 +567,13 @@ pub(crate) fn backward<T: Elem>(
     rows: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, n, rank) = (f.k, f.n, f.rank);
+    // Tasks of the forward's size in rows, though a row here costs about twice as much (g, dx
+    // and two outer products, t too where not saved): each task also zeroes and hands back its
+    // own dAᵀ and dB, and at the seed shapes fewer, larger tasks measured faster.
     let (dx, tasks) = build_row_groups_then::<T, _, GROUP>(
         rows,
         k,
+        rows_per_task_for_work(forward_fmas_per_row(f)),
         || BackwardTask {
             dat: Packed::zeros(rank, k),
             db: Packed::zeros(rank, n),

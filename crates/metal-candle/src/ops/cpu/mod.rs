@@ -23,7 +23,9 @@ use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 use std::mem::MaybeUninit;
 
 pub(crate) use dispatch::with_widest_simd;
-pub(crate) use rows::{build_row_groups, build_rows, map_rows, row_in_acc, rows_per_task};
+pub(crate) use rows::{
+    build_row_groups, build_rows, map_rows, row_in_acc, rows_per_task, rows_per_task_for_work,
+};
 pub(crate) use simd::Acc;
 
 /// A storage element type the kernels accept, with the type it accumulates in.

@@ -19,12 +19,26 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (32 * 1024 / row_len.max(1)).max(1)
 }
 
-/// Splits `rows` rows into at most two tasks per thread (fewer for small inputs), for
-/// kernels that keep per-task state such as partial parameter gradients.
-fn row_blocks(rows: usize, row_len: usize) -> Vec<Range<usize>> {
+/// Multiply-adds below which a task is not worth a thread of its own: about 60 µs of one
+/// core's work. Handing a task to another thread means waking it, which on the shared 2-core
+/// VMs this is developed on takes 10–40 µs and varies: the LoRA delta forward at 1×128×512,
+/// rank 8 (1 M multiply-adds) took 33 µs at best in two tasks but 65 µs median, and 46–51 µs
+/// median on the calling thread alone. Of 2^20, 2^21 and 2^22 (bench/results/cpu-2026-12-06/),
+/// 2^21 was the fastest at the seed shapes, forward and backward.
+const MIN_TASK_FMAS: usize = 1 << 21;
+
+/// Rows per task for kernels that do `fmas_per_row` multiply-adds per row (the LoRA kernels,
+/// whose rows cost r multiply-adds per element where a norm's cost a few operations).
+pub(crate) fn rows_per_task_for_work(fmas_per_row: usize) -> usize {
+    (MIN_TASK_FMAS / fmas_per_row.max(1)).max(1)
+}
+
+/// Splits `rows` rows into at most two tasks per thread and at least `min_rows` rows per
+/// task (one task for small inputs), for kernels that keep per-task state such as partial
+/// parameter gradients.
+fn row_blocks(rows: usize, min_rows: usize) -> Vec<Range<usize>> {
     let threads = rayon::current_num_threads().max(1);
-    let min_rows = rows_per_task(row_len);
-    let blocks = (rows / min_rows).clamp(1, threads * 2);
+    let blocks = (rows / min_rows.max(1)).clamp(1, threads * 2);
     let per = rows.div_ceil(blocks);
     (0..rows)
         .step_by(per.max(1))
@@ -47,6 +61,7 @@ pub(crate) fn build_rows<T: Elem, S: Send>(
     build_row_groups::<T, S, 1>(
         rows,
         row_len,
+        rows_per_task(row_len),
         init,
         #[inline(always)]
         |state, r, _count, out, fma| row(state, r, out, fma),
@@ -56,14 +71,16 @@ pub(crate) fn build_rows<T: Elem, S: Send>(
 /// [`build_rows`] for kernels that work on `G` rows at a time (so that each load of a shared
 /// operand serves `G` rows): `group(state, first, count, out, fma)` must fill the first
 /// `count` rows (1 ≤ count ≤ G; fewer than G only at the end of a block) of `out`,
-/// `G × row_len` values holding rows `first..first + count` in order.
+/// `G × row_len` values holding rows `first..first + count` in order. Blocks have at least
+/// `min_rows` rows (see [`rows_per_task`], [`rows_per_task_for_work`]).
 pub(crate) fn build_row_groups<T: Elem, S: Send, const G: usize>(
     rows: usize,
     row_len: usize,
+    min_rows: usize,
     init: impl Fn() -> S + Sync,
     group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
-    build_row_groups_then::<T, S, G>(rows, row_len, init, group, |_, _| {})
+    build_row_groups_then::<T, S, G>(rows, row_len, min_rows, init, group, |_, _| {})
 }
 
 /// [`build_row_groups`], then `finish(state, fma)` (`#[inline(always)]` too) once per block
@@ -72,65 +89,80 @@ pub(crate) fn build_row_groups<T: Elem, S: Send, const G: usize>(
 pub(crate) fn build_row_groups_then<T: Elem, S: Send, const G: usize>(
     rows: usize,
     row_len: usize,
+    min_rows: usize,
     init: impl Fn() -> S + Sync,
     group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
     finish: impl Fn(&mut S, bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
     let streaming = stream::should_stream(rows * row_len * std::mem::size_of::<T>());
-    build_row_groups_with::<T, S, G>(rows, row_len, streaming, init, group, finish)
+    let blocks = row_blocks(rows, min_rows);
+    build_row_groups_with::<T, S, G>(row_len, &blocks, streaming, init, group, finish)
 }
 
-/// [`build_row_groups_then`] with the store kind chosen by the caller (tests cover both on
-/// small sizes).
+/// [`build_row_groups_then`] over the given blocks (consecutive ranges from row 0) with the
+/// store kind chosen by the caller (tests cover both on small sizes, and one block and many).
 fn build_row_groups_with<T: Elem, S: Send, const G: usize>(
-    rows: usize,
     row_len: usize,
+    blocks: &[Range<usize>],
     streaming: bool,
     init: impl Fn() -> S + Sync,
     group: impl Fn(&mut S, usize, usize, &mut [T::A], bool) + Sync,
     finish: impl Fn(&mut S, bool) + Sync,
 ) -> (Vec<T>, Vec<S>) {
+    let rows = blocks.last().map_or(0, |b| b.end);
     let len = rows * row_len;
     let mut out: Vec<T> = Vec::with_capacity(len);
-    let blocks = row_blocks(rows, row_len);
     let mut block_outs: Vec<&mut [MaybeUninit<T>]> = Vec::with_capacity(blocks.len());
     let mut rest = &mut out.spare_capacity_mut()[..len];
-    for b in &blocks {
+    for b in blocks {
         let (head, tail) = rest.split_at_mut(b.len() * row_len);
         block_outs.push(head);
         rest = tail;
     }
-    let states: Vec<S> = blocks
-        .into_par_iter()
-        .zip(block_outs)
-        .map(|(range, block_out)| {
-            let mut state = init();
-            let mut acc = vec![T::A::ZERO; G * row_len];
-            let mut staging = Vec::new();
-            with_widest_simd(
-                #[inline(always)]
-                |fma| {
-                    for first in range.clone().step_by(G) {
-                        let count = G.min(range.end - first);
-                        group(&mut state, first, count, &mut acc, fma);
-                        let at = (first - range.start) * row_len;
-                        let out_rows = &mut block_out[at..at + count * row_len];
-                        let values = &acc[..count * row_len];
-                        if streaming {
-                            T::store_uninit_streaming(values, out_rows, &mut staging);
-                        } else {
-                            T::store_uninit(values, out_rows);
-                        }
+    let run_block = |(range, block_out): (Range<usize>, &mut [MaybeUninit<T>])| {
+        let mut state = init();
+        let mut acc = vec![T::A::ZERO; G * row_len];
+        let mut staging = Vec::new();
+        with_widest_simd(
+            #[inline(always)]
+            |fma| {
+                for first in range.clone().step_by(G) {
+                    let count = G.min(range.end - first);
+                    group(&mut state, first, count, &mut acc, fma);
+                    let at = (first - range.start) * row_len;
+                    let out_rows = &mut block_out[at..at + count * row_len];
+                    let values = &acc[..count * row_len];
+                    if streaming {
+                        T::store_uninit_streaming(values, out_rows, &mut staging);
+                    } else {
+                        T::store_uninit(values, out_rows);
                     }
-                    finish(&mut state, fma);
-                },
-            );
-            if streaming {
-                stream::fence();
-            }
-            state
-        })
-        .collect();
+                }
+                finish(&mut state, fma);
+            },
+        );
+        if streaming {
+            stream::fence();
+        }
+        state
+    };
+    // One block runs on the calling thread: through rayon's pool it would wait for a worker
+    // to wake up and take it (see `MIN_TASK_FMAS`).
+    let states: Vec<S> = if blocks.len() == 1 {
+        blocks
+            .iter()
+            .cloned()
+            .zip(block_outs)
+            .map(run_block)
+            .collect()
+    } else {
+        blocks
+            .to_vec()
+            .into_par_iter()
+            .zip(block_outs)
+            .map(run_block)
+            .collect()
+    };
     // SAFETY: the blocks cover rows 0..rows exactly, the groups cover each block, and
     // `store_uninit` wrote every element of each group's rows (it asserts equal lengths); a
     // panic in `group` unwinds before this point.
@@ -191,12 +223,29 @@ mod tests {
             check_groups::<T, 4>(streaming);
         }
         fn check_groups<T: Elem + PartialEq + std::fmt::Debug, const G: usize>(streaming: bool) {
-            for (rows, row_len) in [(0usize, 3usize), (1, 1), (7, 5), (1000, 33), (3, 40_000)] {
+            // (rows, row_len, min rows per block): one block, or several (up to two per thread).
+            let cases = [
+                (0usize, 3usize, 1usize),
+                (1, 1, 1),
+                (7, 5, 1),
+                (7, 5, 7),
+                (1000, 33, 1),
+            ];
+            for (rows, row_len, min_rows) in
+                cases.into_iter().chain([(1000, 33, 1000), (3, 40_000, 1)])
+            {
                 let value = |i: usize| T::from_acc(T::A::from_usize(i % 251));
                 // The state: the rows seen, and whether `finish` ran (after them all).
+                let blocks = row_blocks(rows, min_rows);
+                let one_block = rows > 0 && min_rows >= rows;
+                assert_eq!(
+                    one_block,
+                    blocks.len() == 1,
+                    "{rows} rows, min {min_rows}: {blocks:?}"
+                );
                 let (out, states) = build_row_groups_with::<T, (Vec<usize>, bool), G>(
-                    rows,
                     row_len,
+                    &blocks,
                     streaming,
                     || (Vec::new(), false),
                     |(seen, finished), first, count, y, _fma| {

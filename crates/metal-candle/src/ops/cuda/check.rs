@@ -634,8 +634,8 @@ const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     (&[1, 200, 2048], 16, 2048),
 ];
 
-/// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor; x
-/// either contiguous or narrowed.
+/// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor (B as
+/// (r, out) or the transpose of (out, r)); x either contiguous or narrowed.
 /// (name, [x, A, B] bases, their views, out, in)
 type LoraCase = (String, Vec<Tensor>, Vec<View>, usize, usize);
 
@@ -650,11 +650,17 @@ fn lora_cases(dtype: DType) -> Result<Vec<LoraCase>> {
         } else {
             (rand(&[k, rank], std_a, dtype)?, plain)
         };
-        let b = rand(&[rank, out], 0.5, dtype)?;
+        // B likewise, every third case: PEFT's lora_B (out, r) transposed. The merged weight
+        // of the LoRA linear backward reads it through its strides.
+        let (b, b_view): (Tensor, View) = if i % 3 == 2 {
+            (rand(&[out, rank], 0.5, dtype)?, transposed)
+        } else {
+            (rand(&[rank, out], 0.5, dtype)?, plain)
+        };
         cases.push((
             format!("x {x_dims:?} r {rank} out {out}"),
             vec![x, a, b],
-            vec![plain as View, a_view, plain],
+            vec![plain as View, a_view, b_view],
             out,
             k,
         ));

@@ -225,7 +225,8 @@ fn forward(
             let (s0, s1) = element_strides(&bm);
             let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
             let rm = Strided { data: &bv, s0: s1, s1: s0 };
-            lora_tc::outer::<T>(&dev, (&t.slice(..), t_ld), rm, bias_v.as_ref(), None, &mut y, (m, n, r), 1.0)?;
+            let tm = Strided { data: &t.slice(..), s0: t_ld, s1: 1 };
+            lora_tc::outer::<T>(&dev, tm, rm, bias_v.as_ref(), None, &mut y, (m, n, r), 1.0)?;
         } else {
             gemm::<T>(
                 &dev,
@@ -275,7 +276,7 @@ fn element_strides(mat: &Matrix<'_>) -> (usize, usize) {
 #[rustfmt::skip]
 fn merged_weight<T: Elem>(
     dev: &CudaDevice,
-    b: &Tensor,
+    (bm, bv): (&Matrix<'_>, &CudaView<'_, T>),
     (am, av): (&Matrix<'_>, &CudaView<'_, T>),
     wm: &Matrix<'_>,
     (n, k, r): (usize, usize, usize),
@@ -286,14 +287,12 @@ fn merged_weight<T: Elem>(
     if !dense || !lora_tc::outer_fits(dev, T::DTYPE, n, k, r)? {
         return Ok(None);
     }
-    // L = Bᵀ (n, r) in rows of r, R[col][j] = A[col][j].
-    let bt = b.t()?.contiguous()?;
-    let (bts, btl) = bt.storage_and_layout();
-    let btv = cuda_storage(&bts, "lora backward: Bᵀ")?.as_cuda_slice::<T>()?.slice(btl.start_offset()..);
-    let (sa0, sa1) = element_strides(am);
+    // L[row][j] = B[j][row] (read through B's strides: no transposed copy), R[col][j] = A[col][j].
+    let ((sb0, sb1), (sa0, sa1)) = (element_strides(bm), element_strides(am));
+    let lm = Strided { data: bv, s0: sb1, s1: sb0 };
     let rm = Strided { data: av, s0: sa0, s1: sa1 };
     let mut merged = alloc_out::<T>(dev, n * k)?;
-    lora_tc::outer::<T>(dev, (&btv, r), rm, None, Some(&wv), &mut merged, (n, k, r), alpha)?;
+    lora_tc::outer::<T>(dev, lm, rm, None, Some(&wv), &mut merged, (n, k, r), alpha)?;
     Ok(Some(merged))
 }
 
@@ -605,7 +604,7 @@ fn backward(
         // through the merged weight where that moves fewer bytes (see `lora_tc::merge_pays`).
         let merged = match &base_w {
             Some(wm) if large && lora_tc::merge_pays(m, n) => {
-                merged_weight::<T>(&dev, b, (&am, &av), wm, (n, k, r), alpha)?
+                merged_weight::<T>(&dev, (&bm, &bv), (&am, &av), wm, (n, k, r), alpha)?
             }
             _ => None,
         };
@@ -618,7 +617,8 @@ fn backward(
                 // R[col][j] = A[col][j].
                 let (sa0, sa1) = element_strides(&am);
                 let rm = Strided { data: &av, s0: sa0, s1: sa1 };
-                lora_tc::outer::<T>(&dev, (&g_view, g_ld), rm, None, None, &mut dx, (m, k, r), alpha)?;
+                let gm = Strided { data: &g_view, s0: g_ld, s1: 1 };
+                lora_tc::outer::<T>(&dev, gm, rm, None, None, &mut dx, (m, k, r), alpha)?;
             } else {
                 let beta = match &base_in {
                     Some(bi) => {

@@ -125,13 +125,14 @@ pub(super) fn merge_pays(m: usize, out: usize) -> bool {
     out <= m
 }
 
-/// `y = alpha·L·Rᵀ (+ bias) (+ addend)` into `y` (m, n) dense: L (m, r) with leading dimension
-/// `ld_l`, R (n, r) through its strides, `bias` n elements, `addend` (m, n) dense and 16-byte
-/// aligned. The caller checked [`outer_fits`] (and the addend's layout).
+/// `y = alpha·L·Rᵀ + bias` or `alpha·L·Rᵀ + addend` into `y` (m, n) dense: L (m, r) and R (n, r)
+/// through their strides (L's column stride must be 1 without an addend: the plain kernel takes
+/// rows), `bias` n elements, `addend` (m, n) dense and 16-byte aligned. The caller checked
+/// [`outer_fits`] (and the addend's layout).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn outer<T: Elem>(
     dev: &CudaDevice,
-    (l, ld_l): (&CudaView<'_, T>, usize),
+    lm: Strided<'_, '_, T>,
     rm: Strided<'_, '_, T>,
     bias: Option<&CudaView<'_, T>>,
     addend: Option<&CudaView<'_, T>>,
@@ -141,6 +142,13 @@ pub(super) fn outer<T: Elem>(
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
+    }
+    // The kernel with the addend takes no bias; the one without reads L in rows.
+    if addend.is_some() && bias.is_some() {
+        candle_core::bail!("lora outer: a bias and an addend together are not supported")
+    }
+    if addend.is_none() && lm.s1 != 1 {
+        candle_core::bail!("lora outer: L needs rows of consecutive ranks without an addend")
     }
     let chunks = if r <= 16 { 1 } else { 2 };
     // The addend has its own kernel (a template argument in lora_tc.cu): the plain one keeps
@@ -156,7 +164,7 @@ pub(super) fn outer<T: Elem>(
         MODULE,
         LORA_TC_PTX,
     )?;
-    let (ld_l, rc, rk) = (ld_l as i64, rm.s0 as i64, rm.s1 as i64);
+    let (ld_l, l_col, rc, rk) = (lm.s0 as i64, lm.s1 as i64, rm.s0 as i64, rm.s1 as i64);
     // Row tiles per warp: as many as the GPU has warps to spare for, so that a medium problem
     // (a small model's layer) still spreads over every SM.
     let warp_tiles = n.div_ceil(STRIP) * m.div_ceil(TILE_ROWS);
@@ -166,7 +174,12 @@ pub(super) fn outer<T: Elem>(
     let null = 0u64;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(l).arg(&ld_l).arg(rm.data).arg(&rc).arg(&rk);
+    b.arg(lm.data)
+        .arg(&ld_l)
+        .arg(&l_col)
+        .arg(rm.data)
+        .arg(&rc)
+        .arg(&rk);
     for v in [bias, addend] {
         match v {
             Some(v) => b.arg(v),
@@ -188,7 +201,7 @@ pub(super) fn outer<T: Elem>(
         block_dim: (32 * OUTER_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: L holds m rows of ld_l ≥ r elements, R n·r elements at the given strides, bias n
+    // SAFETY: L and R hold m·r and n·r elements at the given strides, bias n
     // (or null), the addend m·n elements 16-byte aligned (or null), y m·n elements, 16-byte
     // aligned (a fresh allocation), n % 8 == 0, r ≤ 32; the grid covers m and n as the kernel
     // expects.

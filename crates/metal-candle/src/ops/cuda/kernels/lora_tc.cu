@@ -8,11 +8,11 @@
 // they run on the tensor cores, and the kernels are shaped around the memory traffic:
 //
 // lora_outer: `y = alpha·L·Rᵀ (+ bias) (+ C)`, L (m, r) and R (n, r) by strides: the forward's
-// `T·B`, the backward's `G·Aᵀ`, and the merged weight `W + scale·Bᵀ·Aᵀ` (C = W, L = Bᵀ) that
-// the backward's dx GEMM takes in place of W. A warp owns 64 output columns (its R fragments stay in
-// registers) and walks down 16-row tiles; the columns of its mma tiles are permuted so that
-// every thread ends with two runs of 8 consecutive outputs of a row, and the four threads of a
-// row write 64 contiguous bytes per store instruction.
+// `T·B`, the backward's `G·Aᵀ`, and the merged weight `W + scale·Bᵀ·Aᵀ` (C = W, L = Bᵀ read
+// through B's strides) that the backward's dx GEMM takes in place of W. A warp owns 64 output
+// columns (its R fragments stay in registers) and walks down 16-row tiles; the columns of its
+// mma tiles are permuted so that every thread ends with two runs of 8 consecutive outputs of a
+// row, and the four threads of a row write 64 contiguous bytes per store instruction.
 //
 // lora_dy_grads: one read of dy (m, n) for both of the backward's products that read it,
 // `G = dy·Bᵀ` (m, r) and `dB = Tᵀ·dy` (r, n). A thread's 16-byte packs of two rows of dy are, as
@@ -76,15 +76,16 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t v) {
     return out;
 }
 
-// y[row][col] = alpha · Σ_j L[row][j]·R[col][j] (+ bias[col]) (+ C[row][col] where ADD) for
-// j < r ≤ 16·KC, with L[row][j] at row·ld_l + j and R[col][j] at col·rc + j·rk. The host
-// guarantees n % 8 == 0 and y and C 16-byte aligned (dense rows of n). ADD is a template
-// argument, not a null test: the kernel without it keeps its registers and schedule. Blocks of whole warps; warp w of block (bx, by) takes
-// columns [64·(bx·warps + w), +64) and rows [16·tiles·by, +16·tiles).
+// y[row][col] = alpha · Σ_j L[row][j]·R[col][j] + bias[col] (without ADD) or + C[row][col]
+// (with ADD) for j < r ≤ 16·KC, with L[row][j] at row·ld_l + j (+ j·l_col with ADD, which the
+// merged weight reads Bᵀ through) and R[col][j] at col·rc + j·rk. The host guarantees n % 8 == 0
+// and y and C 16-byte aligned (dense rows of n). ADD is a template argument, not a null test:
+// the kernel without it keeps its registers and schedule. Blocks of whole warps; warp w of
+// block (bx, by) takes columns [64·(bx·warps + w), +64) and rows [16·tiles·by, +16·tiles).
 template <typename T, int KC, bool ADD>
-__device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __restrict__ R, long long rc, long long rk,
-                           const T* __restrict__ bias, const T* __restrict__ addend, T* __restrict__ y, int m, int n,
-                           int r, int tiles, float alpha) {
+__device__ void lora_outer(const T* __restrict__ L, long long ld_l, long long l_col, const T* __restrict__ R, long long rc,
+                           long long rk, const T* __restrict__ bias, const T* __restrict__ addend, T* __restrict__ y, int m,
+                           int n, int r, int tiles, float alpha) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int strip = (blockIdx.x * (blockDim.x >> 5) + warp) * 64;
@@ -114,12 +115,14 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             const int col = strip + 32 * p + 8 * c + e;
-            bv[p][e] = (bias && col < n) ? to_f(bias[col]) : 0.f;
+            bv[p][e] = (!ADD && bias && col < n) ? to_f(bias[col]) : 0.f;
         }
     // L's fragment of a row tile: rows g and g + 8, ranks 2c, 2c+1 and + 8 of each chunk.
     auto load_l = [&](int row0, uint32_t (&a)[KC][4]) {
         const int ra = row0 + g, rb = row0 + g + 8;
-        auto lv = [&](int row, int j) { return (row < m && j < r) ? L[row * ld_l + j] : zero; };
+        // L's column stride is 1 in the plain kernel: a constant, so that it costs no register.
+        const long long lc = ADD ? l_col : 1;
+        auto lv = [&](int row, int j) { return (row < m && j < r) ? L[row * ld_l + j * lc] : zero; };
 #pragma unroll
         for (int q = 0; q < KC; q++) {
             const int j = 16 * q + 2 * c;
@@ -138,7 +141,8 @@ __device__ void lora_outer(const T* __restrict__ L, long long ld_l, const T* __r
         uint32_t a_next[KC][4];
         load_l(row0 + 16, a_next);  // in flight while this tile is computed and stored
         // The addend's packs at the positions this thread stores, loaded before the products so
-        // that their latency overlaps them.
+        // that their latency overlaps them. (Loading the next tile's here instead, two tiles in
+        // flight per warp, was no faster: bench/kernel-lab/tclab.cu, session 12.)
         Pack<T, 8> cpk[2][2];
         if constexpr (ADD) {
 #pragma unroll
@@ -354,9 +358,9 @@ __device__ void sum_parts(const PartSum<T> q) {
 // lora_outer_k{KC}_{T}, and lora_outer_add_k{KC}_{T} with the addend (the other takes it too, unused).
 #define LORA_OUTER_KERNEL(NAME, T, KC, ADD, PREFIX)                                                                    \
     extern "C" __global__ void __launch_bounds__(128) PREFIX##_k##KC##_##NAME(                                        \
-        const T* L, long long ld_l, const T* R, long long rc, long long rk, const T* bias, const T* addend, T* y, int m, \
-        int n, int r, int tiles, float alpha) {                                                                        \
-        lora_outer<T, KC, ADD>(L, ld_l, R, rc, rk, bias, addend, y, m, n, r, tiles, alpha);                           \
+        const T* L, long long ld_l, long long l_col, const T* R, long long rc, long long rk, const T* bias,            \
+        const T* addend, T* y, int m, int n, int r, int tiles, float alpha) {                                          \
+        lora_outer<T, KC, ADD>(L, ld_l, l_col, R, rc, rk, bias, addend, y, m, n, r, tiles, alpha);                    \
     }
 #define LORA_TC_KERNELS(NAME, T)                                                                                       \
     LORA_OUTER_KERNEL(NAME, T, 1, false, lora_outer)                                                                   \
