@@ -12,21 +12,23 @@ run() { local name=$1; shift; echo "== $name ($(date +%T))"; timeout 200 "$@"; e
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > "$out/gpu.txt"
 {
 run "gpu-test" /tmp/mc-new gpu-test
-run "lab" "$2" merge
-for round in 1 2; do
+lora_round() {
   for side in new base; do
-    run "lora $side $round" /tmp/mc-$side bench ops --device cuda --ops lora_linear --modes fwd,bwd \
-      --shapes large --dtypes bf16,f16 --seconds 1 --json "$out/lora-$side-$round.json"
+    run "lora $side $1" /tmp/mc-$side bench ops --device cuda --ops lora_linear --modes fwd,bwd \
+      --shapes large --dtypes bf16,f16 --seconds 1 --json "$out/lora-$side-$1.json"
   done
-done
+}
+lora_round 1
 run "seed" /tmp/mc-new bench ops --device cuda --ops lora_delta,lora_linear --shapes small --dtypes f32,bf16 \
   --modes fwd --seconds 0.5 --json "$out/seed.json"
+run "lab" "$2" merge
 for cfg in smollm2-135m llama-1b; do
   for side in new base; do
     run "bench-train $cfg $side" /tmp/mc-$side bench-train --config $cfg --batch 8 --seq 512 --rank 16 \
       --device cuda --dtype bf16 --json "$out/train-$side-$cfg.json"
   done
 done
+lora_round 2
 } > "$out/run.log" 2>&1
 cat "$out/gpu.txt"
 grep -E "passed|failed|FAIL|ratio|merge  W|session 11 \(|exit code [1-9]|lora_delta .*fused|tokens" "$out/run.log" | grep -v "^check" | tail -60
