@@ -157,8 +157,8 @@ fn build_row_groups_with<T: Elem, S: Send, const G: usize>(
             .collect()
     } else {
         blocks
-            .to_vec()
-            .into_par_iter()
+            .par_iter()
+            .cloned()
             .zip(block_outs)
             .map(run_block)
             .collect()
@@ -230,10 +230,10 @@ mod tests {
                 (7, 5, 1),
                 (7, 5, 7),
                 (1000, 33, 1),
+                (1000, 33, 1000),
+                (3, 40_000, 1),
             ];
-            for (rows, row_len, min_rows) in
-                cases.into_iter().chain([(1000, 33, 1000), (3, 40_000, 1)])
-            {
+            for (rows, row_len, min_rows) in cases {
                 let value = |i: usize| T::from_acc(T::A::from_usize(i % 251));
                 // The state: the rows seen, and whether `finish` ran (after them all).
                 let blocks = row_blocks(rows, min_rows);
