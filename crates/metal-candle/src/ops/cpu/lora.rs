@@ -413,7 +413,8 @@ fn dots<A: Acc, const FMA: bool, const R: usize, const L: usize>(
     for (b, block) in m.blocks().take(full_blocks).enumerate() {
         for h in 0..BLOCK / L {
             let c = b * BLOCK + h * L;
-            let [x0, x1, x2, x3]: [&[A; L]; GROUP] = xs.map(|x| x[c..c + L].try_into().unwrap());
+            // Copied out of the rows: as references, every rank's multiply-adds reload them.
+            let [x0, x1, x2, x3]: [[A; L]; GROUP] = xs.map(|x| x[c..c + L].try_into().unwrap());
             for q in 0..R {
                 let at = (j0 + q) * BLOCK + h * L;
                 let rc: &[A; L] = block[at..at + L].try_into().unwrap();

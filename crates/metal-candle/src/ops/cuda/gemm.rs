@@ -1,8 +1,13 @@
 //! Row-major GEMM through candle's cuBLAS handle (the same handle and stream candle's own
-//! matmul uses), with `alpha` and `beta` so that results can accumulate into an output.
+//! matmul uses) or the side stream's, with `alpha` and `beta` so that results can accumulate
+//! into an output.
 
-use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::cublas::{result, sys, CudaBlas};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Result};
 
@@ -21,6 +26,36 @@ pub(super) struct Operand<'a, 'b, T> {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm<T: Elem>(
     dev: &CudaDevice,
+    dims: (usize, usize, usize),
+    alpha: f32,
+    a: Operand<'_, '_, T>,
+    b: Operand<'_, '_, T>,
+    beta: f32,
+    c: &mut CudaSlice<T>,
+    c_offset: usize,
+    ldc: usize,
+) -> Result<()> {
+    let blas = dev.cublas_handle();
+    gemm_on(
+        &blas,
+        &dev.cuda_stream(),
+        dims,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        c_offset,
+        ldc,
+    )
+}
+
+/// [`gemm`] through the cuBLAS handle `blas`, whose stream is `stream` (the side stream's, see
+/// `side`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_on<T: Elem>(
+    blas: &CudaBlas,
+    stream: &Arc<CudaStream>,
     (m, n, k): (usize, usize, usize),
     alpha: f32,
     a: Operand<'_, '_, T>,
@@ -52,15 +87,14 @@ pub(super) fn gemm<T: Elem>(
         } else {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
-    let blas = dev.cublas_handle();
-    let stream = dev.cuda_stream();
-    let (pa, _ga) = a.data.device_ptr(&stream);
-    let (pb, _gb) = b.data.device_ptr(&stream);
+    let (pa, _ga) = a.data.device_ptr(stream);
+    let (pb, _gb) = b.data.device_ptr(stream);
     let mut cv = c.slice_mut(c_offset..);
-    let (pc, _gc) = cv.device_ptr_mut(&stream);
+    let (pc, _gc) = cv.device_ptr_mut(stream);
     // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: swap the operands and m/n.
-    // SAFETY: pointers are live device buffers on candle's stream, sized by the callers for
-    // these dimensions and leading dims; alpha/beta are host f32 as COMPUTE_32F requires.
+    // SAFETY: pointers are live device buffers, ordered for `stream` (the handle's) by the
+    // callers and sized by them for these dimensions and leading dims; alpha/beta are host f32
+    // as COMPUTE_32F requires.
     unsafe {
         result::gemm_ex(
             *blas.handle(),

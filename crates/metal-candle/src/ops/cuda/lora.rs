@@ -21,7 +21,12 @@
 //! bias are frozen.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
@@ -30,8 +35,9 @@ use super::common::{
     aligned16, alloc_out, cuda_storage, fit_threads, input, load, matrix, rows_and_len, sm_count,
     to_tensor, with_elem, Elem, Input, Matrix, LORA_PTX,
 };
-use super::gemm::{gemm, Operand};
+use super::gemm::{gemm, gemm_on, Operand};
 use super::lora_tc::{self, Strided};
+use super::side;
 
 const MODULE: &str = "metal_candle_lora";
 
@@ -269,10 +275,21 @@ fn element_strides(mat: &Matrix<'_>) -> (usize, usize) {
     }
 }
 
-/// The merged weight `W + alpha·Bᵀ·Aᵀ` (out × in, dense) for the LoRA linear backward's dx, or
-/// `None` where the tensor-core kernel does not serve it (W not dense and 16-byte aligned, f32,
-/// rank past 32, `in` not a multiple of 8, older GPUs): the caller then adds the low-rank term
-/// to dx itself.
+/// Whether [`merged_weight`] serves W: W dense and 16-byte aligned, and the tensor-core kernel
+/// serving the shape (not f32, rank at most 32, `in` a multiple of 8, sm_80 or later).
+/// Otherwise the caller adds the low-rank term to dx itself.
+fn merge_fits<T: Elem>(
+    dev: &CudaDevice,
+    wm: &Matrix<'_>,
+    (n, k, r): (usize, usize, usize),
+) -> Result<bool> {
+    let wv = wm.data.view::<T>()?;
+    let dense = !wm.trans && wm.ld == k && aligned16(&wv, dev);
+    Ok(dense && lora_tc::outer_fits(dev, T::DTYPE, n, k, r)?)
+}
+
+/// The merged weight `W + alpha·Bᵀ·Aᵀ` (out × in, dense) for the LoRA linear backward's dx;
+/// the caller checked [`merge_fits`].
 #[rustfmt::skip]
 fn merged_weight<T: Elem>(
     dev: &CudaDevice,
@@ -281,19 +298,97 @@ fn merged_weight<T: Elem>(
     wm: &Matrix<'_>,
     (n, k, r): (usize, usize, usize),
     alpha: f32,
-) -> Result<Option<CudaSlice<T>>> {
+) -> Result<CudaSlice<T>> {
     let wv = wm.data.view::<T>()?;
-    let dense = !wm.trans && wm.ld == k && aligned16(&wv, dev);
-    if !dense || !lora_tc::outer_fits(dev, T::DTYPE, n, k, r)? {
-        return Ok(None);
-    }
     // L[row][j] = B[j][row] (read through B's strides: no transposed copy), R[col][j] = A[col][j].
     let ((sb0, sb1), (sa0, sa1)) = (element_strides(bm), element_strides(am));
     let lm = Strided { data: bv, s0: sb1, s1: sb0 };
     let rm = Strided { data: av, s0: sa0, s1: sa1 };
     let mut merged = alloc_out::<T>(dev, n * k)?;
     lora_tc::outer::<T>(dev, lm, rm, None, Some(&wv), &mut merged, (n, k, r), alpha)?;
-    Ok(Some(merged))
+    Ok(merged)
+}
+
+/// What the backward's products over dy read: dy (m, n) dense, T (m, ld) with its leading
+/// dimension, and B as a matrix and through its strides.
+struct DyOperands<'a, 'b, T> {
+    dy: &'a CudaView<'b, T>,
+    t: (&'a CudaView<'b, T>, usize),
+    b: (&'a Matrix<'b>, Strided<'a, 'b, T>),
+}
+
+/// The backward's products over dy, `G = dy·Bᵀ` (m, r) and `dB = Tᵀ·dy` (r, n), allocated
+/// before they are computed, so that they can be computed on another stream (see `side`).
+enum DyProducts<T> {
+    /// The tensor-core kernel (G with leading dimension [`lora_tc::PROJ_LD`]).
+    TensorCores(lora_tc::DyGrads<T>),
+    /// Two cuBLAS GEMMs (G with leading dimension r).
+    Cublas {
+        g: CudaSlice<T>,
+        db: CudaSlice<T>,
+        r: usize,
+    },
+}
+
+impl<T: Elem> DyProducts<T> {
+    fn alloc(
+        dev: &CudaDevice,
+        tensor_cores: bool,
+        (m, n, r): (usize, usize, usize),
+    ) -> Result<Self> {
+        Ok(if tensor_cores {
+            Self::TensorCores(lora_tc::DyGrads::alloc(dev, (m, n, r))?)
+        } else {
+            Self::Cublas {
+                g: alloc_out::<T>(dev, m * r)?,
+                db: alloc_out::<T>(dev, r * n)?,
+                r,
+            }
+        })
+    }
+
+    /// Computes G and dB on `stream` (`blas` is the cuBLAS handle that queues work on it).
+    #[rustfmt::skip]
+    fn run(&mut self, dev: &CudaDevice, blas: &CudaBlas, stream: &Arc<CudaStream>, ops: &DyOperands<'_, '_, T>, (m, n, r): (usize, usize, usize)) -> Result<()> {
+        let (bm, b_strided) = &ops.b;
+        match self {
+            Self::TensorCores(grads) => {
+                let b = Strided { data: b_strided.data, s0: b_strided.s0, s1: b_strided.s1 };
+                grads.run(dev, stream, ops.dy, ops.t.0, b)
+            }
+            Self::Cublas { g, db, .. } => {
+                let dy_op = || Operand { data: ops.dy, trans: false, ld: n.max(1) };
+                gemm_on::<T>(blas, stream, (m, r, n), 1.0, dy_op(), Operand { data: b_strided.data, trans: !bm.trans, ld: bm.ld }, 0.0, g, 0, r)?;
+                gemm_on::<T>(blas, stream, (r, n, m), 1.0, Operand { data: ops.t.0, trans: true, ld: ops.t.1 }, dy_op(), 0.0, db, 0, n)
+            }
+        }
+    }
+
+    /// G and its leading dimension.
+    fn g(&self) -> (&CudaSlice<T>, usize) {
+        match self {
+            Self::TensorCores(grads) => (&grads.g, lora_tc::PROJ_LD),
+            Self::Cublas { g, r, .. } => (g, *r),
+        }
+    }
+
+    /// `dA = alpha·xᵀ·G` (k, r) on `stream`, x (m, k) dense.
+    #[rustfmt::skip]
+    fn da(&self, blas: &CudaBlas, stream: &Arc<CudaStream>, x: &CudaView<'_, T>, (m, k, r): (usize, usize, usize), alpha: f32, da: &mut CudaSlice<T>) -> Result<()> {
+        let (g, g_ld) = self.g();
+        gemm_on::<T>(blas, stream, (k, r, m), alpha, Operand { data: x, trans: true, ld: k.max(1) }, Operand { data: &g.slice(..), trans: false, ld: g_ld }, 0.0, da, 0, r)
+    }
+
+    /// `(G, G's leading dimension, dB)`.
+    fn into_parts(self) -> (CudaSlice<T>, usize, CudaSlice<T>) {
+        match self {
+            Self::TensorCores(grads) => {
+                let lora_tc::DyGrads { g, db, .. } = grads;
+                (g, lora_tc::PROJ_LD, db)
+            }
+            Self::Cublas { g, db, r } => (g, r, db),
+        }
+    }
 }
 
 /// The most rows one block of `lora_small` takes (`MAX_ROWS` in lora.cu).
@@ -498,8 +593,9 @@ pub fn lora_backward(
 }
 
 /// Gradients of the LoRA linear layer `x·Wᵀ + bias + scale·(x·A)·B` with W and the bias
-/// frozen: `(dx, dA, dB)`, where `dx = scale·(dy·Bᵀ)·Aᵀ + dy·W` (the base GEMM accumulates
-/// into the low-rank part with beta = 1).
+/// frozen: `(dx, dA, dB)`, where `dx = scale·(dy·Bᵀ)·Aᵀ + dy·W`: one GEMM through the merged
+/// weight `W + scale·Bᵀ·Aᵀ` where that moves fewer bytes (with dA and dB computed beside it on
+/// a second stream), else the base GEMM accumulating onto the low-rank term (beta = 1).
 pub fn lora_linear_backward(
     x: &Tensor,
     a: &Tensor,
@@ -582,61 +678,68 @@ fn backward(
                 (computed.slice(..), want_ld)
             }
         };
-        // G = dy·Bᵀ with leading dimension g_ld, and dB = Tᵀ·dy (r, n) (T carries the scale).
-        let (g, g_ld, db) = if tc_grads {
-            let (sb0, sb1) = element_strides(&bm);
-            let bs = Strided { data: &bv, s0: sb0, s1: sb1 };
-            let (g, db) = lora_tc::dy_grads::<T>(&dev, &gv, &tv, bs, (m, n, r))?;
-            (g, lora_tc::PROJ_LD, db)
-        } else {
-            let mut g = alloc_out::<T>(&dev, m * r)?;
-            gemm::<T>(&dev, (m, r, n), 1.0, dy_op(), Operand { data: &bv, trans: !bm.trans, ld: bm.ld }, 0.0, &mut g, 0, r)?;
-            let mut db = alloc_out::<T>(&dev, r * n)?;
-            gemm::<T>(&dev, (r, n, m), 1.0, Operand { data: &tv, trans: true, ld: t_ld }, dy_op(), 0.0, &mut db, 0, n)?;
-            (g, r, db)
-        };
-        // dA = scale·xᵀ·G (k, r).
-        let mut da = alloc_out::<T>(&dev, k * r)?;
-        gemm::<T>(&dev, (k, r, m), alpha, Operand { data: &xv, trans: true, ld: k.max(1) }, Operand { data: &g.slice(..), trans: false, ld: g_ld }, 0.0, &mut da, 0, r)?;
-        let g_view = g.slice(..);
         let mut dx = alloc_out::<T>(&dev, m * k)?;
+        let mut da = alloc_out::<T>(&dev, k * r)?;
+        let mut dy_products = DyProducts::<T>::alloc(&dev, tc_grads, (m, n, r))?;
+        let b_op = Strided { data: &bv, s0: element_strides(&bm).0, s1: element_strides(&bm).1 };
+        let operands = DyOperands { dy: &gv, t: (&tv, t_ld), b: (&bm, b_op) };
         // With a frozen base weight, dx = dy·W + scale·G·Aᵀ = dy·(W + scale·Bᵀ·Aᵀ): one GEMM
         // through the merged weight where that moves fewer bytes (see `lora_tc::merge_pays`).
-        let merged = match &base_w {
-            Some(wm) if large && lora_tc::merge_pays(m, n) => {
-                merged_weight::<T>(&dev, (&bm, &bv), (&am, &av), wm, (n, k, r), alpha)?
-            }
+        // That GEMM needs neither G nor dA, so the pass over dy (G, dB) and dA run on the side
+        // stream, beside the merge and the GEMM (see `side`).
+        let merge = match &base_w {
+            Some(wm) if large && lora_tc::merge_pays(m, n) && merge_fits::<T>(&dev, wm, (n, k, r))? => Some(wm),
             _ => None,
         };
-        if let Some(w_merged) = &merged {
-            gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &w_merged.slice(..), trans: false, ld: k }, 0.0, &mut dx, 0, k.max(1))?;
+        if let Some(wm) = merge {
+            let fork = side::Fork::new(&dev)?;
+            let side = fork.side();
+            let on_side = dy_products
+                .run(&dev, &side.blas, &side.stream, &operands, (m, n, r))
+                .and_then(|()| dy_products.da(&side.blas, &side.stream, &xv, (m, k, r), alpha, &mut da));
+            let on_main = on_side.as_ref().ok().map(|()| {
+                let merged = merged_weight::<T>(&dev, (&bm, &bv), (&am, &av), wm, (n, k, r), alpha)?;
+                let w_op = Operand { data: &merged.slice(..), trans: false, ld: k };
+                gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), w_op, 0.0, &mut dx, 0, k.max(1))
+            });
+            // Joined before anything is returned or freed, errors included: the side stream may
+            // still be using the buffers.
+            fork.join()?;
+            on_side?;
+            on_main.transpose()?;
+            let (_, _, db) = dy_products.into_parts();
+            return Ok((to_tensor(dx, &dev, x.shape().clone()), to_tensor(da, &dev, (k, r)), to_tensor(db, &dev, (r, n))));
+        }
+        let (blas, stream) = (dev.cublas_handle(), dev.cuda_stream());
+        dy_products.run(&dev, &blas, &stream, &operands, (m, n, r))?;
+        dy_products.da(&blas, &stream, &xv, (m, k, r), alpha, &mut da)?;
+        let (g, g_ld, db) = dy_products.into_parts();
+        let g_view = g.slice(..);
+        // dx = scale·G·Aᵀ (+ base): the tensor-core kernel writes the low-rank term where it
+        // serves and nothing is to be added first; else cuBLAS, accumulating into dx_base.
+        if large && base_in.is_none() && lora_tc::outer_fits(&dev, x.dtype(), m, k, r)? {
+            // R[col][j] = A[col][j].
+            let (sa0, sa1) = element_strides(&am);
+            let rm = Strided { data: &av, s0: sa0, s1: sa1 };
+            let gm = Strided { data: &g_view, s0: g_ld, s1: 1 };
+            lora_tc::outer::<T>(&dev, gm, rm, None, None, &mut dx, (m, k, r), alpha)?;
         } else {
-            // dx = scale·G·Aᵀ (+ base): the tensor-core kernel writes the low-rank term where it
-            // serves and nothing is to be added first; else cuBLAS, accumulating into dx_base.
-            if large && base_in.is_none() && lora_tc::outer_fits(&dev, x.dtype(), m, k, r)? {
-                // R[col][j] = A[col][j].
-                let (sa0, sa1) = element_strides(&am);
-                let rm = Strided { data: &av, s0: sa0, s1: sa1 };
-                let gm = Strided { data: &g_view, s0: g_ld, s1: 1 };
-                lora_tc::outer::<T>(&dev, gm, rm, None, None, &mut dx, (m, k, r), alpha)?;
-            } else {
-                let beta = match &base_in {
-                    Some(bi) => {
-                        let bv = bi.view::<T>()?;
-                        if bv.len() != m * k {
-                            candle_core::bail!("lora backward: dx_base has {} elements, expected {}", bv.len(), m * k)
-                        }
-                        dev.memcpy_dtod(&bv, &mut dx)?;
-                        1.0
+            let beta = match &base_in {
+                Some(bi) => {
+                    let bv = bi.view::<T>()?;
+                    if bv.len() != m * k {
+                        candle_core::bail!("lora backward: dx_base has {} elements, expected {}", bv.len(), m * k)
                     }
-                    None => 0.0,
-                };
-                gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: g_ld }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
-            }
-            if let Some(wm) = &base_w {
-                let wv = wm.data.view::<T>()?;
-                gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &wv, trans: wm.trans, ld: wm.ld }, 1.0, &mut dx, 0, k.max(1))?;
-            }
+                    dev.memcpy_dtod(&bv, &mut dx)?;
+                    1.0
+                }
+                None => 0.0,
+            };
+            gemm::<T>(&dev, (m, k, r), alpha, Operand { data: &g_view, trans: false, ld: g_ld }, Operand { data: &av, trans: !am.trans, ld: am.ld }, beta, &mut dx, 0, k.max(1))?;
+        }
+        if let Some(wm) = &base_w {
+            let wv = wm.data.view::<T>()?;
+            gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), Operand { data: &wv, trans: wm.trans, ld: wm.ld }, 1.0, &mut dx, 0, k.max(1))?;
         }
         Ok((to_tensor(dx, &dev, x.shape().clone()), to_tensor(da, &dev, (k, r)), to_tensor(db, &dev, (r, n))))
     })

@@ -5,7 +5,7 @@
 //!   backward's `G·Aᵀ`, written at 80% of the memory's write rate (cuBLAS: 70% at 16384 × 4096,
 //!   r = 16, on an H200), and the merged weight `W + scale·Bᵀ·Aᵀ` (C = W) of the LoRA linear
 //!   backward (see [`merge_pays`]).
-//! - [`dy_grads`]: `G = dy·Bᵀ` and `dB = Tᵀ·dy` from one read of dy (cuBLAS reads it twice),
+//! - [`DyGrads`]: `G = dy·Bᵀ` and `dB = Tᵀ·dy` from one read of dy (cuBLAS reads it twice),
 //!   rank ≤ 16.
 //!
 //! `dA = scale·xᵀ·G` stays with cuBLAS, which ran it faster than a kernel of this kind did.
@@ -13,8 +13,11 @@
 //! Each `*_fits` function says whether its kernel serves a problem; the callers fall back to
 //! cuBLAS otherwise (f32, other ranks, rows not whole 16-byte packs, older GPUs).
 
+use std::sync::Arc;
+
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Result};
@@ -254,6 +257,7 @@ unsafe impl DeviceRepr for PartSum {}
 #[allow(clippy::too_many_arguments)]
 fn sum_two_parts<T: Elem>(
     dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
     (g_parts, slabs): (&CudaSlice<f32>, usize),
     (db_parts, chunks): (&CudaSlice<f32>, usize),
     g: &mut CudaSlice<T>,
@@ -266,11 +270,10 @@ fn sum_two_parts<T: Elem>(
         MODULE,
         LORA_TC_PTX,
     )?;
-    let stream = dev.cuda_stream();
-    let (gp, _gp) = g_parts.device_ptr(&stream);
-    let (dp, _dp) = db_parts.device_ptr(&stream);
-    let (go, _go) = g.device_ptr_mut(&stream);
-    let (dbo, _dbo) = db.device_ptr_mut(&stream);
+    let (gp, _gp) = g_parts.device_ptr(stream);
+    let (dp, _dp) = db_parts.device_ptr(stream);
+    let (go, _go) = g.device_ptr_mut(stream);
+    let (dbo, _dbo) = db.device_ptr_mut(stream);
     let g_sum = PartSum {
         parts: gp,
         out: go,
@@ -312,63 +315,100 @@ fn sum_two_parts<T: Elem>(
 }
 
 /// `G = dy·Bᵀ` (m × [`PROJ_LD`], its first r columns; the rest zero) and `dB = Tᵀ·dy` (r, n)
-/// from one read of `dy` (m, n) dense; T (m, [`PROJ_LD`]) 16-byte aligned, B (r, n) through its
-/// strides. The caller checked [`grads_fit`].
-pub(super) fn dy_grads<T: Elem>(
-    dev: &CudaDevice,
-    dy: &CudaView<'_, T>,
-    t: &CudaView<'_, T>,
-    bm: Strided<'_, '_, T>,
-    (m, n, r): (usize, usize, usize),
-) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
-    if m == 0 || n == 0 {
-        // No rows or no columns: both products are sums over nothing.
-        return Ok((
-            dev.alloc_zeros::<T>(m * PROJ_LD)?,
-            dev.alloc_zeros::<T>(r * n)?,
-        ));
+/// from one read of `dy` (m, n) dense: the outputs and the partial sums they are added up from,
+/// allocated by [`DyGrads::alloc`] on candle's stream and computed by [`DyGrads::run`] on any
+/// stream ordered after the allocation (see `side`).
+pub(super) struct DyGrads<T> {
+    pub(super) g: CudaSlice<T>,
+    pub(super) db: CudaSlice<T>,
+    g_parts: CudaSlice<f32>,
+    db_parts: CudaSlice<f32>,
+    /// Column slabs, row chunks and rows per chunk of the kernel's grid.
+    slabs: usize,
+    chunks: usize,
+    rows: usize,
+    dims: (usize, usize, usize),
+}
+
+impl<T: Elem> DyGrads<T> {
+    /// The buffers for `(m, n, r)`; the caller checked [`grads_fit`].
+    pub(super) fn alloc(dev: &CudaDevice, (m, n, r): (usize, usize, usize)) -> Result<Self> {
+        if m == 0 || n == 0 {
+            // No rows or no columns: both products are sums over nothing.
+            return Ok(Self {
+                g: dev.alloc_zeros::<T>(m * PROJ_LD)?,
+                db: dev.alloc_zeros::<T>(r * n)?,
+                g_parts: dev.alloc_zeros::<f32>(0)?,
+                db_parts: dev.alloc_zeros::<f32>(0)?,
+                slabs: 0,
+                chunks: 0,
+                rows: 0,
+                dims: (m, n, r),
+            });
+        }
+        let slabs = n.div_ceil(SLAB);
+        let (chunks, rows) = row_chunks(dev, m, slabs)?;
+        Ok(Self {
+            g: alloc_out::<T>(dev, m * PROJ_LD)?,
+            db: alloc_out::<T>(dev, r * n)?,
+            g_parts: alloc_out::<f32>(dev, slabs * m * 16)?,
+            db_parts: alloc_out::<f32>(dev, chunks * 16 * n)?,
+            slabs,
+            chunks,
+            rows,
+            dims: (m, n, r),
+        })
     }
-    if !aligned16(t, dev) {
-        candle_core::bail!("lora backward: the projections are not 16-byte aligned")
+
+    /// Computes G and dB on `stream`: `dy` (m, n) dense, T (m, [`PROJ_LD`]) 16-byte aligned,
+    /// B (r, n) through its strides.
+    pub(super) fn run(
+        &mut self,
+        dev: &CudaDevice,
+        stream: &Arc<CudaStream>,
+        dy: &CudaView<'_, T>,
+        t: &CudaView<'_, T>,
+        bm: Strided<'_, '_, T>,
+    ) -> Result<()> {
+        let (m, n, r) = self.dims;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if !aligned16(t, dev) {
+            candle_core::bail!("lora backward: the projections are not 16-byte aligned")
+        }
+        let f = grad_kernel::<T>(dev, "lora_dy_grads")?;
+        let (sb0, sb1) = (bm.s0 as i64, bm.s1 as i64);
+        let (m_i, n_i, r_i, rows_i) = (m as i32, n as i32, r as i32, self.rows as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(dy)
+            .arg(t)
+            .arg(bm.data)
+            .arg(&sb0)
+            .arg(&sb1)
+            .arg(&mut self.g_parts)
+            .arg(&mut self.db_parts)
+            .arg(&m_i)
+            .arg(&n_i)
+            .arg(&r_i)
+            .arg(&rows_i);
+        let cfg = LaunchConfig {
+            grid_dim: (self.slabs as u32, self.chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: GRAD_RING_BYTES as u32,
+        };
+        // SAFETY: dy holds m·n elements (16-byte aligned, n % 8 == 0), T m·16 (16-byte
+        // aligned), B r·n at its strides; the parts hold slabs·m·16 and chunks·16·n floats, all
+        // of which the grid (slabs × chunks blocks of 256 threads, chunks · rows ≥ m) writes.
+        unsafe { b.launch(cfg) }.w()?;
+        sum_two_parts(
+            dev,
+            stream,
+            (&self.g_parts, self.slabs),
+            (&self.db_parts, self.chunks),
+            &mut self.g,
+            &mut self.db,
+            (m, n, r),
+        )
     }
-    let mut g = alloc_out::<T>(dev, m * PROJ_LD)?;
-    let mut db = alloc_out::<T>(dev, r * n)?;
-    let slabs = n.div_ceil(SLAB);
-    let (chunks, rows) = row_chunks(dev, m, slabs)?;
-    let mut g_parts = alloc_out::<f32>(dev, slabs * m * 16)?;
-    let mut db_parts = alloc_out::<f32>(dev, chunks * 16 * n)?;
-    let f = grad_kernel::<T>(dev, "lora_dy_grads")?;
-    let (sb0, sb1) = (bm.s0 as i64, bm.s1 as i64);
-    let (m_i, n_i, r_i, rows_i) = (m as i32, n as i32, r as i32, rows as i32);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(dy)
-        .arg(t)
-        .arg(bm.data)
-        .arg(&sb0)
-        .arg(&sb1)
-        .arg(&mut g_parts)
-        .arg(&mut db_parts)
-        .arg(&m_i)
-        .arg(&n_i)
-        .arg(&r_i)
-        .arg(&rows_i);
-    let cfg = LaunchConfig {
-        grid_dim: (slabs as u32, chunks as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: GRAD_RING_BYTES as u32,
-    };
-    // SAFETY: dy holds m·n elements (16-byte aligned, n % 8 == 0), T m·16 (16-byte aligned), B
-    // r·n at its strides; the parts hold slabs·m·16 and chunks·16·n floats, all of which the
-    // grid (slabs × chunks blocks of 256 threads, chunks · rows ≥ m) writes.
-    unsafe { b.launch(cfg) }.w()?;
-    sum_two_parts(
-        dev,
-        (&g_parts, slabs),
-        (&db_parts, chunks),
-        &mut g,
-        &mut db,
-        (m, n, r),
-    )?;
-    Ok((g, db))
 }

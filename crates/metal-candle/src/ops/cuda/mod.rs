@@ -17,7 +17,8 @@
 //!   runs the base GEMM `x·Wᵀ` with `beta = 1` into that same output: no extra (tokens × out)
 //!   tensor and no separate add or scale pass. The backward pass takes `scale·x·A` from the
 //!   forward pass where it computed one (else computes it again) and never computes a gradient
-//!   for W.
+//!   for W. Where its dx GEMM runs on the merged weight `W + scale·Bᵀ·Aᵀ`, the passes that
+//!   give dA and dB run beside the merge and that GEMM on a second stream (`side`).
 //! - SwiGLU and the rotary embedding (`kernels/elementwise.cu`): one grid-stride loop over
 //!   16-byte packs (single elements where a length or pointer is not aligned), f32 arithmetic.
 //!   The SwiGLU backward pass writes both gradients in one kernel; the rope backward pass is the
@@ -49,6 +50,7 @@ mod lora_tc;
 mod norm;
 mod optim;
 mod rope;
+mod side;
 mod softmax;
 mod swiglu;
 
