@@ -175,8 +175,13 @@ pub(crate) fn forward<T: Elem>(x: &[T], f: &Factors<T::A>, rows: usize) -> (Vec<
             t.extend_from_slice(&group.proj[..count * rank]);
         },
     );
-    // The blocks come back in row order, each with its rows' projections in order.
-    let t = blocks.into_iter().flat_map(|(_, t)| t).collect();
+    // The blocks come back in row order, each with its rows' projections in order. (Copied
+    // by slices: an iterator flattening the blocks moves one value per step, which took a
+    // tenth of the forward's time at 1×128×512, rank 8.)
+    let mut t = Vec::with_capacity(rows * rank);
+    for (_, part) in &blocks {
+        t.extend_from_slice(part);
+    }
     (out, t)
 }
 
