@@ -15,46 +15,17 @@
 #define TCLAB_NO_MAIN
 #include "tclab.cu"
 
-static cudaStream_t ms, side_lo, side_hi;
-static cudaEvent_t ta, tb, fork_ev, join_ev, g_ready;
+#include "two_streams.cuh"
 
-// Per-call µs of `per_batch` calls of f queued on the main stream.
-static float on_main_us(const std::function<void()>& f, int per_batch) {
-    CK(cudaEventRecord(ta, ms));
-    for (int i = 0; i < per_batch; i++) f();
-    CK(cudaEventRecord(tb, ms));
-    CK(cudaEventSynchronize(tb));
-    float ms_;
-    CK(cudaEventElapsedTime(&ms_, ta, tb));
-    return ms_ * 1000.f / per_batch;
-}
-// Alternating batches of f and g; medians of each and of the per-pair ratios f/g.
-static float ratio_vs(const char* what, const std::function<void()>& f, const std::function<void()>& g,
-                      const char* gname) {
-    for (int i = 0; i < 3; i++) { f(); g(); }
-    std::vector<float> tf, tg, ratio;
-    for (int i = 0; i < 15; i++) {
-        const float a = on_main_us(f, 5), b = on_main_us(g, 5);
-        tf.push_back(a); tg.push_back(b); ratio.push_back(a / b);
-    }
-    CK(cudaGetLastError());
-    printf("%-58s %8.1f us, %s %8.1f us, ratio %.3f\n", what, median(tf), gname, median(tg), median(ratio));
-    fflush(stdout);
-    return median(ratio);
-}
+static cudaEvent_t g_ready;
 
 int main() {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     sms = prop.multiProcessorCount;
     printf("%s, %d SMs\n", prop.name, sms);
-    int lo, hi;
-    CK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
-    CK(cudaStreamCreateWithFlags(&ms, cudaStreamNonBlocking));
-    CK(cudaStreamCreateWithPriority(&side_lo, cudaStreamNonBlocking, lo));
-    CK(cudaStreamCreateWithPriority(&side_hi, cudaStreamNonBlocking, hi));
-    for (cudaEvent_t* ev : {&ta, &tb}) CK(cudaEventCreate(ev));
-    for (cudaEvent_t* ev : {&fork_ev, &join_ev, &g_ready}) CK(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
+    create_streams();
+    CK(cudaEventCreateWithFlags(&g_ready, cudaEventDisableTiming));
     CK(cudaFuncSetAttribute(lora_dy_grads_bf16, cudaFuncAttributeMaxDynamicSharedMemorySize, RING));
 
     const int m = 16384, in = 4096, out = 4096, r = 16;
