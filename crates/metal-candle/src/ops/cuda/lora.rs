@@ -403,8 +403,7 @@ impl<T: Elem> DyProducts<T> {
         let (bm, b_strided) = &ops.b;
         match self {
             Self::TensorCores(grads) => {
-                let b = Strided { data: b_strided.data, s0: b_strided.s0, s1: b_strided.s1 };
-                grads.run(dev, stream, ops.dy, ops.t.0, b)
+                grads.run(dev, stream, ops.dy, ops.t.0, *b_strided)
             }
             Self::Cublas { g, db, .. } => {
                 let dy_op = || Operand { data: ops.dy, trans: false, ld: n.max(1) };
@@ -731,7 +730,8 @@ fn backward(
         let mut dx = alloc_out::<T>(&dev, m * k)?;
         let mut da = alloc_out::<T>(&dev, k * r)?;
         let mut dy_products = DyProducts::<T>::alloc(&dev, tc_grads, (m, n, r))?;
-        let b_op = Strided { data: &bv, s0: element_strides(&bm).0, s1: element_strides(&bm).1 };
+        let (sb0, sb1) = element_strides(&bm);
+        let b_op = Strided { data: &bv, s0: sb0, s1: sb1 };
         let operands = DyOperands { dy: &gv, t: (&tv, t_ld), b: (&bm, b_op) };
         // With a frozen base weight, dx = dy·W + scale·G·Aᵀ = dy·(W + scale·Bᵀ·Aᵀ): one GEMM
         // through the merged weight where that moves fewer bytes (see `lora_tc::merge_pays`).
@@ -747,16 +747,16 @@ fn backward(
             let on_side = dy_products
                 .run(&dev, &side.blas, &side.stream, &operands, (m, n, r))
                 .and_then(|()| dy_products.da(&side.blas, &side.stream, &xv, (m, k, r), alpha, &mut da));
-            let on_main = on_side.as_ref().ok().map(|()| {
+            let on_main = (|| {
                 let merged = merged_weight::<T>(&dev, (&bm, &bv), (&am, &av), wm, (n, k, r), alpha)?;
                 let w_op = Operand { data: &merged.slice(..), trans: false, ld: k };
                 gemm::<T>(&dev, (m, k, n), 1.0, dy_op(), w_op, 0.0, &mut dx, 0, k.max(1))
-            });
+            })();
             // Joined before anything is returned or freed, errors included: the side stream may
             // still be using the buffers.
             fork.join()?;
             on_side?;
-            on_main.transpose()?;
+            on_main?;
             let (_, _, db) = dy_products.into_parts();
             return Ok((to_tensor(dx, &dev, x.shape().clone()), to_tensor(da, &dev, (k, r)), to_tensor(db, &dev, (r, n))));
         }

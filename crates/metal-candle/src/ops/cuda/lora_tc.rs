@@ -59,6 +59,15 @@ pub(super) struct Strided<'a, 'b, T> {
     pub(super) s1: usize,
 }
 
+// By hand: a derive would ask T: Copy, which a reference to T's buffer does not need.
+impl<T> Clone for Strided<'_, '_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Strided<'_, '_, T> {}
+
 fn half_precision(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16)
 }
