@@ -20,7 +20,7 @@ for round in $(seq "${ROUNDS:-3}"); do
       --shapes large --dtypes bf16,f16 --seconds 1 --json "$out/lora-$side-$round.json"
   done
 done
-for side in new base; do
+for side in new; do
   run "seed $side" /tmp/mc-$side bench ops --device cuda --ops lora_delta,lora_linear --modes fwd \
     --shapes small --dtypes f32,bf16 --seconds 1 --json "$out/seed-$side.json"
 done
