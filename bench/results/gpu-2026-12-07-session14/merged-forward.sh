@@ -2,7 +2,7 @@
 # Session 14, the LoRA linear forward through the merged weight (T on the side stream): the GPU
 # tests of the new build, then LoRA linear at 8×2048×4096 (bf16, f16; forward and backward, each
 # timed interleaved with its bare GEMM) for the new build and session 13's, alternated three
-# times, the seed shapes' latency, LoRA training throughput of both builds, and (given HOST_XZ,
+# times, the new build's seed-shape latency, LoRA training throughput of both builds, and (given HOST_XZ,
 # the host_path example of the new build) where a seed-shape call's latency goes.
 #   [ROUNDS=3] [TRAIN_CONFIGS="smollm2-135m llama-1b"] \
 #   bash bench/results/gpu-2026-12-07-session14/merged-forward.sh OUT NEW_XZ BASE_XZ [HOST_XZ]
