@@ -28,7 +28,7 @@ if [ -n "${4:-}" ]; then
   xz -dc "$4" > /tmp/host_path; chmod +x /tmp/host_path
   for k in 2048 512; do run "host_path $k" /tmp/host_path $k 2000; done > "$out/host-path.txt" 2>&1
 fi
-for cfg in ${TRAIN_CONFIGS:-smollm2-135m llama-1b}; do
+for cfg in ${TRAIN_CONFIGS-smollm2-135m llama-1b}; do
   for side in new base; do
     run "bench-train $cfg $side" /tmp/mc-$side bench-train --config $cfg --batch 8 --seq 512 --rank 16 \
       --device cuda --dtype bf16 --json "$out/train-$side-$cfg.json"
