@@ -98,26 +98,42 @@ fn project<T: Elem>(
     ld: usize,
 ) -> Result<CudaSlice<T>> {
     let mut t = alloc_out::<T>(dev, m * ld)?;
-    gemm::<T>(
-        dev,
+    let (blas, stream) = (dev.cublas_handle(), dev.cuda_stream());
+    project_on(&blas, &stream, (xv, a, av), (m, k, r), scale, (&mut t, ld))?;
+    Ok(t)
+}
+
+/// [`project`] into `t` (m, ld) on `stream` (`blas` queues its work there).
+fn project_on<T: Elem>(
+    blas: &CudaBlas,
+    stream: &Arc<CudaStream>,
+    (xv, a, av): (&CudaView<'_, T>, &Matrix<'_>, &CudaView<'_, T>),
+    (m, k, r): (usize, usize, usize),
+    scale: f64,
+    (t, ld): (&mut CudaSlice<T>, usize),
+) -> Result<()> {
+    let x_op = Operand {
+        data: xv,
+        trans: false,
+        ld: k.max(1),
+    };
+    let a_op = Operand {
+        data: av,
+        trans: a.trans,
+        ld: a.ld,
+    };
+    gemm_on::<T>(
+        blas,
+        stream,
         (m, r, k),
         scale as f32,
-        Operand {
-            data: xv,
-            trans: false,
-            ld: k.max(1),
-        },
-        Operand {
-            data: av,
-            trans: a.trans,
-            ld: a.ld,
-        },
+        x_op,
+        a_op,
         0.0,
-        &mut t,
+        t,
         0,
         ld,
-    )?;
-    Ok(t)
+    )
 }
 
 /// `x·Wᵀ + bias + scale · (x·A)·B` with `w` (out, in) frozen; see the module docs for how the

@@ -126,15 +126,15 @@ pub(super) fn grads_fit<T: Elem>(
 
 /// Whether the LoRA linear backward should take dx as `dy·W'` with the merged weight
 /// `W' = W + scale·Bᵀ·Aᵀ` (out × in), written by [`outer`], rather than `dy·W` accumulating onto
-/// `scale·G·Aᵀ` (m × in): merging reads W and writes W' (2·out·in elements) where the
-/// low-rank term is written and read back by the GEMM's beta = 1 (about m·in elements each,
+/// `scale·G·Aᵀ` (rows × in): merging reads W and writes W' (2·out·in elements) where the
+/// low-rank term is written and read back by the GEMM's beta = 1 (about rows·in elements each,
 /// the read partly hidden in the GEMM), so it pays once the layer has no more outputs than the
 /// batch has rows. An H200, bf16, m 16384, in = out = 4096, r = 16: the backward's time over the
 /// dX GEMM alone went from 1.193× to 1.167× (bench/kernel-lab/tclab.cu). W' is rounded to the
 /// dtype once, so dx differs from the unmerged sum by about half a unit in the last place
 /// (relative L2 3.4e-3 in bf16), the size of dx's own rounding.
-pub(super) fn merge_pays(m: usize, out: usize) -> bool {
-    out <= m
+pub(super) fn merge_pays(rows: usize, out: usize) -> bool {
+    out <= rows
 }
 
 /// `y = alpha·L·Rᵀ + bias` or `alpha·L·Rᵀ + addend` into `y` (m, n) dense: L (m, r) and R (n, r)
