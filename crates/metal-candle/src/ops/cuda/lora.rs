@@ -10,7 +10,12 @@
 //! `y`. `T·B` runs on the tensor-core kernel of [`super::lora_tc`] (bf16 and f16, sm_80 and
 //! later, rank ≤ 32, rows of whole 16-byte packs), which adds the bias as it writes; otherwise
 //! through cuBLAS, with the bias as one more row of B against a column of ones in T, so that it
-//! costs no pass of its own either way.
+//! costs no pass of its own either way. Where W is dense, there is no bias, the batch has at
+//! least as many rows as the layer has inputs and the tensor-core kernel serves the merge
+//! (bf16, f16), the forward instead takes one GEMM through the merged weight
+//! `W' = W + scale·Bᵀ·Aᵀ` (a temporary of W's size, rounded to the dtype once: y differs from
+//! the unmerged sum by about its own rounding), with T computed beside it on a second stream
+//! (see [`super::side`]).
 //!
 //! Backward: `T = scale·x·A` comes from the forward pass where it computed one
 //! ([`LoraProjections`]: the cuBLAS path; m × r values), else it is computed again; `G = dy·Bᵀ`;
@@ -237,6 +242,35 @@ fn forward(
         let (xv, av, bv) = (x.view::<T>()?, a.data.view::<T>()?, bm.data.view::<T>()?);
         // T in rows of 16 where the tensor-core gradient kernels can take it in the backward.
         let t_ld = if tc && r <= lora_tc::PROJ_LD { lora_tc::PROJ_LD } else { rp };
+        // With a frozen W and no bias, y = x·(W + scale·Bᵀ·Aᵀ)ᵀ: one GEMM through the merged
+        // weight where merging moves fewer bytes than writing T·B into y for the GEMM to read
+        // back (see `lora_tc::merge_pays`). T, which only the backward reads, is then computed
+        // on the side stream, beside the merge and the GEMM (see `side`).
+        let merge = match &wm {
+            Some(wm) if bias.is_none() && lora_tc::merge_pays(m, k) && merge_fits::<T>(&dev, wm, (n, k, r))? => Some(wm),
+            _ => None,
+        };
+        if let Some(wm) = merge {
+            // Allocated before the fork: the side stream writes T (see `side`).
+            let mut t = alloc_out::<T>(&dev, m * t_ld)?;
+            let mut y = alloc_out::<T>(&dev, m * n)?;
+            let fork = side::Fork::new(&dev)?;
+            let side = fork.side();
+            let on_side = project_on(&side.blas, &side.stream, (&xv, &a, &av), (m, k, r), scale, (&mut t, t_ld));
+            let on_main = (|| {
+                let merged = merged_weight::<T>(&dev, (&bm, &bv), (&a, &av), wm, (n, k, r), scale as f32)?;
+                // W' is (out, in): the GEMM needs W'ᵀ.
+                let w_op = Operand { data: &merged.slice(..), trans: true, ld: k };
+                gemm::<T>(&dev, (m, n, k), 1.0, Operand { data: &xv, trans: false, ld: k.max(1) }, w_op, 0.0, &mut y, 0, n)
+            })();
+            // Joined before anything is returned or freed, errors included: the side stream may
+            // still be writing T.
+            fork.join()?;
+            on_side?;
+            on_main?;
+            let saved = LoraProjections { storage: T::wrap_cuda_slice(t, dev.clone()), rows: m, rank: r, ld: t_ld };
+            return Ok((T::wrap_cuda_slice(y, dev.clone()), Some(saved)));
+        }
         let mut t = project::<T>(&dev, &xv, &a, &av, (m, k, r), scale, t_ld)?;
         if rp > r {
             set_column::<T>(&dev, &mut t, m, rp, r, 1.0)?;

@@ -4,7 +4,7 @@
 //! - [`outer`]: `y = alpha·L·Rᵀ (+ bias) (+ C)`, rank ≤ 32: the forward's `T·B`, the
 //!   backward's `G·Aᵀ`, written at 80% of the memory's write rate (cuBLAS: 70% at 16384 × 4096,
 //!   r = 16, on an H200), and the merged weight `W + scale·Bᵀ·Aᵀ` (C = W) of the LoRA linear
-//!   backward (see [`merge_pays`]).
+//!   forward and backward (see [`merge_pays`]).
 //! - [`DyGrads`]: `G = dy·Bᵀ` and `dB = Tᵀ·dy` from one read of dy (cuBLAS reads it twice),
 //!   rank ≤ 16.
 //!
@@ -124,17 +124,18 @@ pub(super) fn grads_fit<T: Elem>(
         && tensor_cores(dev)?)
 }
 
-/// Whether the LoRA linear backward should take dx as `dy·W'` with the merged weight
-/// `W' = W + scale·Bᵀ·Aᵀ` (out × in), written by [`outer`], rather than `dy·W` accumulating onto
-/// `scale·G·Aᵀ` (rows × in): merging reads W and writes W' (2·out·in elements) where the
-/// low-rank term is written and read back by the GEMM's beta = 1 (about rows·in elements each,
-/// the read partly hidden in the GEMM), so it pays once the layer has no more outputs than the
-/// batch has rows. An H200, bf16, m 16384, in = out = 4096, r = 16: the backward's time over the
-/// dX GEMM alone went from 1.193× to 1.167× (bench/kernel-lab/tclab.cu). W' is rounded to the
-/// dtype once, so dx differs from the unmerged sum by about half a unit in the last place
-/// (relative L2 3.4e-3 in bf16), the size of dx's own rounding.
-pub(super) fn merge_pays(rows: usize, out: usize) -> bool {
-    out <= rows
+/// Whether a LoRA linear pass should run its GEMM through the merged weight
+/// `W' = W + scale·Bᵀ·Aᵀ` (out × in), written by [`outer`], rather than accumulate onto a
+/// low-rank term of `rows × other` elements that it writes first: merging reads W and writes
+/// W' (2·out·in elements) where the low-rank term is written and read back by the GEMM's
+/// beta = 1 (about rows·other elements each, the read partly hidden in the GEMM), so it pays
+/// once `other` (the layer's outputs for the backward's dx, its inputs for the forward's y) is
+/// no more than the batch's rows. An H200, bf16, m 16384, in = out = 4096, r = 16: the
+/// backward's time over the dX GEMM alone went from 1.193× to 1.167× (bench/kernel-lab/tclab.cu).
+/// W' is rounded to the dtype once, so the result differs from the unmerged sum by about half a
+/// unit in the last place (relative L2 3.4e-3 for dx in bf16), the size of its own rounding.
+pub(super) fn merge_pays(rows: usize, other: usize) -> bool {
+    other <= rows
 }
 
 /// `y = alpha·L·Rᵀ + bias` or `alpha·L·Rᵀ + addend` into `y` (m, n) dense: L (m, r) and R (n, r)

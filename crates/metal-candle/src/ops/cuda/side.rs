@@ -1,5 +1,5 @@
 //! A second CUDA stream per device, with a cuBLAS handle of its own, for the LoRA linear
-//! backward's memory-bound passes that its big GEMM does not wait for.
+//! layer's memory-bound passes that its big GEMM does not wait for.
 //!
 //! The backward through the merged weight runs four pieces: the pass over dy that gives G and
 //! dB, dA = scale·xᵀ·G (cuBLAS, reading x), the merge W' = W + scale·Bᵀ·Aᵀ, and the dX GEMM on
@@ -9,6 +9,9 @@
 //! (`bench/kernel-lab/sidelab.cu`, bf16, m 16384, in = out = 4096, r = 16): the backward over
 //! its bare dX GEMM went from 1.205–1.216× to 1.151–1.157×; in the library, 1.135–1.139×
 //! against 1.168–1.198× (`bench ops`, bf16 and f16, three alternated runs).
+//!
+//! The forward through the merged weight likewise computes T = scale·x·A, which only the
+//! backward reads, on this stream beside the merge and the y GEMM.
 //!
 //! Ordering is by events, not by cudarc's per-buffer tracking (which candle's single-stream
 //! use, and [`crate::alloc::skip_single_stream_events`], switch off): [`Fork::new`] makes the
