@@ -632,6 +632,23 @@ const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     // than rows (the cases above with whole packs); here more outputs than rows keep the
     // low-rank term written into dx by the tensor-core kernel, the GEMM adding onto it.
     (&[1, 200, 2048], 16, 2048),
+    // The LoRA linear forward merges B·A into W where y is large enough (m·n at least
+    // `FORWARD_MERGE_MIN_OUTPUTS`) and the layer has no more inputs than rows.
+    (&[1, 4096, 64], 16, 2048),
+    // The one-launch kernels (sm_90 and A (in, r), B (r, out): the indices 0 and 4 mod 6;
+    // the others between, A or B transposed, take the small kernel). The cluster kernel:
+    // one row per cluster here, and rows of 8 per cluster with a shorter last group at rank 16
+    // last (and, in f32, the shape at index 6; the seed's widest shape at index 12 too); the
+    // vector kernel for k not split into 8 slices of whole packs (and index 6 in bf16, f16).
+    (&[2, 3, 40], 4, 24),
+    (&[7, 24], 2, 40),
+    (&[1, 5, 1024], 8, 512),
+    (&[1, 3, 16], 2, 3),
+    (&[1, 64, 1000], 8, 1000),
+    (&[2, 5, 256], 8, 64),
+    (&[1, 9, 24], 8, 8),
+    (&[3, 1, 8], 1, 2),
+    (&[3, 50, 512], 16, 1024),
 ];
 
 /// A is given either as (in, r) or, PEFT-style, as the transpose of an (r, in) tensor (B as

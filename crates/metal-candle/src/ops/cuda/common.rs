@@ -138,6 +138,15 @@ pub(super) struct Matrix<'a> {
     pub(super) ld: usize,
 }
 
+/// Where element (i, j) of a stored matrix operand sits: at `i·s0 + j·s1`; returns (s0, s1).
+pub(super) fn element_strides(mat: &Matrix<'_>) -> (usize, usize) {
+    if mat.trans {
+        (1, mat.ld)
+    } else {
+        (mat.ld, 1)
+    }
+}
+
 pub(super) fn matrix<'a>(s: &'a CudaStorage, l: &Layout) -> Result<Matrix<'a>> {
     let (dims, strides) = (l.dims(), l.stride());
     if dims.len() != 2 {
@@ -299,25 +308,37 @@ pub(super) fn sm_count(dev: &CudaDevice) -> Result<u32> {
 /// later) can run: the device is sm_80 or later and the PTX was built for sm_80 or later
 /// (`CUDA_COMPUTE_CAP`; built for less, those kernels are empty).
 pub(super) fn tensor_cores(dev: &CudaDevice) -> Result<bool> {
+    runs_arch(dev, 8)
+}
+
+/// Whether kernels launched in thread-block clusters (`lora_cluster` in `kernels/lora.cu`,
+/// sm_90 and later) can run: the device is sm_90 or later and the PTX was built for it.
+pub(super) fn clusters(dev: &CudaDevice) -> Result<bool> {
+    runs_arch(dev, 9)
+}
+
+/// Whether both the device and the PTX (`CUDA_COMPUTE_CAP`) are of compute capability
+/// `major`.0 or later.
+fn runs_arch(dev: &CudaDevice, major: u32) -> Result<bool> {
     let built: u32 = env!("METAL_CANDLE_CUDA_CAP").parse().unwrap_or(0);
-    if built < 80 {
+    if built < major * 10 {
         return Ok(false);
     }
     let cached = device_cache().compute_majors.get(&dev.id()).copied();
-    let major = match cached {
-        Some(major) => major,
+    let device_major = match cached {
+        Some(found) => found,
         None => {
-            let major = dev
+            let found = dev
                 .cuda_stream()
                 .context()
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
                 .w()?;
-            let major = major.max(0) as u32;
-            device_cache().compute_majors.insert(dev.id(), major);
-            major
+            let found = found.max(0) as u32;
+            device_cache().compute_majors.insert(dev.id(), found);
+            found
         }
     };
-    Ok(major >= 8)
+    Ok(device_major >= major)
 }
 
 /// Dynamic shared memory every kernel may take without asking (48 KiB less its static part).

@@ -1,8 +1,8 @@
 //! The LoRA term and the LoRA linear layer on CUDA, through cuBLAS.
 //!
-//! Small problems (the seed's shapes) take one custom kernel for the whole LoRA term
-//! (`lora_vec` in kernels/lora.cu where the layouts allow 16-byte packs throughout, else
-//! `lora_small`); for `lora_linear` the base GEMM then accumulates into its output.
+//! Small problems (the seed's shapes) take one custom kernel for the whole LoRA term (see
+//! [`super::lora_one_launch`]); for `lora_linear` the base GEMM then accumulates into its
+//! output.
 //!
 //! Forward, `lora_linear` (frozen W): `T = scale·(x·A)` (m × r, one small GEMM reading x),
 //! then `y = T·B (+ bias)` written straight into the output, then the base GEMM
@@ -37,10 +37,11 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
 use super::common::{
-    aligned16, alloc_out, cuda_storage, fit_threads, input, load, matrix, rows_and_len, sm_count,
+    aligned16, alloc_out, cuda_storage, element_strides, input, load, matrix, rows_and_len,
     to_tensor, with_elem, Elem, Input, Matrix, LORA_PTX,
 };
 use super::gemm::{gemm, gemm_on, Operand};
+use super::lora_one_launch as one_launch;
 use super::lora_tc::{self, Strided};
 use super::side;
 
@@ -185,7 +186,7 @@ fn forward(
         Some((s, l)) => Some((cuda_storage(s, "lora_linear: bias")?, *l)),
         None => None,
     };
-    if use_small_kernel(m, k, r, n) {
+    if one_launch::serves(m, k, r, n) {
         let bm = matrix(bs, bl)?;
         let bias_in = bias_s.map(|(s, l)| input(s, l)).transpose()?;
         return with_elem!(xs.dtype(), "lora", T => {
@@ -193,9 +194,7 @@ fn forward(
             let mut y = alloc_out::<T>(&dev, m * n)?;
             let bias_v = bias_in.as_ref().map(|b| b.view::<T>()).transpose()?;
             let args = (&xv, &a, &av, &bm, &bv, bias_v.as_ref());
-            if !launch_vec::<T>(&dev, args, &mut y, (m, k, r, n), scale as f32)? {
-                launch_small::<T>(&dev, args, &mut y, (m, k, r, n), scale as f32)?;
-            }
+            one_launch::launch::<T>(&dev, args, &mut y, (m, k, r, n), scale as f32)?;
             if let Some(wm) = &wm {
                 let wv = wm.data.view::<T>()?;
                 gemm::<T>(
@@ -244,10 +243,11 @@ fn forward(
         let t_ld = if tc && r <= lora_tc::PROJ_LD { lora_tc::PROJ_LD } else { rp };
         // With a frozen W and no bias, y = x·(W + scale·Bᵀ·Aᵀ)ᵀ: one GEMM through the merged
         // weight where merging moves fewer bytes than writing T·B into y for the GEMM to read
-        // back (see `lora_tc::merge_pays`). T, which only the backward reads, is then computed
+        // back and y is large enough for that to outweigh the merge's fixed costs (see
+        // `lora_tc::forward_merge_pays`). T, which only the backward reads, is then computed
         // on the side stream, beside the merge and the GEMM (see `side`).
         let merge = match &wm {
-            Some(wm) if bias.is_none() && lora_tc::merge_pays(m, k) && merge_fits::<T>(&dev, wm, (n, k, r))? => Some(wm),
+            Some(wm) if bias.is_none() && lora_tc::forward_merge_pays(m, k, n) && merge_fits::<T>(&dev, wm, (n, k, r))? => Some(wm),
             _ => None,
         };
         if let Some(wm) = merge {
@@ -314,15 +314,6 @@ fn forward(
         let saved = LoraProjections { storage: T::wrap_cuda_slice(t, dev.clone()), rows: m, rank: r, ld: t_ld };
         Ok((T::wrap_cuda_slice(y, dev.clone()), Some(saved)))
     })
-}
-
-/// Where element (i, j) of a stored matrix operand sits: at `i·s0 + j·s1`; returns (s0, s1).
-fn element_strides(mat: &Matrix<'_>) -> (usize, usize) {
-    if mat.trans {
-        (1, mat.ld)
-    } else {
-        (mat.ld, 1)
-    }
 }
 
 /// Whether [`merged_weight`] serves W: W dense and 16-byte aligned, and the tensor-core kernel
@@ -438,148 +429,6 @@ impl<T: Elem> DyProducts<T> {
             Self::Cublas { g, db, r } => (g, r, db),
         }
     }
-}
-
-/// The most rows one block of `lora_small` takes (`MAX_ROWS` in lora.cu).
-const SMALL_MAX_ROWS: usize = 4;
-/// `lora_small` keeps r partial sums per row and thread in registers (variants for r ≤ 8
-/// and r ≤ 16).
-const SMALL_MAX_RANK: usize = 16;
-
-/// Whether the one-launch kernel serves this problem: small enough that launch overhead, not
-/// the arithmetic, dominates (the seed's shapes: 128 × 2048 × 8 is 2 M multiply-adds).
-fn use_small_kernel(m: usize, k: usize, r: usize, n: usize) -> bool {
-    m > 0
-        && r <= SMALL_MAX_RANK
-        && m * k * r <= 1 << 22
-        && m * n * r <= 1 << 22
-        && k < i32::MAX as usize
-}
-
-type SmallArgs<'a, 'b, T> = (
-    &'a CudaView<'b, T>,
-    &'a Matrix<'a>,
-    &'a CudaView<'b, T>,
-    &'a Matrix<'a>,
-    &'a CudaView<'b, T>,
-    Option<&'a CudaView<'b, T>>,
-);
-
-/// `y = scale·(x·A)·B (+ bias)` in one launch (`lora_small` in lora.cu).
-fn launch_small<T: Elem>(
-    dev: &CudaDevice,
-    (xv, a, av, b, bv, bias): SmallArgs<'_, '_, T>,
-    y: &mut CudaSlice<T>,
-    (m, k, r, n): (usize, usize, usize, usize),
-    scale: f32,
-) -> Result<()> {
-    let ((sa0, sa1), (sb0, sb1)) = (element_strides(a), element_strides(b));
-    let (sa0, sa1, sb0, sb1) = (sa0 as i64, sa1 as i64, sb0 as i64, sb1 as i64);
-    let variant = if r <= 8 { 8 } else { 16 };
-    let f = load(
-        dev,
-        &format!("lora_small_r{variant}_{}", T::NAME),
-        MODULE,
-        LORA_PTX,
-    )?;
-    // One row per block while the rows alone fill the GPU, up to 4 when there are many (each
-    // block then reads A and B once for several rows).
-    let rows_per_block = (m / sm_count(dev)? as usize).clamp(1, SMALL_MAX_ROWS);
-    // About four k (and n) elements per thread: all of a thread's loads go out together.
-    // Lowered (in whole warps) to what the kernel's register use allows.
-    let threads = fit_threads(
-        &f,
-        (k.max(n).div_ceil(4).div_ceil(32) * 32).clamp(64, 512) as u32,
-    )?;
-    let (m_i, k_i, r_i, n_i) = (m as i32, k as i32, r as i32, n as i32);
-    let rpb_i = rows_per_block as i32;
-    let null = 0u64;
-    let stream = dev.cuda_stream();
-    let mut l = stream.launch_builder(&f);
-    l.arg(xv).arg(av).arg(bv);
-    match bias {
-        Some(bias) => l.arg(bias),
-        None => l.arg(&null),
-    };
-    l.arg(y)
-        .arg(&m_i)
-        .arg(&k_i)
-        .arg(&r_i)
-        .arg(&n_i)
-        .arg(&rpb_i)
-        .arg(&sa0)
-        .arg(&sa1)
-        .arg(&sb0)
-        .arg(&sb1)
-        .arg(&scale);
-    let cfg = LaunchConfig {
-        grid_dim: (m.div_ceil(rows_per_block) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, addressed by the
-    // strides above; r ≤ the variant's rank, rows_per_block ≤ 4 and threads ≤ 1024 (a
-    // multiple of 32) as the kernel requires.
-    unsafe { l.launch(cfg) }.w()?;
-    Ok(())
-}
-
-/// `y = scale·(x·A)·B (+ bias)` in one launch of `lora_vec` (lora.cu), when its layouts hold:
-/// A (k, r) and B (r, n) stored row-major and dense, r = 8 or 16 (a row of A is whole 16-byte
-/// packs), k and n whole packs that one block's threads cover (one pack each), every operand
-/// 16-byte aligned. Returns `false`, launching nothing, otherwise (`lora_small` then serves).
-fn launch_vec<T: Elem>(
-    dev: &CudaDevice,
-    (xv, a, av, b, bv, bias): SmallArgs<'_, '_, T>,
-    y: &mut CudaSlice<T>,
-    (m, k, r, n): (usize, usize, usize, usize),
-    scale: f32,
-) -> Result<bool> {
-    let width = T::VEC;
-    let dense_rows = |mat: &Matrix<'_>, cols: usize| !mat.trans && mat.ld == cols;
-    if !(r == 8 || r == 16)
-        || r % width != 0
-        || k % width != 0
-        || n % width != 0
-        || !dense_rows(a, r)
-        || !dense_rows(b, n)
-    {
-        return Ok(false);
-    }
-    let aligned = aligned16(xv, dev)
-        && aligned16(av, dev)
-        && aligned16(bv, dev)
-        && bias.is_none_or(|v| aligned16(v, dev))
-        && aligned16(&y.slice(..), dev);
-    if !aligned {
-        return Ok(false);
-    }
-    let f = load(dev, &format!("lora_vec_r{r}_{}", T::NAME), MODULE, LORA_PTX)?;
-    let packs = (k / width).max(n / width);
-    let threads = (packs.div_ceil(32) * 32).max(64);
-    if threads > fit_threads(&f, 1024)? as usize {
-        return Ok(false);
-    }
-    let (k_i, n_i) = (k as i32, n as i32);
-    let null = 0u64;
-    let stream = dev.cuda_stream();
-    let mut l = stream.launch_builder(&f);
-    l.arg(xv).arg(av).arg(bv);
-    match bias {
-        Some(bias) => l.arg(bias),
-        None => l.arg(&null),
-    };
-    l.arg(y).arg(&k_i).arg(&n_i).arg(&scale);
-    let cfg = LaunchConfig {
-        grid_dim: (m as u32, 1, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, all 16-byte aligned,
-    // A and B dense row-major; k/V and n/V ≤ threads ≤ what the kernel can launch; m < 2³¹
-    // blocks (the caller's size limits keep m·k·r ≤ 2²²).
-    unsafe { l.launch(cfg) }.w()?;
-    Ok(true)
 }
 
 /// Sets column `col` of the row-major (rows, ld) matrix `buf` to `value`.
@@ -713,7 +562,7 @@ fn backward(
         // The tensor-core kernels where the forward took cuBLAS too: at the one-launch kernel's
         // sizes their extra launches would cost more than the memory passes they save. They
         // read T in rows of 16 (as the forward saves it for them).
-        let large = !use_small_kernel(m, k, r, n);
+        let large = !one_launch::serves(m, k, r, n);
         let tc_grads = large && lora_tc::grads_fit::<T>(&dev, (m, n, r), &gv)?;
         let want_ld = if tc_grads { lora_tc::PROJ_LD } else { r };
         let saved = saved.filter(|s| {

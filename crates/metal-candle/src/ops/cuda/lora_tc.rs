@@ -138,6 +138,22 @@ pub(super) fn merge_pays(rows: usize, other: usize) -> bool {
     other <= rows
 }
 
+/// The fewest elements of `y` (rows × outputs) for which the LoRA linear forward merges:
+/// below it, what merging saves (writing the low-rank term into y and reading it back, about
+/// 2·m·n elements of traffic) is a few microseconds at most, no more than the merge costs in
+/// launches and the side stream's fork and join. Measured on an H100, bf16, batch 8 × 512, LoRA
+/// r 16 on every projection: SmolLM2-135M (m·n at most 4096 × 1536) trained at 64.6k tokens/s
+/// with every forward merged and 70.5k with none; Llama-3.2-1B (m·n from 4096 × 512 to 4096 ×
+/// 8192) at 51.5k merged and 51.0k unmerged (bench/results/gpu-2026-12-07-session15).
+pub(super) const FORWARD_MERGE_MIN_OUTPUTS: usize = 1 << 23;
+
+/// [`merge_pays`] for the LoRA linear forward (y = x·W'ᵀ, W' out × in): the batch has at least
+/// as many rows as the layer has inputs, and y is large enough (see
+/// [`FORWARD_MERGE_MIN_OUTPUTS`]).
+pub(super) fn forward_merge_pays(rows: usize, inputs: usize, outputs: usize) -> bool {
+    merge_pays(rows, inputs) && rows.saturating_mul(outputs) >= FORWARD_MERGE_MIN_OUTPUTS
+}
+
 /// `y = alpha·L·Rᵀ + bias` or `alpha·L·Rᵀ + addend` into `y` (m, n) dense: L (m, r) and R (n, r)
 /// through their strides (L's column stride must be 1 without an addend: the plain kernel takes
 /// rows), `bias` n elements, `addend` (m, n) dense and 16-byte aligned. The caller checked

@@ -46,6 +46,7 @@ mod common;
 mod gemm;
 mod linear;
 mod lora;
+mod lora_one_launch;
 mod lora_tc;
 mod norm;
 mod optim;

@@ -197,6 +197,140 @@ __device__ void lora_vec(const T* __restrict__ x, const T* __restrict__ a, const
     }
 }
 
+// lora_cluster (sm_90): lora_vec's term with each row's work split over a cluster of
+// CLUSTER blocks, for the layouts lora_vec takes when k and n split into CLUSTER slices of
+// whole packs. lora_vec's 128 blocks at the seed's 1×128×2048 each read all of A and B
+// (2·2048·8 elements): 16 MiB in f32 through L2, which at its ~7 TB/s is about as long as
+// the rest of the kernel. Here a cluster takes up to CLUSTER_ROWS rows, and each of its blocks
+// one slice of k (x's and A's) and one of n (B's and y's), so A and B pass through L2 once per
+// cluster (16 clusters: 2 MiB). A block sums its slice's share of T = x·A for its rows, the
+// cluster's blocks add up those shares through distributed shared memory (one cluster barrier),
+// and each block writes its slice of y. B's slice and the bias are loaded first, as in
+// lora_vec, so their latency overlaps the sums.
+#if __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+
+constexpr int CLUSTER = 8;        // blocks per cluster: the portable maximum
+constexpr int CLUSTER_ROWS = 8;   // most rows of x one cluster takes
+constexpr int MIN_SLICE_PACKS = 8;  // fewest packs of k per block (the host's `CLUSTER_MIN_SLICE_PACKS`)
+
+// The host guarantees: gridDim.x == CLUSTER (one cluster per row group, along y); A (k, R)
+// and B (R, n) row-major; k / (CLUSTER·V) = kp a power of two of at least MIN_SLICE_PACKS;
+// n a multiple of CLUSTER·V; blockDim.x a multiple of 32 and at least rows·kp and rows·np;
+// rows ≤ CLUSTER_ROWS; every pointer 16-byte aligned; bias null or n elements.
+template <typename T, int R>
+__device__ void lora_cluster(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
+                             const T* __restrict__ bias, T* __restrict__ y, int m, int k, int n, int rows,
+                             float scale) {
+    namespace cg = cooperative_groups;
+    constexpr int V = 16 / sizeof(T);  // elements per 16-byte pack
+    constexpr int AV = R / V;          // packs per row of A
+    static_assert(R % V == 0, "a row of A is whole packs");
+    // Per 32-lane segment of a row's threads, its share of T; then this block's share per row,
+    // which the cluster's other blocks read; then the row's whole T, summed over the cluster.
+    __shared__ __align__(16) float seg[1024 / MIN_SLICE_PACKS][R];
+    __shared__ __align__(16) float share[CLUSTER_ROWS][R];
+    __shared__ __align__(16) float total[CLUSTER_ROWS][R];
+    const cg::cluster_group cluster = cg::this_cluster();
+    const int c = (int)cluster.block_rank();
+    const int row0 = blockIdx.y * rows;
+    const int tid = threadIdx.x;
+    const int kp = k / (CLUSTER * V), np = n / (CLUSTER * V);
+
+    // Output mapping: (row w2, pack q2 of this block's slice of n).
+    const int w2 = tid / np;
+    const bool writes = w2 < rows && row0 + w2 < m;
+    const size_t col = ((size_t)c * np + tid % np) * V;
+    Pack<T, V> bp[R], bias_p;
+    if (writes) {
+#pragma unroll
+        for (int j = 0; j < R; j++) bp[j] = load_raw<T, V>(b + (size_t)j * n + col);
+        if (bias) bias_p = load_raw<T, V>(bias + col);
+    }
+
+    // Sum mapping: (row w, pack q of this block's slice of k); kp is a power of two, so a
+    // row's threads are whole 32-lane segments, or (kp < 32) aligned groups of kp lanes.
+    const int w = tid / kp;
+    float acc[R];
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[j] = 0.f;
+    if (w < rows && row0 + w < m) {
+        const size_t kk = ((size_t)c * kp + tid % kp) * V;
+        const Pack<T, V> xp = load_raw<T, V>(x + (size_t)(row0 + w) * k + kk);
+        Pack<T, V> ap[V][AV];
+#pragma unroll
+        for (int e = 0; e < V; e++)
+#pragma unroll
+            for (int u = 0; u < AV; u++) ap[e][u] = load_raw<T, V>(a + (kk + e) * R + u * V);
+        float xf[V];
+        unpack<T, V>(xp, xf);
+#pragma unroll
+        for (int e = 0; e < V; e++)
+#pragma unroll
+            for (int u = 0; u < AV; u++) {
+                float af[V];
+                unpack<T, V>(ap[e][u], af);
+#pragma unroll
+                for (int q = 0; q < V; q++) acc[u * V + q] += xf[e] * af[q];
+            }
+    }
+    const int lanes = min(kp, 32);
+#pragma unroll
+    for (int j = 0; j < R; j++)
+        for (int o = 1; o < lanes; o <<= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+    if (tid % lanes == 0)
+#pragma unroll
+        for (int j = 0; j < R; j++) seg[tid / lanes][j] = acc[j];
+    __syncthreads();
+    const int segs = kp / lanes;  // segments per row
+    if (tid < rows * R) {
+        float s = 0.f;
+        for (int i = 0; i < segs; i++) s += seg[(tid / R) * segs + i][tid % R];
+        share[tid / R][tid % R] = s;
+    }
+    // Every block's share is written before any block reads it.
+    cluster.sync();
+    if (tid < rows * R) {
+        float s = 0.f;
+#pragma unroll
+        for (int q = 0; q < CLUSTER; q++) s += cluster.map_shared_rank(&share[0][0], q)[tid];
+        total[tid / R][tid % R] = s * scale;
+    }
+    // This block is done reading the others' shares; it waits for them to be done with its own
+    // only before it exits (shared memory must outlive the reads).
+    cluster.barrier_arrive();
+    __syncthreads();
+    if (writes) {
+        float o[V];
+        if (bias) unpack<T, V>(bias_p, o);
+        else
+#pragma unroll
+            for (int e = 0; e < V; e++) o[e] = 0.f;
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            float bj[V];
+            unpack<T, V>(bp[j], bj);
+            const float tj = total[w2][j];
+#pragma unroll
+            for (int e = 0; e < V; e++) o[e] += tj * bj[e];
+        }
+        store<T, V>(y + (size_t)(row0 + w2) * n + col, o);
+    }
+    cluster.barrier_wait();
+}
+#define LORA_CLUSTER_KERNEL(NAME, T, RANK)                                                                     \
+    extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1)                                                \
+        lora_cluster_r##RANK##_##NAME(const T* x, const T* a, const T* b, const T* bias, T* y, int m, int k,  \
+                                      int n, int rows, float scale) {                                          \
+        lora_cluster<T, RANK>(x, a, b, bias, y, m, k, n, rows, scale);                                        \
+    }
+#else
+// Built for an architecture without clusters: the host never launches these.
+#define LORA_CLUSTER_KERNEL(NAME, T, RANK)                                                                     \
+    extern "C" __global__ void lora_cluster_r##RANK##_##NAME(const T*, const T*, const T*, const T*, T*, int,  \
+                                                             int, int, int, float) {}
+#endif
+
 #define LORA_SMALL_KERNEL(NAME, T, RANK)                                                                       \
     extern "C" __global__ void lora_small_r##RANK##_##NAME(const T* x, const T* a, const T* b, const T* bias, T* y, \
                                                            int m, int k, int r, int n, int rows_per_block,          \
@@ -214,6 +348,8 @@ __device__ void lora_vec(const T* __restrict__ x, const T* __restrict__ a, const
     LORA_SMALL_KERNEL(NAME, T, 16)                                                                               \
     LORA_VEC_KERNEL(NAME, T, 8)                                                                                  \
     LORA_VEC_KERNEL(NAME, T, 16)                                                                                 \
+    LORA_CLUSTER_KERNEL(NAME, T, 8)                                                                              \
+    LORA_CLUSTER_KERNEL(NAME, T, 16)                                                                             \
     extern "C" __global__ void set_col_##NAME(T* buf, int rows, int ld, int col, float value) {                 \
         for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x)               \
             buf[(size_t)r * ld + col] = from_f<T>(value);                                                        \

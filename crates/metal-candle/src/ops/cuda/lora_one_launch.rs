@@ -1,0 +1,272 @@
+//! The LoRA term `scale·(x·A)·B (+ bias)` in one kernel launch, for problems small enough
+//! that launching, not arithmetic, sets the time (the seed's shapes: 1×128×{512,1024,2048},
+//! r = 8). Three kernels of kernels/lora.cu, the first that the device and the layouts allow:
+//! `lora_cluster` (sm_90: each row's work split over a cluster of blocks, so that A and B are
+//! read once per cluster rather than once per row), `lora_vec` (16-byte packs throughout, one
+//! row per block) and `lora_small` (any strides).
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::Result;
+
+use super::common::{
+    aligned16, clusters, element_strides, fit_threads, load, sm_count, Elem, Matrix, LORA_PTX,
+};
+
+const MODULE: &str = "metal_candle_lora";
+
+/// The most rows one block of `lora_small` takes (`MAX_ROWS` in lora.cu).
+const SMALL_MAX_ROWS: usize = 4;
+/// `lora_small` keeps r partial sums per row and thread in registers (variants for r ≤ 8
+/// and r ≤ 16).
+const SMALL_MAX_RANK: usize = 16;
+
+/// Whether the one-launch kernels serve this problem: small enough that launch overhead, not
+/// the arithmetic, dominates (the seed's shapes: 128 × 2048 × 8 is 2 M multiply-adds).
+pub(super) fn serves(m: usize, k: usize, r: usize, n: usize) -> bool {
+    m > 0
+        && r <= SMALL_MAX_RANK
+        && m * k * r <= 1 << 22
+        && m * n * r <= 1 << 22
+        && k < i32::MAX as usize
+}
+
+/// x, A (as a matrix and its data), B likewise, and the bias.
+pub(super) type SmallArgs<'a, 'b, T> = (
+    &'a CudaView<'b, T>,
+    &'a Matrix<'a>,
+    &'a CudaView<'b, T>,
+    &'a Matrix<'a>,
+    &'a CudaView<'b, T>,
+    Option<&'a CudaView<'b, T>>,
+);
+
+/// `y = scale·(x·A)·B (+ bias)` (y dense, m × n) in one launch: `lora_cluster` where the
+/// device runs clusters and the layouts allow, else `lora_vec` where they allow, else
+/// `lora_small`, which takes any strides.
+pub(super) fn launch<T: Elem>(
+    dev: &CudaDevice,
+    args: SmallArgs<'_, '_, T>,
+    y: &mut CudaSlice<T>,
+    dims: (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    if launch_cluster::<T>(dev, args, y, dims, scale)?
+        || launch_vec::<T>(dev, args, y, dims, scale)?
+    {
+        return Ok(());
+    }
+    launch_small::<T>(dev, args, y, dims, scale)
+}
+
+/// Blocks per cluster of `lora_cluster` (`CLUSTER` in lora.cu).
+const CLUSTER: usize = 8;
+/// The most rows of x one cluster takes (`CLUSTER_ROWS` in lora.cu).
+const CLUSTER_ROWS: usize = 8;
+/// The fewest 16-byte packs of k one block of a cluster sums over (`MIN_SLICE_PACKS` in
+/// lora.cu): below, a block has too little to do to pay for its share of the cluster's barrier.
+const CLUSTER_MIN_SLICE_PACKS: usize = 8;
+
+/// Whether A (k, r) or B (r, n) is stored row-major and dense, as `lora_vec` and
+/// `lora_cluster` read it.
+fn dense_rows(mat: &Matrix<'_>, cols: usize) -> bool {
+    !mat.trans && mat.ld == cols
+}
+
+/// Whether every operand of a one-launch kernel is 16-byte aligned.
+fn all_aligned<T: Elem>(
+    dev: &CudaDevice,
+    (xv, _, av, _, bv, bias): SmallArgs<'_, '_, T>,
+    y: &CudaSlice<T>,
+) -> bool {
+    aligned16(xv, dev)
+        && aligned16(av, dev)
+        && aligned16(bv, dev)
+        && bias.is_none_or(|v| aligned16(v, dev))
+        && aligned16(&y.slice(..), dev)
+}
+
+/// `y = scale·(x·A)·B (+ bias)` in one launch of `lora_cluster` (lora.cu): sm_90 or later, A
+/// (k, r) and B (r, n) row-major and dense, r = 8 or 16, k split into [`CLUSTER`] slices of a
+/// power-of-two number of packs (at least [`CLUSTER_MIN_SLICE_PACKS`]), n into [`CLUSTER`]
+/// slices of whole packs, every operand 16-byte aligned. Returns `false`, launching nothing,
+/// otherwise. Each cluster takes up to [`CLUSTER_ROWS`] rows: as many as spread the clusters
+/// over all SMs (one block each).
+fn launch_cluster<T: Elem>(
+    dev: &CudaDevice,
+    args: SmallArgs<'_, '_, T>,
+    y: &mut CudaSlice<T>,
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<bool> {
+    let (_, a, _, b, _, _) = args;
+    let slice = CLUSTER * T::VEC;
+    let kp = k / slice;
+    let fits = (r == 8 || r == 16)
+        && r % T::VEC == 0
+        && k % slice == 0
+        && kp.is_power_of_two()
+        && kp >= CLUSTER_MIN_SLICE_PACKS
+        && n % slice == 0
+        && n > 0
+        && dense_rows(a, r)
+        && dense_rows(b, n);
+    if !fits || !clusters(dev)? || !all_aligned(dev, args, y) {
+        return Ok(false);
+    }
+    let f = load(
+        dev,
+        &format!("lora_cluster_r{r}_{}", T::NAME),
+        MODULE,
+        LORA_PTX,
+    )?;
+    // A row takes kp threads for the sums and np for its slice of y.
+    let per_row = kp.max(n / slice);
+    let most_threads = fit_threads(&f, 1024)? as usize;
+    let spread = (m * CLUSTER).div_ceil(sm_count(dev)? as usize);
+    let rows = spread.min(CLUSTER_ROWS).min(most_threads / per_row);
+    let groups = if rows == 0 { 0 } else { m.div_ceil(rows) };
+    if rows == 0 || groups > u16::MAX as usize {
+        return Ok(false);
+    }
+    let threads = (rows * per_row).div_ceil(32) * 32;
+    let (xv, _, av, _, bv, bias) = args;
+    let (m_i, k_i, n_i, rows_i) = (m as i32, k as i32, n as i32, rows as i32);
+    let null = 0u64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(xv).arg(av).arg(bv);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(y)
+        .arg(&m_i)
+        .arg(&k_i)
+        .arg(&n_i)
+        .arg(&rows_i)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (CLUSTER as u32, groups as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, all 16-byte aligned,
+    // A and B dense row-major; the grid is one cluster of CLUSTER blocks (the kernel's compiled
+    // cluster shape) per group of `rows` ≤ CLUSTER_ROWS rows; k/(CLUSTER·V) is a power of two of
+    // at least MIN_SLICE_PACKS, n a multiple of CLUSTER·V; threads, a multiple of 32, cover
+    // rows·kp and rows·np and are no more than the kernel can launch.
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(true)
+}
+
+/// `y = scale·(x·A)·B (+ bias)` in one launch (`lora_small` in lora.cu).
+fn launch_small<T: Elem>(
+    dev: &CudaDevice,
+    (xv, a, av, b, bv, bias): SmallArgs<'_, '_, T>,
+    y: &mut CudaSlice<T>,
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let ((sa0, sa1), (sb0, sb1)) = (element_strides(a), element_strides(b));
+    let (sa0, sa1, sb0, sb1) = (sa0 as i64, sa1 as i64, sb0 as i64, sb1 as i64);
+    let variant = if r <= 8 { 8 } else { 16 };
+    let f = load(
+        dev,
+        &format!("lora_small_r{variant}_{}", T::NAME),
+        MODULE,
+        LORA_PTX,
+    )?;
+    // One row per block while the rows alone fill the GPU, up to 4 when there are many (each
+    // block then reads A and B once for several rows).
+    let rows_per_block = (m / sm_count(dev)? as usize).clamp(1, SMALL_MAX_ROWS);
+    // About four k (and n) elements per thread: all of a thread's loads go out together.
+    // Lowered (in whole warps) to what the kernel's register use allows.
+    let threads = fit_threads(
+        &f,
+        (k.max(n).div_ceil(4).div_ceil(32) * 32).clamp(64, 512) as u32,
+    )?;
+    let (m_i, k_i, r_i, n_i) = (m as i32, k as i32, r as i32, n as i32);
+    let rpb_i = rows_per_block as i32;
+    let null = 0u64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(xv).arg(av).arg(bv);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(y)
+        .arg(&m_i)
+        .arg(&k_i)
+        .arg(&r_i)
+        .arg(&n_i)
+        .arg(&rpb_i)
+        .arg(&sa0)
+        .arg(&sa1)
+        .arg(&sb0)
+        .arg(&sb1)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (m.div_ceil(rows_per_block) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, addressed by the
+    // strides above; r ≤ the variant's rank, rows_per_block ≤ 4 and threads ≤ 1024 (a
+    // multiple of 32) as the kernel requires.
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// `y = scale·(x·A)·B (+ bias)` in one launch of `lora_vec` (lora.cu), when its layouts hold:
+/// A (k, r) and B (r, n) stored row-major and dense, r = 8 or 16 (a row of A is whole 16-byte
+/// packs), k and n whole packs that one block's threads cover (one pack each), every operand
+/// 16-byte aligned. Returns `false`, launching nothing, otherwise (`lora_small` then serves).
+fn launch_vec<T: Elem>(
+    dev: &CudaDevice,
+    (xv, a, av, b, bv, bias): SmallArgs<'_, '_, T>,
+    y: &mut CudaSlice<T>,
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<bool> {
+    let width = T::VEC;
+    if !(r == 8 || r == 16)
+        || r % width != 0
+        || k % width != 0
+        || n % width != 0
+        || !dense_rows(a, r)
+        || !dense_rows(b, n)
+    {
+        return Ok(false);
+    }
+    if !all_aligned(dev, (xv, a, av, b, bv, bias), y) {
+        return Ok(false);
+    }
+    let f = load(dev, &format!("lora_vec_r{r}_{}", T::NAME), MODULE, LORA_PTX)?;
+    let packs = (k / width).max(n / width);
+    let threads = (packs.div_ceil(32) * 32).max(64);
+    if threads > fit_threads(&f, 1024)? as usize {
+        return Ok(false);
+    }
+    let (k_i, n_i) = (k as i32, n as i32);
+    let null = 0u64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(xv).arg(av).arg(bv);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(y).arg(&k_i).arg(&n_i).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (m as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, all 16-byte aligned,
+    // A and B dense row-major; k/V and n/V ≤ threads ≤ what the kernel can launch; m < 2³¹
+    // blocks (the caller's size limits keep m·k·r ≤ 2²²).
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(true)
+}
