@@ -11,7 +11,8 @@
 //! later, rank ≤ 32, rows of whole 16-byte packs), which adds the bias as it writes; otherwise
 //! through cuBLAS, with the bias as one more row of B against a column of ones in T, so that it
 //! costs no pass of its own either way. Where W is dense, there is no bias, the batch has at
-//! least as many rows as the layer has inputs and the tensor-core kernel serves the merge
+//! least as many rows as the layer has inputs, y has at least 2²³ elements (below, what the
+//! merge saves does not pay for its launches) and the tensor-core kernel serves the merge
 //! (bf16, f16), the forward instead takes one GEMM through the merged weight
 //! `W' = W + scale·Bᵀ·Aᵀ` (a temporary of W's size, rounded to the dtype once: y differs from
 //! the unmerged sum by about its own rounding), with T computed beside it on a second stream

@@ -283,18 +283,19 @@ __device__ void lora_cluster(const T* __restrict__ x, const T* __restrict__ a, c
         for (int j = 0; j < R; j++) seg[tid / lanes][j] = acc[j];
     __syncthreads();
     const int segs = kp / lanes;  // segments per row
-    if (tid < rows * R) {
+    // rows·R may exceed the block (rank 16 with 8 packs per row): loop.
+    for (int i = tid; i < rows * R; i += blockDim.x) {
         float s = 0.f;
-        for (int i = 0; i < segs; i++) s += seg[(tid / R) * segs + i][tid % R];
-        share[tid / R][tid % R] = s;
+        for (int g = 0; g < segs; g++) s += seg[(i / R) * segs + g][i % R];
+        share[i / R][i % R] = s;
     }
     // Every block's share is written before any block reads it.
     cluster.sync();
-    if (tid < rows * R) {
+    for (int i = tid; i < rows * R; i += blockDim.x) {
         float s = 0.f;
 #pragma unroll
-        for (int q = 0; q < CLUSTER; q++) s += cluster.map_shared_rank(&share[0][0], q)[tid];
-        total[tid / R][tid % R] = s * scale;
+        for (int q = 0; q < CLUSTER; q++) s += cluster.map_shared_rank(&share[0][0], q)[i];
+        total[i / R][i % R] = s * scale;
     }
     // This block is done reading the others' shares; it waits for them to be done with its own
     // only before it exits (shared memory must outlive the reads).
