@@ -2,7 +2,8 @@
 //! candle-nn's fused forward, per shape and dtype, on the CPU or a CUDA GPU.
 //!
 //! For each (op, shape, dtype, mode, implementation) it reports
-//! - `latency_us`: one call, then wait for the result (`Device::synchronize`), median;
+//! - `latency_us`: one call, then wait for the result (`Device::synchronize`), median (after
+//!   a tenth of the time budget of warm-up calls);
 //! - `host_us`: within those calls, the time until the call returned (before the wait), median:
 //!   the host's share of the latency (on a GPU, queuing the work; on the CPU, all of it);
 //! - `per_call_us`: many calls queued, one wait at the end, divided by the count, median;
@@ -146,13 +147,20 @@ fn time(
     budget: f64,
     f: &mut dyn FnMut() -> candle_core::Result<()>,
 ) -> BoxResult<Timing> {
-    for _ in 0..3 {
+    // Warm up as measured (call, wait) for a tenth of the budget, at least 3 calls: after a
+    // few calls only, the first case of a run spent about 1.5 µs more host time per call than
+    // the same case measured later in the run (an H100 host, session 15), which warm caches
+    // and clocks do not.
+    let warm = Instant::now();
+    let mut calls = 0;
+    while calls < 3 || warm.elapsed().as_secs_f64() < budget / 10.0 {
         f()?;
+        dev.synchronize()?;
+        calls += 1;
     }
-    dev.synchronize()?;
     let start = Instant::now();
     let (mut lat, mut host) = (Vec::new(), Vec::new());
-    while lat.len() < 5 || (lat.len() < 200 && start.elapsed().as_secs_f64() < budget / 2.0) {
+    while lat.len() < 5 || (lat.len() < 2000 && start.elapsed().as_secs_f64() < budget / 2.0) {
         let t = Instant::now();
         f()?;
         host.push(t.elapsed().as_secs_f64() * 1e6);
@@ -363,7 +371,7 @@ pub fn run(args: OpsArgs) -> BoxResult<()> {
                 "gpu": gpu_name(&dev),
                 "command": std::env::args().collect::<Vec<_>>().join(" "),
                 "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                "timing": "latency_us: one call then synchronize (host clock), median; host_us: the part of it until the call returned, median; per_call_us: calls queued, one synchronize, median",
+                "timing": "latency_us: one call then synchronize (host clock), median, after a tenth of the budget of warm-up calls; host_us: the part of it until the call returned, median; per_call_us: calls queued, one synchronize, median",
             },
             "copy_gbps": copy_gbps,
             "results": rec.rows,

@@ -635,11 +635,9 @@ const LORA_SHAPES: &[(&[usize], usize, usize)] = &[
     // The LoRA linear forward merges B·A into W where y is large enough (m·n at least
     // `FORWARD_MERGE_MIN_OUTPUTS`) and the layer has no more inputs than rows.
     (&[1, 4096, 64], 16, 2048),
-    // The one-launch kernels (sm_90 and A (in, r), B (r, out): the indices 0 and 4 mod 6;
-    // the others between, A or B transposed, take the small kernel). The cluster kernel:
-    // one row per cluster here, and rows of 8 per cluster with a shorter last group at rank 16
-    // last (and, in f32, the shape at index 6; the seed's widest shape at index 12 too); the
-    // vector kernel for k not split into 8 slices of whole packs (and index 6 in bf16, f16).
+    // More for the one-launch kernels: the vector kernel (A (in, r) and B (r, out) dense: the
+    // indices 0 and 4 mod 6) at 5 rows, at k = 1000 and at rank 16 over 150 rows; the small
+    // kernel at the indices between (A or B transposed).
     (&[2, 3, 40], 4, 24),
     (&[7, 24], 2, 40),
     (&[1, 5, 1024], 8, 512),

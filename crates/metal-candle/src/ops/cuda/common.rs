@@ -311,12 +311,6 @@ pub(super) fn tensor_cores(dev: &CudaDevice) -> Result<bool> {
     runs_arch(dev, 8)
 }
 
-/// Whether kernels launched in thread-block clusters (`lora_cluster` in `kernels/lora.cu`,
-/// sm_90 and later) can run: the device is sm_90 or later and the PTX was built for it.
-pub(super) fn clusters(dev: &CudaDevice) -> Result<bool> {
-    runs_arch(dev, 9)
-}
-
 /// Whether both the device and the PTX (`CUDA_COMPUTE_CAP`) are of compute capability
 /// `major`.0 or later.
 fn runs_arch(dev: &CudaDevice, major: u32) -> Result<bool> {

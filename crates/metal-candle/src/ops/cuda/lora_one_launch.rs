@@ -1,16 +1,19 @@
 //! The LoRA term `scale·(x·A)·B (+ bias)` in one kernel launch, for problems small enough
 //! that launching, not arithmetic, sets the time (the seed's shapes: 1×128×{512,1024,2048},
-//! r = 8). Three kernels of kernels/lora.cu, the first that the device and the layouts allow:
-//! `lora_cluster` (sm_90: each row's work split over a cluster of blocks, so that A and B are
-//! read once per cluster rather than once per row), `lora_vec` (16-byte packs throughout, one
-//! row per block) and `lora_small` (any strides).
+//! r = 8). Two kernels of kernels/lora.cu: `lora_vec` (16-byte packs throughout, one row per
+//! block) where the layouts allow, else `lora_small` (any strides).
+//!
+//! A third, `lora_cluster` (commit b6c86e5), split each row's work over a cluster of 8 blocks
+//! on sm_90 so that A and B passed through L2 once per cluster rather than once per row. It
+//! passed the GPU tests and ran slower on an H100: 24.9 µs against 17.3 from call to result at
+//! f32 1×128×2048, 14.9 µs against 7.2 per queued call (bench/results/gpu-2026-12-07-session15).
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::Result;
 
 use super::common::{
-    aligned16, clusters, element_strides, fit_threads, load, sm_count, Elem, Matrix, LORA_PTX,
+    aligned16, element_strides, fit_threads, load, sm_count, Elem, Matrix, LORA_PTX,
 };
 
 const MODULE: &str = "metal_candle_lora";
@@ -41,9 +44,8 @@ pub(super) type SmallArgs<'a, 'b, T> = (
     Option<&'a CudaView<'b, T>>,
 );
 
-/// `y = scale·(x·A)·B (+ bias)` (y dense, m × n) in one launch: `lora_cluster` where the
-/// device runs clusters and the layouts allow, else `lora_vec` where they allow, else
-/// `lora_small`, which takes any strides.
+/// `y = scale·(x·A)·B (+ bias)` (y dense, m × n) in one launch: `lora_vec` where the layouts
+/// allow, else `lora_small`, which takes any strides.
 pub(super) fn launch<T: Elem>(
     dev: &CudaDevice,
     args: SmallArgs<'_, '_, T>,
@@ -51,24 +53,13 @@ pub(super) fn launch<T: Elem>(
     dims: (usize, usize, usize, usize),
     scale: f32,
 ) -> Result<()> {
-    if launch_cluster::<T>(dev, args, y, dims, scale)?
-        || launch_vec::<T>(dev, args, y, dims, scale)?
-    {
+    if launch_vec::<T>(dev, args, y, dims, scale)? {
         return Ok(());
     }
     launch_small::<T>(dev, args, y, dims, scale)
 }
 
-/// Blocks per cluster of `lora_cluster` (`CLUSTER` in lora.cu).
-const CLUSTER: usize = 8;
-/// The most rows of x one cluster takes (`CLUSTER_ROWS` in lora.cu).
-const CLUSTER_ROWS: usize = 8;
-/// The fewest 16-byte packs of k one block of a cluster sums over (`MIN_SLICE_PACKS` in
-/// lora.cu): below, a block has too little to do to pay for its share of the cluster's barrier.
-const CLUSTER_MIN_SLICE_PACKS: usize = 8;
-
-/// Whether A (k, r) or B (r, n) is stored row-major and dense, as `lora_vec` and
-/// `lora_cluster` read it.
+/// Whether A (k, r) or B (r, n) is stored row-major and dense, as `lora_vec` reads it.
 fn dense_rows(mat: &Matrix<'_>, cols: usize) -> bool {
     !mat.trans && mat.ld == cols
 }
@@ -84,80 +75,6 @@ fn all_aligned<T: Elem>(
         && aligned16(bv, dev)
         && bias.is_none_or(|v| aligned16(v, dev))
         && aligned16(&y.slice(..), dev)
-}
-
-/// `y = scale·(x·A)·B (+ bias)` in one launch of `lora_cluster` (lora.cu): sm_90 or later, A
-/// (k, r) and B (r, n) row-major and dense, r = 8 or 16, k split into [`CLUSTER`] slices of a
-/// power-of-two number of packs (at least [`CLUSTER_MIN_SLICE_PACKS`]), n into [`CLUSTER`]
-/// slices of whole packs, every operand 16-byte aligned. Returns `false`, launching nothing,
-/// otherwise. Each cluster takes up to [`CLUSTER_ROWS`] rows: as many as spread the clusters
-/// over all SMs (one block each).
-fn launch_cluster<T: Elem>(
-    dev: &CudaDevice,
-    args: SmallArgs<'_, '_, T>,
-    y: &mut CudaSlice<T>,
-    (m, k, r, n): (usize, usize, usize, usize),
-    scale: f32,
-) -> Result<bool> {
-    let (_, a, _, b, _, _) = args;
-    let slice = CLUSTER * T::VEC;
-    let kp = k / slice;
-    let fits = (r == 8 || r == 16)
-        && r % T::VEC == 0
-        && k % slice == 0
-        && kp.is_power_of_two()
-        && kp >= CLUSTER_MIN_SLICE_PACKS
-        && n % slice == 0
-        && n > 0
-        && dense_rows(a, r)
-        && dense_rows(b, n);
-    if !fits || !clusters(dev)? || !all_aligned(dev, args, y) {
-        return Ok(false);
-    }
-    let f = load(
-        dev,
-        &format!("lora_cluster_r{r}_{}", T::NAME),
-        MODULE,
-        LORA_PTX,
-    )?;
-    // A row takes kp threads for the sums and np for its slice of y.
-    let per_row = kp.max(n / slice);
-    let most_threads = fit_threads(&f, 1024)? as usize;
-    let spread = (m * CLUSTER).div_ceil(sm_count(dev)? as usize);
-    let rows = spread.min(CLUSTER_ROWS).min(most_threads / per_row);
-    let groups = if rows == 0 { 0 } else { m.div_ceil(rows) };
-    if rows == 0 || groups > u16::MAX as usize {
-        return Ok(false);
-    }
-    let threads = (rows * per_row).div_ceil(32) * 32;
-    let (xv, _, av, _, bv, bias) = args;
-    let (m_i, k_i, n_i, rows_i) = (m as i32, k as i32, n as i32, rows as i32);
-    let null = 0u64;
-    let stream = dev.cuda_stream();
-    let mut l = stream.launch_builder(&f);
-    l.arg(xv).arg(av).arg(bv);
-    match bias {
-        Some(bias) => l.arg(bias),
-        None => l.arg(&null),
-    };
-    l.arg(y)
-        .arg(&m_i)
-        .arg(&k_i)
-        .arg(&n_i)
-        .arg(&rows_i)
-        .arg(&scale);
-    let cfg = LaunchConfig {
-        grid_dim: (CLUSTER as u32, groups as u32, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: x holds m·k, A k·r, B r·n, bias n (or null), y m·n elements, all 16-byte aligned,
-    // A and B dense row-major; the grid is one cluster of CLUSTER blocks (the kernel's compiled
-    // cluster shape) per group of `rows` ≤ CLUSTER_ROWS rows; k/(CLUSTER·V) is a power of two of
-    // at least MIN_SLICE_PACKS, n a multiple of CLUSTER·V; threads, a multiple of 32, cover
-    // rows·kp and rows·np and are no more than the kernel can launch.
-    unsafe { l.launch(cfg) }.w()?;
-    Ok(true)
 }
 
 /// `y = scale·(x·A)·B (+ bias)` in one launch (`lora_small` in lora.cu).
