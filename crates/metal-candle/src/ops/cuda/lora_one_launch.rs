@@ -8,7 +8,9 @@
 //! passed the GPU tests and ran slower on an H100: 24.9 µs against 17.3 from call to result at
 //! f32 1×128×2048, 14.9 µs against 7.2 per queued call (bench/results/gpu-2026-12-07-session15).
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::Result;
 
@@ -77,6 +79,23 @@ fn all_aligned<T: Elem>(
         && aligned16(&y.slice(..), dev)
 }
 
+/// Pushes the arguments both kernels take first: x, A, B and the bias (`null`, a zero
+/// pointer, without one).
+fn push_operands<'a, T: Elem>(
+    l: &mut LaunchArgs<'a>,
+    xv: &'a CudaView<'_, T>,
+    av: &'a CudaView<'_, T>,
+    bv: &'a CudaView<'_, T>,
+    bias: Option<&'a CudaView<'_, T>>,
+    null: &'a u64,
+) {
+    l.arg(xv).arg(av).arg(bv);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(null),
+    };
+}
+
 /// `y = scale·(x·A)·B (+ bias)` in one launch (`lora_small` in lora.cu).
 fn launch_small<T: Elem>(
     dev: &CudaDevice,
@@ -108,11 +127,7 @@ fn launch_small<T: Elem>(
     let null = 0u64;
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
-    l.arg(xv).arg(av).arg(bv);
-    match bias {
-        Some(bias) => l.arg(bias),
-        None => l.arg(&null),
-    };
+    push_operands(&mut l, xv, av, bv, bias, &null);
     l.arg(y)
         .arg(&m_i)
         .arg(&k_i)
@@ -170,11 +185,7 @@ fn launch_vec<T: Elem>(
     let null = 0u64;
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
-    l.arg(xv).arg(av).arg(bv);
-    match bias {
-        Some(bias) => l.arg(bias),
-        None => l.arg(&null),
-    };
+    push_operands(&mut l, xv, av, bv, bias, &null);
     l.arg(y).arg(&k_i).arg(&n_i).arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (m as u32, 1, 1),
