@@ -147,10 +147,10 @@ fn time(
     budget: f64,
     f: &mut dyn FnMut() -> candle_core::Result<()>,
 ) -> BoxResult<Timing> {
-    // Warm up as measured (call, wait) for a tenth of the budget, at least 3 calls: after a
-    // few calls only, the first case of a run spent about 1.5 µs more host time per call than
-    // the same case measured later in the run (an H100 host, session 15), which warm caches
-    // and clocks do not.
+    // Warm up as measured (call, wait) for a tenth of the budget, at least 3 calls, so that
+    // the first samples do not carry cold caches and a first call's one-time work. (On one H100
+    // host the host time per call still differed by up to 2 µs between processes after this
+    // warm-up: compare runs of one process, or several processes, not single numbers.)
     let warm = Instant::now();
     let mut calls = 0;
     while calls < 3 || warm.elapsed().as_secs_f64() < budget / 10.0 {
