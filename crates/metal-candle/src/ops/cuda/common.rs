@@ -308,31 +308,25 @@ pub(super) fn sm_count(dev: &CudaDevice) -> Result<u32> {
 /// later) can run: the device is sm_80 or later and the PTX was built for sm_80 or later
 /// (`CUDA_COMPUTE_CAP`; built for less, those kernels are empty).
 pub(super) fn tensor_cores(dev: &CudaDevice) -> Result<bool> {
-    runs_arch(dev, 8)
-}
-
-/// Whether both the device and the PTX (`CUDA_COMPUTE_CAP`) are of compute capability
-/// `major`.0 or later.
-fn runs_arch(dev: &CudaDevice, major: u32) -> Result<bool> {
     let built: u32 = env!("METAL_CANDLE_CUDA_CAP").parse().unwrap_or(0);
-    if built < major * 10 {
+    if built < 80 {
         return Ok(false);
     }
     let cached = device_cache().compute_majors.get(&dev.id()).copied();
-    let device_major = match cached {
-        Some(found) => found,
+    let major = match cached {
+        Some(major) => major,
         None => {
-            let found = dev
+            let major = dev
                 .cuda_stream()
                 .context()
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
                 .w()?;
-            let found = found.max(0) as u32;
-            device_cache().compute_majors.insert(dev.id(), found);
-            found
+            let major = major.max(0) as u32;
+            device_cache().compute_majors.insert(dev.id(), major);
+            major
         }
     };
-    Ok(device_major >= major)
+    Ok(major >= 8)
 }
 
 /// Dynamic shared memory every kernel may take without asking (48 KiB less its static part).

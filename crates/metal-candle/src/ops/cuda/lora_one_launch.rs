@@ -61,24 +61,6 @@ pub(super) fn launch<T: Elem>(
     launch_small::<T>(dev, args, y, dims, scale)
 }
 
-/// Whether A (k, r) or B (r, n) is stored row-major and dense, as `lora_vec` reads it.
-fn dense_rows(mat: &Matrix<'_>, cols: usize) -> bool {
-    !mat.trans && mat.ld == cols
-}
-
-/// Whether every operand of a one-launch kernel is 16-byte aligned.
-fn all_aligned<T: Elem>(
-    dev: &CudaDevice,
-    (xv, _, av, _, bv, bias): SmallArgs<'_, '_, T>,
-    y: &CudaSlice<T>,
-) -> bool {
-    aligned16(xv, dev)
-        && aligned16(av, dev)
-        && aligned16(bv, dev)
-        && bias.is_none_or(|v| aligned16(v, dev))
-        && aligned16(&y.slice(..), dev)
-}
-
 /// Pushes the arguments both kernels take first: x, A, B and the bias (`null`, a zero
 /// pointer, without one).
 fn push_operands<'a, T: Elem>(
@@ -163,6 +145,7 @@ fn launch_vec<T: Elem>(
     scale: f32,
 ) -> Result<bool> {
     let width = T::VEC;
+    let dense_rows = |mat: &Matrix<'_>, cols: usize| !mat.trans && mat.ld == cols;
     if !(r == 8 || r == 16)
         || r % width != 0
         || k % width != 0
@@ -172,7 +155,12 @@ fn launch_vec<T: Elem>(
     {
         return Ok(false);
     }
-    if !all_aligned(dev, (xv, a, av, b, bv, bias), y) {
+    let aligned = aligned16(xv, dev)
+        && aligned16(av, dev)
+        && aligned16(bv, dev)
+        && bias.is_none_or(|v| aligned16(v, dev))
+        && aligned16(&y.slice(..), dev);
+    if !aligned {
         return Ok(false);
     }
     let f = load(dev, &format!("lora_vec_r{r}_{}", T::NAME), MODULE, LORA_PTX)?;
